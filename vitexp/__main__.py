@@ -1,0 +1,98 @@
+"""`python -m vitexp`: compose the config with Hydra, run the task, return the sweep metric."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp import VitexpError
+from vitexp.logging import RunLogger
+from vitexp.runtime import resume_run_dir, run_dir
+from vitexp.tasks import evaluate, train
+
+log = logging.getLogger("vitexp")
+
+TASKS = {"train": train.run, "evaluate": evaluate.run}
+SWEEP_METRIC = {"train": "best_val_acc1", "evaluate": "test_acc1"}
+
+
+def config_dir() -> str:
+    """The top-level conf/ in a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "conf"
+    return str(source if (source / "config.yaml").is_file() else here / "conf")
+
+
+def _run_dir(resume: str | None, default: str) -> str:
+    return str(resume_run_dir(resume)) if resume else default
+
+
+def _output_subdir(resume: str | None) -> str:
+    # A resumed run keeps the .hydra/ of its first start; each resume records its own beside it.
+    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}" if resume else ".hydra"
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        results = TASKS[cfg.task.name](cfg)
+    except VitexpError as e:
+        log.error(f"error: {e}")
+        RunLogger(run_dir(), {}).log_results({"task": cfg.task.name, "status": "failed", "error": str(e)})
+        sys.exit(2)
+    return results.get(SWEEP_METRIC[cfg.task.name], results.get("val_acc1"))
+
+
+def _preflight(argv: list[str]) -> None:
+    """Compose a plain run's config before Hydra does, to turn composition errors into one line."""
+    if any(arg.startswith("-") for arg in argv):
+        return  # --multirun, --cfg, --help, ...: Hydra's own handling
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise VitexpError(_one_line(e)) from None
+    if cfg.task.name not in TASKS:
+        raise VitexpError(f"task={cfg.task.name} is not available; choose one of: {', '.join(TASKS)}")
+    if cfg.resume and not (resume_run_dir(cfg.resume) / "checkpoints" / "last.pt").is_file():
+        raise VitexpError(f"resume={cfg.resume}: no checkpoints/last.pt there; pass a run folder vitexp wrote")
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Could not find" in text and "Available options" in text:
+        group = text.split("Could not find '")[1].split("'")[0]
+        options = [line for line in lines[lines.index(next(x for x in lines if x.startswith("Available"))) + 1 :]
+                   if not line.startswith("Config search path")][:20]  # fmt: skip
+        options = options[: options.index(next((o for o in options if ":" in o), options[-1])) + 1] if options else []
+        return f"no config '{group}'; choose one of: {', '.join(o for o in options if ':' not in o)}"
+    if "not in struct" in text:
+        key = text.split("Could not override '")[1].split("'")[0] if "Could not override" in text else lines[0]
+        return f"{key} is not a config key (misspelled?); list the keys with: python -m vitexp --cfg job"
+    return " ".join(lines[:2])
+
+
+def main() -> None:
+    """Console entry point (`vitexp`, `python -m vitexp`)."""
+    OmegaConf.register_new_resolver("vitexp_run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("vitexp_output_subdir", _output_subdir, replace=True)
+    try:
+        _preflight(sys.argv[1:])
+    except VitexpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Data sets, seeded splits, transforms and loaders: digits (embedded), CIFAR-10/100 and ImageFolder trees."""
+
+from __future__ import annotations
+
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from vitexp import VitexpError
+
+TORCHVISION_SETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+
+@dataclass
+class Splits:
+    """Train/val (and optional test) data sets with their transforms applied, and the class names."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    classes: list[str]
+
+
+class TransformSubset(Dataset):
+    """`indices` of `base` (which yields (PIL image, label)), passed through `transform`."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable) -> None:
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[self.indices[i]]
+        return self.transform(image), label
+
+
+class DigitImages(Dataset):
+    """scikit-learn's 1,797 8x8 handwritten digits as grey PIL images (0..16 scaled to 0..255)."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.images = [Image.fromarray((img * (255 / 16)).round().astype(np.uint8), mode="L") for img in digits.images]
+        self.targets = [int(t) for t in digits.target]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.images[i], self.targets[i]
+
+
+def train_transform(
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_padding: int,
+    hflip: float,
+    rotate: float,
+    randaugment: str | None,
+    random_erasing: float,
+) -> transforms.Compose:
+    """Resize, random shift (crop with padding), flip, rotation, timm RandAugment, normalise, timm RandomErasing."""
+    ops: list[Callable] = [transforms.Resize(img_size)]
+    if crop_padding:
+        ops.append(transforms.RandomCrop(img_size, padding=crop_padding))
+    if hflip:
+        ops.append(transforms.RandomHorizontalFlip(hflip))
+    if rotate:
+        ops.append(transforms.RandomRotation(rotate))
+    if randaugment:
+        fill = tuple(round(255 * m) for m in mean)
+        ops.append(rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45), "img_mean": fill}))
+    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if random_erasing:
+        ops.append(RandomErasing(random_erasing, mode="pixel", device="cpu"))
+    return transforms.Compose(ops)
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    """Resize and normalise."""
+    return transforms.Compose([transforms.Resize(img_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def split_indices(n: int, val_size: int | float, train_subset: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded (train, val) partition of range(n); `val_size` < 1 is a fraction; train optionally capped."""
+    n_val = round(val_size * n) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if not 0 < n_val < n:
+        raise VitexpError(f"data.val_size={val_size} leaves no train or no val images out of {n}; pick 0 < val_size < {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    train = perm[n_val:]
+    if train_subset is not None:
+        train = train[:train_subset]
+    return train, perm[:n_val]
+
+
+def digits_splits(
+    val_size: int | float, train_subset: int | None, seed: int, train_transform: Callable, eval_transform: Callable
+) -> Splits:
+    """The embedded digits, split into train and val by `seed`; no test split."""
+    base = DigitImages()
+    train_idx, val_idx = split_indices(len(base), val_size, train_subset, seed)
+    return Splits(
+        TransformSubset(base, train_idx, train_transform),
+        TransformSubset(base, val_idx, eval_transform),
+        None,
+        [str(d) for d in range(10)],
+    )
+
+
+def _image_folder(path: Path) -> datasets.ImageFolder:
+    try:
+        return datasets.ImageFolder(path)
+    except FileNotFoundError as e:
+        raise VitexpError(f"no images in {path}: put them in class folders {path}/<class>/*.jpg ({e})") from None
+
+
+def _torchvision_set(source: str, root: Path, download: bool) -> tuple[Dataset, Dataset]:
+    cls = TORCHVISION_SETS[source]
+    try:
+        return cls(root, train=True, download=download), cls(root, train=False, download=download)
+    except (RuntimeError, urllib.error.URLError, OSError) as e:
+        raise VitexpError(
+            f"{source} not found under data.root={root} and not downloadable ({type(e).__name__}): put torchvision's "
+            f"files or an ImageFolder tree (train/<class>/*.jpg) there, or set data.root to where they are"
+        ) from None
+
+
+def image_splits(
+    source: str,
+    root: str,
+    download: bool,
+    val_size: int | float,
+    train_subset: int | None,
+    seed: int,
+    train_transform: Callable,
+    eval_transform: Callable,
+) -> Splits:
+    """ImageFolder tree under `root` (train/, optional val/ and test/), else torchvision's files for `source`."""
+    path = Path(root).expanduser()
+    if (path / "train").is_dir():
+        train_base = _image_folder(path / "train")
+        classes = train_base.classes
+        if (path / "val").is_dir():
+            val_base = _image_folder(path / "val")
+            train_idx = list(range(len(train_base)))[:train_subset]
+            val_idx = list(range(len(val_base)))
+        else:
+            val_base = train_base
+            train_idx, val_idx = split_indices(len(train_base), val_size, train_subset, seed)
+        test_base = _image_folder(path / "test") if (path / "test").is_dir() else None
+    elif source in TORCHVISION_SETS:
+        if not download and not path.is_dir():
+            raise VitexpError(f"data.root={path} does not exist: point it at {source}'s files or set data.download=true")
+        train_base, test_base = _torchvision_set(source, path, download)
+        classes = train_base.classes
+        val_base = train_base
+        train_idx, val_idx = split_indices(len(train_base), val_size, train_subset, seed)
+    else:
+        raise VitexpError(f"no train/ folder under data.root={path}: lay the images out as {path}/train/<class>/*.jpg")
+    test = TransformSubset(test_base, range(len(test_base)), eval_transform) if test_base is not None else None
+    return Splits(
+        TransformSubset(train_base, train_idx, train_transform),
+        TransformSubset(val_base, val_idx, eval_transform),
+        test,
+        list(classes),
+    )
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, persistent_workers: bool, train: bool, pin_memory: bool
+) -> DataLoader:
+    """A loader; training ones shuffle with their own generator (see `set_epoch`) and drop the last partial batch."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator() if train else None,
+    )
+
+
+def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the shuffle order and the workers' augmentation seeds a function of (seed, epoch) alone.
+
+    This is what lets a resumed run see exactly the batches an uninterrupted one would have seen.
+    """
+    loader.generator.manual_seed(seed * 100_003 + epoch)

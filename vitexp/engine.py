@@ -1,0 +1,136 @@
+"""The shared loops: one training epoch and one evaluation pass. Objects in, plain numbers out; no config."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vitexp import VitexpError
+
+
+def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
+    total = len(loader)
+    n = total if limit is None else min(limit, total)
+    return (batch for i, batch in zip(range(n), loader)), n
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    step: int,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accumulate: int = 1,
+    clip_norm: float | None = None,
+    mixup: Callable | None = None,
+    ema=None,
+    limit_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[dict[str, float], int]:
+    """Train for one pass over `loader`; returns epoch metrics and the new optimizer-step count.
+
+    `scheduler` is a timm scheduler stepped per optimizer step (`step_update`). Sums stay on the device
+    and are read once at the end, so the step never waits for the host.
+    """
+    model.train()
+    batches, n_batches = _limited(loader, limit_batches)
+    loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros((), device=device)
+    n_seen, n_steps = 0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = loss_fn(model(images), targets)
+        micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
+        (scaler.scale(loss / micro) if scaler else loss / micro).backward()
+        loss_sum += loss.detach() * images.shape[0]
+        n_seen += images.shape[0]
+        if (i + 1) % accumulate and i + 1 < n_batches:
+            continue
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = nn.utils.clip_grad_norm_(params, clip_norm if clip_norm is not None else math.inf)
+        norm_sum += norm.detach()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n_steps += 1
+        scheduler.step_update(step)
+        if ema is not None:
+            ema.update(model, step=step)
+        if progress and n_steps % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    train_loss = loss_sum.item() / max(n_seen, 1)
+    if not math.isfinite(train_loss):
+        raise VitexpError(
+            f"train loss became {train_loss} at step {step}; lower optim.lr, set trainer.gradient_clip_val, "
+            f"or use trainer.precision=32"
+        )
+    return {
+        "train/loss": train_loss,
+        "grad_norm": norm_sum.item() / max(n_steps, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "throughput/img_s": n_seen / elapsed,
+    }, step
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    limit_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "val",
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean cross-entropy, top-1 and top-5 accuracy over `loader`, and the confusion matrix (rows: true class)."""
+    model.eval()
+    batches, n_batches = _limited(loader, limit_batches)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    n = 0
+    k = min(5, num_classes)
+    for images, targets in tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        topk = logits.topk(k, dim=1).indices
+        top1 += (topk[:, 0] == targets).sum()
+        top5 += (topk == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
+        n += targets.shape[0]
+    n = max(n, 1)
+    metrics = {"loss": loss_sum.item() / n, "acc1": top1.item() / n, "acc5": top5.item() / n}
+    return metrics, confusion.view(num_classes, num_classes).cpu()

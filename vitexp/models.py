@@ -1,0 +1,93 @@
+"""Model builders over timm, a rebuild from a checkpoint's `arch`, and model statistics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitexp import VitexpError
+
+
+def vit(name: str, **kwargs: Any) -> VisionTransformer:
+    """A timm VisionTransformer; `kwargs` are its own argument names. `name` labels runs and checkpoints."""
+    model = VisionTransformer(**kwargs)
+    model.vitexp_arch = {"builder": "vit", "name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+# The only constructors a checkpoint may name: a file selects one of these, it never names code to run.
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"vit": vit}
+
+
+def arch_of(model: nn.Module) -> dict[str, Any]:
+    """The plain dict from which `build_from_arch` rebuilds `model` in a fresh process."""
+    arch = getattr(model, "vitexp_arch", None)
+    if arch is None:
+        raise VitexpError(f"{type(model).__name__} was not built by a vitexp builder; build models with vitexp.models")
+    return arch
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Rebuild the exact module a checkpoint was saved from."""
+    builder = BUILDERS.get(arch.get("builder")) if isinstance(arch, dict) else None
+    if builder is None:
+        raise VitexpError(f"checkpoint names an unknown architecture {arch!r}; known builders: {', '.join(BUILDERS)}")
+    return builder(name=arch["name"], **arch["kwargs"])
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model expects."""
+    kwargs = arch_of(model)["kwargs"]
+    size = kwargs["img_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return kwargs["in_chans"], h, w
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module) -> int:
+    """Multiply-accumulates of one forward pass on one image, from torch's FLOP counter."""
+    device = next(model.parameters()).device
+    x = torch.zeros(1, *input_shape(model), device=device)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def inference_img_per_s(
+    model: nn.Module, batch_size: int, autocast_dtype: torch.dtype | None = None, iters: int = 5
+) -> float:
+    """Measured forward throughput in images/s on the model's device, warm-up excluded."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, *input_shape(model), device=device)
+    was_training = model.training
+    model.eval()
+
+    def forward() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            model(x)
+
+    forward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        forward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    model.train(was_training)
+    return batch_size * iters / elapsed

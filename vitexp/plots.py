@@ -1,0 +1,64 @@
+"""PNG figures for a run folder: learning curves and confusion matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def learning_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss, accuracy and learning rate against epoch, from metrics.csv rows."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+
+    def curve(ax, key: str, label: str) -> None:
+        points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=label)
+
+    curve(axes[0], "train/loss", "train")
+    curve(axes[0], "val/loss", "val")
+    axes[0].set(title="loss", xlabel="epoch")
+    curve(axes[1], "val/acc1", "val top-1")
+    curve(axes[1], "val/acc5", "val top-5")
+    curve(axes[1], "val_ema/acc1", "val top-1 (EMA)")
+    axes[1].set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    curve(axes[2], "lr", "lr")
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
+    norm = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
+    image = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""What every task does before its recipe starts: device, precision, seeds, run folder, resume, weights."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vitexp import VitexpError
+
+# Groups that define what a run is; a resumed run keeps its own.
+FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda when available; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VitexpError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str | int, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for trainer.precision (None: full fp32)."""
+    dtypes = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+    key = str(precision)
+    if key not in dtypes:
+        raise VitexpError(f"trainer.precision={precision} is not one of 32, bf16, 16")
+    if key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise VitexpError("this GPU has no bf16 support; use trainer.precision=16 or 32")
+    return dtypes[key]
+
+
+def show_progress(setting: str | bool) -> bool:
+    """trainer.progress: `auto` shows bars on a terminal only; plain epoch lines go to files and pipes."""
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
+def run_dir() -> Path:
+    """This job's output folder, as Hydra made it."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def resume_run_dir(resume: str) -> Path:
+    """The run folder named by `resume=`: the folder itself, or the one holding checkpoints/last.pt."""
+    path = Path(resume).expanduser()
+    return path.parent.parent if path.suffix == ".pt" else path
+
+
+def ensure_new_run_dir(path: Path) -> None:
+    """A new run never writes over an existing one."""
+    if (path / "checkpoints").exists():
+        raise VitexpError(f"{path} already holds a run; continue it with resume={path} or pick a new hydra.run.dir")
+
+
+def resumed_config(cfg: DictConfig, saved: dict[str, Any]) -> DictConfig:
+    """The interrupted run's own config, with the values named on this command line applied on top.
+
+    Config groups that define the run (model, task, data, optim, experiment, debug) cannot change on resume.
+    """
+    resumed = OmegaConf.create(saved)
+    choices = HydraConfig.get().runtime.choices
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        if key in choices and key in FIXED_ON_RESUME:
+            raise VitexpError(f"{override} cannot change on resume; start a new run (with ckpt_path=...) instead")
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    resumed.resume = cfg.resume
+    OmegaConf.set_struct(resumed, True)
+    return resumed
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state_dict` into `model` strictly; a mismatch is a one-line error that says what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        detail = (
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched tensors"
+            + (f", e.g. {shapes[0]} {tuple(state_dict[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}" if shapes else "")
+        )
+        raise VitexpError(f"{source} does not fit this model ({detail}); pick the model= it was trained with")
+    model.load_state_dict(state_dict)

@@ -1,0 +1,1 @@
+"""One module per task, each with a `run(cfg) -> results` recipe."""

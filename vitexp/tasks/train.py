@@ -1,0 +1,188 @@
+"""task=train: train a model on a data set, keep best/last/periodic checkpoints, report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+
+from vitexp import VitexpError, __version__, checkpoint, engine, plots
+from vitexp.data import make_loader, set_epoch
+from vitexp.logging import RunLogger, read_metrics
+from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
+from vitexp.runtime import (
+    autocast_dtype,
+    ensure_new_run_dir,
+    load_weights,
+    resolve_device,
+    resume_run_dir,
+    resumed_config,
+    run_dir,
+    seed_everything,
+    show_progress,
+)
+
+log = logging.getLogger("vitexp")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.data`; returns the figures written to results.json."""
+    started = time.perf_counter()
+    out = run_dir()
+    resume = None
+    if cfg.resume:
+        last = resume_run_dir(cfg.resume) / "checkpoints" / "last.pt"
+        resume = checkpoint.load(last)
+        cfg = resumed_config(cfg, resume["config"])
+        log.info(f"resuming {out} from epoch {resume['epoch']} (step {resume['step']})")
+    else:
+        ensure_new_run_dir(out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    amp = autocast_dtype(cfg.trainer.precision, device)
+    progress = show_progress(cfg.trainer.progress)
+
+    splits = instantiate(cfg.data.splits)
+    if len(splits.classes) != cfg.data.num_classes:
+        raise VitexpError(f"data has {len(splits.classes)} classes but data.num_classes={cfg.data.num_classes}; set it")
+    pin = device.type == "cuda"
+    data = cfg.data
+    train_loader = make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin)
+    val_loader = make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin)
+    if len(train_loader) == 0:
+        raise VitexpError(f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size")
+
+    model = instantiate(cfg.model).to(device)
+    if cfg.ckpt_path and resume is None:
+        load_weights(model, checkpoint.load(cfg.ckpt_path)["model"], cfg.ckpt_path)
+    params = param_groups_weight_decay(model, cfg.optim.weight_decay, model.no_weight_decay())
+    optimizer = instantiate(cfg.optim.optimizer)(params)
+    batches = min(len(train_loader), cfg.trainer.limit_train_batches or len(train_loader))
+    steps_per_epoch = math.ceil(batches / cfg.trainer.accumulate_grad_batches)
+    scheduler = instantiate(cfg.optim.scheduler)(
+        optimizer,
+        t_initial=cfg.trainer.max_epochs * steps_per_epoch,
+        warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
+    )
+    scaler = torch.amp.GradScaler(device.type) if str(cfg.trainer.precision) == "16" else None
+    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    mixup = instantiate(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
+    loss_fn = instantiate(cfg.task.loss)
+    step_model = torch.compile(model) if cfg.trainer.compile else model
+
+    start_epoch, step, best_acc = 1, 0, -1.0
+    if resume is not None:
+        load_weights(model, resume["model"], str(last))
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        start_epoch, step = resume["epoch"] + 1, resume["step"]
+        best_acc = resume["metrics"]["best_val_acc1"]
+        checkpoint.set_rng_state(resume["rng"])
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = RunLogger(
+        out,
+        config,
+        resume_epoch=resume["epoch"] if resume else None,
+        wandb_mode=cfg.logger.mode,
+        wandb_project=cfg.logger.project,
+        wandb_entity=cfg.logger.entity,
+        wandb_group=cfg.logger.group,
+        wandb_tags=list(cfg.logger.tags),
+        wandb_name=out.name,
+        wandb_id=resume.get("wandb_run_id") if resume else None,
+    )
+    n_params, macs = count_params(model), count_macs(model)
+    log.info(
+        f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs/img | {cfg.data.name}: "
+        f"{len(splits.train)} train, {len(splits.val)} val | {device}, precision {cfg.trainer.precision} | {out}"
+    )
+    failed = True
+    try:
+        for epoch in range(start_epoch, cfg.trainer.max_epochs + 1):
+            epoch_start = time.perf_counter()
+            set_epoch(train_loader, cfg.seed, epoch)
+            train_metrics, step = engine.train_one_epoch(
+                step_model, train_loader, loss_fn, optimizer, scheduler, device, step,
+                autocast_dtype=amp, scaler=scaler, accumulate=cfg.trainer.accumulate_grad_batches,
+                clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
+                limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
+            )  # fmt: skip
+            val, _ = engine.evaluate(
+                step_model, val_loader, device, cfg.data.num_classes,
+                autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress,
+            )  # fmt: skip
+            metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
+                       "val/acc5": val["acc5"]}  # fmt: skip
+            if ema is not None:
+                ema_val, _ = engine.evaluate(
+                    ema.module, val_loader, device, cfg.data.num_classes,
+                    autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
+                )  # fmt: skip
+                metrics["val_ema/acc1"] = ema_val["acc1"]
+            metrics["time/epoch_s"] = time.perf_counter() - epoch_start
+            logger.log_epoch(metrics, cfg.trainer.max_epochs)
+
+            is_best = val["acc1"] > best_acc
+            best_acc = max(best_acc, val["acc1"])
+            state = {
+                "model": model.state_dict(),
+                "arch": arch_of(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch,
+                "step": step,
+                "rng": checkpoint.rng_state(),
+                "config": config,
+                "metrics": {**metrics, "best_val_acc1": best_acc},
+                "wandb_run_id": logger.wandb_id,
+                "version": __version__,
+            }
+            ckpt_dir = out / "checkpoints"
+            if is_best:
+                checkpoint.save(state, ckpt_dir / "best.pt")
+            if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
+                checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
+            checkpoint.save(state, ckpt_dir / "last.pt")
+
+        rows = read_metrics(out / "metrics.csv")
+        plots.learning_curves(rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}")
+        results = {
+            "task": cfg.task.name,
+            "model": cfg.model.name,
+            "data": cfg.data.name,
+            "epochs": rows[-1]["epoch"] if rows else 0,
+            "best_val_acc1": best_acc,
+            "val_acc1": rows[-1]["val/acc1"] if rows else None,
+            "val_acc5": rows[-1]["val/acc5"] if rows else None,
+            "params": n_params,
+            "macs": macs,
+            "infer_img_per_s": inference_img_per_s(model, cfg.data.eval_batch_size, amp),
+            "train_img_per_s": rows[-1]["throughput/img_s"] if rows else None,
+            "device": str(device),
+            "wall_s": time.perf_counter() - started,
+            "status": "completed",
+        }
+        logger.log_results(results)
+        log.info(
+            f"done: best val/acc1 {best_acc:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
+            f"{results['wall_s']:.0f} s | checkpoints in {out / 'checkpoints'}"
+        )
+        failed = False
+        return results
+    finally:
+        logger.finish(failed=failed)
+
