@@ -82,10 +82,15 @@ def _one_line(e: Exception) -> str:
     return " ".join(lines[:2])
 
 
-def main() -> None:
-    """Console entry point (`vitexp`, `python -m vitexp`)."""
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml uses to send resumed runs back to their own folder."""
     OmegaConf.register_new_resolver("vitexp_run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("vitexp_output_subdir", _output_subdir, replace=True)
+
+
+def main() -> None:
+    """Console entry point (`vitexp`, `python -m vitexp`)."""
+    register_resolvers()
     try:
         _preflight(sys.argv[1:])
     except VitexpError as e:

@@ -46,9 +46,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitexpError(f"refused to load {path}: it holds objects other than tensors and plain data ({first})") from None
+        raise VitexpError(
+            f"refused to load {path}: it holds objects other than tensors and plain data ({first})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise VitexpError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(e).__name__})") from None
+        raise VitexpError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(e).__name__})"
+        ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
         raise VitexpError(f"{path} is not a vitexp checkpoint (no 'model' and 'arch' entries)")
     return checkpoint
@@ -77,7 +81,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
     np.random.set_state(
-        (np_state["name"], np_state["keys"].numpy(), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+        (
+            np_state["name"],
+            np_state["keys"].numpy(),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():

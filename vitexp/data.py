@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,9 @@ def split_indices(n: int, val_size: int | float, train_subset: int | None, seed:
     """A seeded (train, val) partition of range(n); `val_size` < 1 is a fraction; train optionally capped."""
     n_val = round(val_size * n) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 0 < n_val < n:
-        raise VitexpError(f"data.val_size={val_size} leaves no train or no val images out of {n}; pick 0 < val_size < {n}")
+        raise VitexpError(
+            f"data.val_size={val_size} leaves no train or no val images out of {n}; pick 0 < val_size < {n}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     train = perm[n_val:]
     if train_subset is not None:
@@ -162,7 +164,9 @@ def image_splits(
         test_base = _image_folder(path / "test") if (path / "test").is_dir() else None
     elif source in TORCHVISION_SETS:
         if not download and not path.is_dir():
-            raise VitexpError(f"data.root={path} does not exist: point it at {source}'s files or set data.download=true")
+            raise VitexpError(
+                f"data.root={path} does not exist: point it at {source}'s files or set data.download=true"
+            )
         train_base, test_base = _torchvision_set(source, path, download)
         classes = train_base.classes
         val_base = train_base

@@ -10,13 +10,30 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from vitexp import VitexpError
 
 # Groups that define what a run is; a resumed run keeps its own.
 FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
+
+
+def build(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with any failure turned into a one-line `VitexpError` naming the config key."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, VitexpError):
+            raise cause from None
+        key = getattr(node, "_get_full_key", lambda _: "")("")
+        raise VitexpError(f"cannot build {key or 'config node'}: {type(cause).__name__}: {cause}") from None
+    except MissingMandatoryValue as e:
+        raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -94,9 +111,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
     if missing or unexpected or shapes:
-        detail = (
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched tensors"
-            + (f", e.g. {shapes[0]} {tuple(state_dict[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}" if shapes else "")
+        detail = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched tensors" + (
+            f", e.g. {shapes[0]} {tuple(state_dict[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}"
+            if shapes
+            else ""
         )
         raise VitexpError(f"{source} does not fit this model ({detail}); pick the model= it was trained with")
     model.load_state_dict(state_dict)

@@ -6,14 +6,13 @@ import logging
 import time
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vitexp import VitexpError, checkpoint, engine, plots
 from vitexp.data import make_loader
 from vitexp.logging import RunLogger
 from vitexp.models import build_from_arch, count_macs, count_params, inference_img_per_s, input_shape
-from vitexp.runtime import autocast_dtype, load_weights, resolve_device, run_dir, seed_everything, show_progress
+from vitexp.runtime import autocast_dtype, build, load_weights, resolve_device, run_dir, seed_everything, show_progress
 
 log = logging.getLogger("vitexp")
 
@@ -46,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     amp = autocast_dtype(cfg.trainer.precision, device)
     model.to(device)
 
-    splits = instantiate(cfg.data.splits)
+    splits = build(cfg.data.splits)
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
     loader = make_loader(dataset, cfg.data.eval_batch_size, cfg.data.num_workers, False, False, device.type == "cuda")
     metrics, confusion = engine.evaluate(

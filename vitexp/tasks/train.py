@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
@@ -19,6 +18,7 @@ from vitexp.logging import RunLogger, read_metrics
 from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
+    build,
     ensure_new_run_dir,
     load_weights,
     resolve_device,
@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     amp = autocast_dtype(cfg.trainer.precision, device)
     progress = show_progress(cfg.trainer.progress)
 
-    splits = instantiate(cfg.data.splits)
+    splits = build(cfg.data.splits)
     if len(splits.classes) != cfg.data.num_classes:
         raise VitexpError(f"data has {len(splits.classes)} classes but data.num_classes={cfg.data.num_classes}; set it")
     pin = device.type == "cuda"
@@ -57,24 +57,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_loader = make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin)
     val_loader = make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin)
     if len(train_loader) == 0:
-        raise VitexpError(f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size")
+        raise VitexpError(
+            f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size"
+        )
 
-    model = instantiate(cfg.model).to(device)
+    model = build(cfg.model).to(device)
     if cfg.ckpt_path and resume is None:
         load_weights(model, checkpoint.load(cfg.ckpt_path)["model"], cfg.ckpt_path)
     params = param_groups_weight_decay(model, cfg.optim.weight_decay, model.no_weight_decay())
-    optimizer = instantiate(cfg.optim.optimizer)(params)
+    optimizer = build(cfg.optim.optimizer)(params)
     batches = min(len(train_loader), cfg.trainer.limit_train_batches or len(train_loader))
     steps_per_epoch = math.ceil(batches / cfg.trainer.accumulate_grad_batches)
-    scheduler = instantiate(cfg.optim.scheduler)(
+    scheduler = build(cfg.optim.scheduler)(
         optimizer,
         t_initial=cfg.trainer.max_epochs * steps_per_epoch,
         warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
     )
     scaler = torch.amp.GradScaler(device.type) if str(cfg.trainer.precision) == "16" else None
     ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
-    mixup = instantiate(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
-    loss_fn = instantiate(cfg.task.loss)
+    mixup = build(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
+    loss_fn = build(cfg.task.loss)
     step_model = torch.compile(model) if cfg.trainer.compile else model
 
     start_epoch, step, best_acc = 1, 0, -1.0
@@ -159,7 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             checkpoint.save(state, ckpt_dir / "last.pt")
 
         rows = read_metrics(out / "metrics.csv")
-        plots.learning_curves(rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}")
+        plots.learning_curves(
+            rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}"
+        )
         results = {
             "task": cfg.task.name,
             "model": cfg.model.name,
@@ -185,4 +189,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
     finally:
         logger.finish(failed=failed)
-

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real config with tiny overrides, and the CLI as users call it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vitexp.__main__ import config_dir, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+# A 2-block model, a few batches, CPU, no W&B.
+TINY = ["debug=fast", "trainer.device=cpu", "logger=none"]
+
+
+def compose_config(*overrides: str, hydra: bool = False):
+    """The composed config as `python -m vitexp` would see it (with the hydra node when asked)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A fresh copy of the tiny config for each test."""
+    return compose_config(*TINY)
+
+
+def vitexp(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m vitexp ARGS` in `cwd`, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitexp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vitexp {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """An ImageFolder tree of 60 real CIFAR-10 training images per class, from ../shared."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"{CIFAR_TAR} not present")
+    root = tmp_path_factory.mktemp("cifar10")
+    counts: dict[str, int] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
+                continue
+            cls = parts[-2]
+            if counts.get(cls, 0) >= 60:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            dest = root / "train" / cls / parts[-1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(member).read())
+            if len(counts) == 10 and all(c >= 60 for c in counts.values()):
+                break
+    return root

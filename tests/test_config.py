@@ -1,0 +1,62 @@
+"""Every option of every config group composes and instantiates; `--cfg job` has no side effects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import TINY, compose_config, vitexp
+from vitexp.__main__ import config_dir
+
+CONF = Path(config_dir())
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in
+          ("model", "task", "data", "optim", "trainer", "logger", "experiment", "debug")}  # fmt: skip
+OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
+
+
+def test_every_group_has_options():
+    assert GROUPS["model"] == ["baseline", "patch8"]
+    assert {"train", "evaluate"} <= set(GROUPS["task"])
+    assert {"digits", "cifar10", "cifar100", "imagefolder"} <= set(GROUPS["data"])
+    assert all(GROUPS.values())
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}", "data.root=" + str(tmp_path)] if group != "data" else [f"data={option}"]
+    if group == "data" and option != "digits":
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_config(*overrides)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    model = instantiate(cfg.model)
+    x = torch.randn(2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
+    assert model(x).shape == (2, cfg.data.num_classes)
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.optim.scheduler)(optimizer, t_initial=10, warmup_t=2)
+    scheduler.step_update(1)
+    instantiate(cfg.task.loss)(model(x), torch.tensor([0, 1]))
+    instantiate(cfg.data.splits.train_transform)
+    instantiate(cfg.data.splits.eval_transform)
+    instantiate(cfg.data.mixup)
+
+
+def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
+    proc = vitexp("--cfg", "job", "model=patch8", cwd=tmp_path)
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.model.patch_size == 8 and cfg.model.name == "patch8"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_dimensions_follow_data():
+    cfg = compose_config("data=cifar100", *TINY)
+    assert (cfg.model.in_chans, cfg.model.num_classes, cfg.model.img_size) == (3, 100, 32)
+
+
+def test_run_dir_names_task_model_and_time():
+    cfg = compose_config("model=patch8", hydra=True)
+    assert cfg.hydra.run.dir.startswith("outputs/train/patch8/")
+    assert cfg.hydra.sweep.dir.startswith("multirun_outputs/")
