@@ -34,7 +34,7 @@ def tiny_cfg():
 
 def vitexp(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m vitexp ARGS` in `cwd`, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "vitexp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -61,6 +61,10 @@ def _preflight(argv: list[str]) -> None:
             cfg = compose(config_name="config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as e:
         raise VitexpError(_one_line(e)) from None
+    missing = [f"{group}.{key}" for group, node in cfg.items() if isinstance(node, DictConfig)
+               for key in node if OmegaConf.is_missing(node, key)]  # fmt: skip
+    if missing:
+        raise VitexpError(f"{missing[0]} must be set: pass {missing[0]}=...")
     if cfg.task.name not in TASKS:
         raise VitexpError(f"task={cfg.task.name} is not available; choose one of: {', '.join(TASKS)}")
     if cfg.resume and not (resume_run_dir(cfg.resume) / "checkpoints" / "last.pt").is_file():
@@ -68,7 +72,7 @@ def _preflight(argv: list[str]) -> None:
 
 
 def _one_line(e: Exception) -> str:
-    text = str(e)
+    text = f"{e}\n{e.__cause__ or ''}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Could not find" in text and "Available options" in text:
         group = text.split("Could not find '")[1].split("'")[0]
