@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError
@@ -44,7 +46,16 @@ def _main(cfg: DictConfig) -> float | None:
     except VitexpError as e:
         log.error(f"error: {e}")
         RunLogger(run_dir(), {}).log_results({"task": cfg.task.name, "status": "failed", "error": str(e)})
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # the other jobs of the sweep go on; this one is marked failed in its results.json
         sys.exit(2)
+    except KeyboardInterrupt:
+        where = run_dir()
+        hint = (
+            f"; continue with: python -m vitexp resume={where}" if (where / "checkpoints" / "last.pt").exists() else ""
+        )
+        log.error(f"interrupted{hint}")
+        sys.exit(130)
     return results.get(SWEEP_METRIC[cfg.task.name], results.get("val_acc1"))
 
 
