@@ -109,11 +109,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resume_*/config.yaml"))
 
 
-def test_patch8_trains(tmp_path):
-    vitexp(*TINY, "model=patch8", cwd=tmp_path)
+def test_patch8_trains_and_the_console_shows_the_log_lines(tmp_path):
+    proc = vitexp(*TINY, "model=patch8", cwd=tmp_path)
     (run,) = (tmp_path / "outputs" / "train" / "patch8").iterdir()
     assert json.loads((run / "results.json").read_text())["model"] == "patch8"
-    assert (run / "train_patch8.log").is_file()
+    epoch_lines = [line for line in (run / "train_patch8.log").read_text().splitlines() if "| train/loss" in line]
+    assert len(epoch_lines) == 2 and all(line in proc.stderr for line in epoch_lines)
 
 
 def test_multirun_writes_one_folder_per_job(tmp_path):

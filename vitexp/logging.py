@@ -17,7 +17,9 @@ EPOCH_FIELDS = ["epoch", "train/loss", "val/loss", "val/acc1", "val/acc5", "lr",
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.4f}"
+        if value and abs(value) < 1e-2:
+            return f"{value:.3e}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 
 
