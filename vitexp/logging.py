@@ -12,7 +12,7 @@ from typing import Any
 log = logging.getLogger("vitexp")
 
 EPOCH_FIELDS = ["epoch", "train/loss", "val/loss", "val/acc1", "val/acc5", "lr", "grad_norm", "time/epoch_s",
-                "throughput/img_s", "val_ema/acc1"]  # fmt: skip
+                "throughput/img_s", "val_ema/acc1", "val/acc1_cls", "val/acc1_dist"]  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
@@ -40,6 +40,7 @@ class RunLogger:
         wandb_id: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / "metrics.csv"
         self.wandb_run = None
         if resume_epoch is not None:

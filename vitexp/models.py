@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import timm
 import torch
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,8 +23,36 @@ def vit(name: str, **kwargs: Any) -> VisionTransformer:
     return model
 
 
+def vit_distilled(name: str, **kwargs: Any) -> VisionTransformerDistilled:
+    """DeiT's ViT with a distillation token and second head (timm); in training it returns both heads' logits,
+    in eval mode their average."""
+    model = VisionTransformerDistilled(**kwargs)
+    model.set_distilled_training(True)
+    model.vitexp_arch = {"builder": "vit_distilled", "name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def cnn(name: str, model_name: str, img_size: int, in_chans: int, num_classes: int, small_input: bool) -> nn.Module:
+    """Any timm model by name, randomly initialised (e.g. a ResNet teacher for distillation).
+
+    `small_input` adapts ResNet-style stems to 32x32 images as CIFAR ResNets do: a 3x3 stride-1 first
+    convolution and no max-pool, so the last stage still sees 4x4 feature maps.
+    """
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if small_input and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    model.vitexp_arch = {
+        "builder": "cnn",
+        "name": name,
+        "kwargs": {"model_name": model_name, "img_size": img_size, "in_chans": in_chans,
+                   "num_classes": num_classes, "small_input": small_input},
+    }  # fmt: skip
+    return model
+
+
 # The only constructors a checkpoint may name: a file selects one of these, it never names code to run.
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"vit": vit}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"vit": vit, "vit_distilled": vit_distilled, "cnn": cnn}
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:

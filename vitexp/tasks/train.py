@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
+from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, engine, plots
 from vitexp.data import make_loader, set_epoch
@@ -34,16 +37,35 @@ log = logging.getLogger("vitexp")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`; returns the figures written to results.json."""
-    started = time.perf_counter()
     out = run_dir()
     resume = None
     if cfg.resume:
-        last = resume_run_dir(cfg.resume) / "checkpoints" / "last.pt"
-        resume = checkpoint.load(last)
+        resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
         cfg = resumed_config(cfg, resume["config"])
-        log.info(f"resuming {out} from epoch {resume['epoch']} (step {resume['step']})")
     else:
         ensure_new_run_dir(out)
+    return fit(cfg, out, resume)
+
+
+def fit(
+    cfg: DictConfig,
+    out: Path,
+    resume: dict[str, Any] | None = None,
+    *,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    loss_fn: Callable | None = None,
+    views: Callable[[nn.Module], dict[str, nn.Module]] | None = None,
+    extra_results: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training recipe, writing into `out`; `resume` is a loaded last.pt to continue from.
+
+    Distillation reuses it: `wrap` turns the model into what the training step calls (e.g. student plus
+    frozen teacher), `loss_fn` replaces `cfg.task.loss`, `views(model)` names extra modules whose val
+    accuracy is logged each epoch under that name, and `extra_results` go into results.json.
+    """
+    started = time.perf_counter()
+    if resume is not None:
+        log.info(f"resuming {out} from epoch {resume['epoch']} (step {resume['step']})")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     amp = autocast_dtype(cfg.trainer.precision, device)
@@ -64,7 +86,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build(cfg.model).to(device)
     if cfg.ckpt_path and resume is None:
         load_weights(model, checkpoint.load(cfg.ckpt_path)["model"], cfg.ckpt_path)
-    params = param_groups_weight_decay(model, cfg.optim.weight_decay, model.no_weight_decay())
+    params = param_groups_weight_decay(
+        model, cfg.optim.weight_decay, getattr(model, "no_weight_decay", set)()
+    )  # timm ViTs list pos/cls tokens
     optimizer = build(cfg.optim.optimizer)(params)
     batches = min(len(train_loader), cfg.trainer.limit_train_batches or len(train_loader))
     steps_per_epoch = math.ceil(batches / cfg.trainer.accumulate_grad_batches)
@@ -76,12 +100,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if str(cfg.trainer.precision) == "16" else None
     ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
     mixup = build(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
-    loss_fn = build(cfg.task.loss)
-    step_model = torch.compile(model) if cfg.trainer.compile else model
+    loss_fn = loss_fn or build(cfg.task.loss)
+    train_model = wrap(model) if wrap else model
+    train_model, eval_model = (
+        (torch.compile(train_model), torch.compile(model)) if cfg.trainer.compile else (train_model, model)
+    )
 
     start_epoch, step, best_acc = 1, 0, -1.0
     if resume is not None:
-        load_weights(model, resume["model"], str(last))
+        load_weights(model, resume["model"], f"{out}/checkpoints/last.pt")
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None:
@@ -116,23 +143,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             epoch_start = time.perf_counter()
             set_epoch(train_loader, cfg.seed, epoch)
             train_metrics, step = engine.train_one_epoch(
-                step_model, train_loader, loss_fn, optimizer, scheduler, device, step,
+                train_model, train_loader, loss_fn, optimizer, scheduler, device, step,
                 autocast_dtype=amp, scaler=scaler, accumulate=cfg.trainer.accumulate_grad_batches,
                 clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
                 limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
             )  # fmt: skip
             val, _ = engine.evaluate(
-                step_model, val_loader, device, cfg.data.num_classes,
+                eval_model, val_loader, device, cfg.data.num_classes,
                 autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress,
             )  # fmt: skip
             metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
                        "val/acc5": val["acc5"]}  # fmt: skip
-            if ema is not None:
-                ema_val, _ = engine.evaluate(
-                    ema.module, val_loader, device, cfg.data.num_classes,
+            extra = {"val_ema/acc1": ema.module} if ema is not None else {}
+            for name, view in {**extra, **(views(model) if views else {})}.items():
+                view_val, _ = engine.evaluate(
+                    view, val_loader, device, cfg.data.num_classes,
                     autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
                 )  # fmt: skip
-                metrics["val_ema/acc1"] = ema_val["acc1"]
+                metrics[name] = view_val["acc1"]
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             logger.log_epoch(metrics, cfg.trainer.max_epochs)
 
@@ -178,6 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train_img_per_s": rows[-1]["throughput/img_s"] if rows else None,
             "device": str(device),
             "wall_s": time.perf_counter() - started,
+            **(extra_results or {}),
             "status": "completed",
         }
         logger.log_results(results)
