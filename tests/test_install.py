@@ -12,8 +12,13 @@ from tests.conftest import REPO
 
 def test_installed_package_finds_its_configs(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "outputs", "multirun_outputs", "data", "build",
-                                                              "*.egg-info", "__pycache__", ".*_cache"))  # fmt: skip
+    top_level_only = {".git", "outputs", "multirun_outputs", "data", "build"}
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        junk = [n for n in names if n.endswith((".egg-info", "_cache")) or n == "__pycache__"]
+        return junk + ([n for n in names if n in top_level_only] if folder == str(REPO) else [])
+
+    shutil.copytree(REPO, src, ignore=skip)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", target, src],
