@@ -118,6 +118,16 @@ def test_one_command_pipeline_leaves_teacher_and_student_runs(pipeline):
     assert not any(k.startswith(("student.", "teacher.")) for k in ckpt["model"])
 
 
+def test_resuming_a_finished_distill_run_skips_the_teacher_and_keeps_the_student(pipeline, tmp_path):
+    run, _ = pipeline
+    before = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    vitexp(f"resume={run}", cwd=tmp_path)
+    after = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert after["epoch"] == before["epoch"] and torch.equal(
+        after["model"]["dist_token"], before["model"]["dist_token"]
+    )
+
+
 def test_token_student_checkpoint_evaluates(pipeline, tmp_path):
     run, _ = pipeline
     best = run / "checkpoints" / "best.pt"

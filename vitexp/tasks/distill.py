@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         ensure_new_run_dir(out)
     token = cfg.task.distill_type == "token"
-    if token and cfg.model._target_ != "vitexp.models.vit":
+    if token and cfg.model._target_ not in ("vitexp.models.vit", "vitexp.models.vit_distilled"):
         raise VitexpError(f"distill_type=token needs a ViT student, not {cfg.model._target_}; use soft or hard")
 
     teacher_path = cfg.task.teacher_ckpt or train_teacher(cfg, out / "teacher")
