@@ -51,8 +51,32 @@ def cnn(name: str, model_name: str, img_size: int, in_chans: int, num_classes: i
     return model
 
 
+def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, **kwargs: Any) -> VisionTransformer:
+    """A timm ViT with fewer attention heads and MLP channels per block: `layout` ([heads, MLP width] per
+    block, as a prune run records it) or, when null, `ratio` of both removed uniformly."""
+    from vitexp.pruning import apply_layout, uniform_layout
+
+    if not 0 <= ratio < 1:
+        raise VitexpError(f"model.ratio={ratio} must be in [0, 1)")
+    model = VisionTransformer(**kwargs)
+    hidden = model.blocks[0].mlp.fc1.out_features
+    layout = (
+        [list(map(int, b)) for b in layout]
+        if layout
+        else uniform_layout(len(model.blocks), model.blocks[0].attn.num_heads, hidden, ratio)
+    )
+    apply_layout(model, layout)
+    model.vitexp_arch = {"builder": "pruned_vit", "name": name, "kwargs": {**kwargs, "ratio": ratio, "layout": layout}}
+    return model
+
+
 # The only constructors a checkpoint may name: a file selects one of these, it never names code to run.
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"vit": vit, "vit_distilled": vit_distilled, "cnn": cnn}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "vit": vit,
+    "vit_distilled": vit_distilled,
+    "pruned_vit": pruned_vit,
+    "cnn": cnn,
+}
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:

@@ -62,3 +62,19 @@ def confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def accuracy_vs_macs(points: Sequence[tuple[str, dict]], path: Path, title: str) -> None:
+    """Val accuracy against MACs per image, one labelled point per stage (unpruned, each round, fine-tuned)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    macs = [p["macs"] / 1e6 for _, p in points]
+    accs = [p["val_acc1"] for _, p in points]
+    ax.plot(macs, accs, marker="o")
+    for (label, _), x, y in zip(points, macs, accs):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel="MMACs per image", ylabel="val top-1", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from vitexp import VitexpError, checkpoint, engine
@@ -25,7 +23,7 @@ from vitexp.runtime import (
     resumed_config,
     run_dir,
 )
-from vitexp.tasks.train import fit
+from vitexp.tasks.train import fit, train_in
 
 log = logging.getLogger("vitexp")
 
@@ -43,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if token and cfg.model._target_ not in ("vitexp.models.vit", "vitexp.models.vit_distilled"):
         raise VitexpError(f"distill_type=token needs a ViT student, not {cfg.model._target_}; use soft or hard")
 
-    teacher_path = cfg.task.teacher_ckpt or train_teacher(cfg, out / "teacher")
+    teacher_path = cfg.task.teacher_ckpt or train_in(cfg, out / "teacher", cfg.task.teacher, cfg.task.teacher_epochs)
     teacher_ckpt = checkpoint.load(teacher_path)
     teacher = build_from_arch(teacher_ckpt["arch"])
     load_weights(teacher, teacher_ckpt["model"], str(teacher_path))
@@ -75,26 +73,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "teacher_macs": count_macs(teacher),
     }
     return fit(cfg, out, resume, wrap=with_teacher, loss_fn=loss_fn, views=heads, extra_results=teacher_figures)
-
-
-def train_teacher(cfg: DictConfig, folder: Path) -> Path:
-    """Train `cfg.task.teacher` with this run's data, optimizer and trainer in `folder`; returns its best.pt."""
-    best = folder / "checkpoints" / "best.pt"
-    results = folder / "results.json"
-    if results.exists() and json.loads(results.read_text())["status"] == "completed":
-        return best
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["model"] = plain["task"]["teacher"]
-    plain["trainer"]["max_epochs"] = plain["task"]["teacher_epochs"]
-    plain["task"] = {"name": "train", "loss": plain["task"]["loss"]}
-    plain["ckpt_path"] = None
-    teacher_cfg = OmegaConf.create(plain)
-    OmegaConf.set_struct(teacher_cfg, True)
-    last = folder / "checkpoints" / "last.pt"
-    resume = checkpoint.load(last) if last.exists() else None
-    log.info(f"training the teacher {teacher_cfg.model.name} for {teacher_cfg.trainer.max_epochs} epochs in {folder}")
-    fit(teacher_cfg, folder, resume)
-    return best
 
 
 def score_teacher(cfg: DictConfig, scorer: nn.Module, device: torch.device) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -45,6 +46,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         ensure_new_run_dir(out)
     return fit(cfg, out, resume)
+
+
+def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> Path:
+    """Train `model` with this run's data, optimizer and trainer for `epochs` in `folder` (a sub-run, e.g. a
+    teacher to distil or a model to prune); resumes or skips it when an earlier attempt got that far.
+    Returns its best.pt."""
+    best = folder / "checkpoints" / "best.pt"
+    results = folder / "results.json"
+    if results.exists() and json.loads(results.read_text())["status"] == "completed":
+        return best
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["model"] = OmegaConf.to_container(model, resolve=True)
+    plain["trainer"]["max_epochs"] = epochs
+    plain["task"] = {"name": "train", "loss": plain["task"]["loss"]}
+    plain["ckpt_path"] = None
+    sub_cfg = OmegaConf.create(plain)
+    OmegaConf.set_struct(sub_cfg, True)
+    last = folder / "checkpoints" / "last.pt"
+    log.info(f"training {sub_cfg.model.name} for {epochs} epochs in {folder}")
+    fit(sub_cfg, folder, checkpoint.load(last) if last.exists() else None)
+    return best
 
 
 def fit(
