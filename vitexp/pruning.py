@@ -78,21 +78,24 @@ def prune(
     tokens = {
         p: p.dim() - 1 for name, p in model.named_parameters() if name in ("cls_token", "dist_token", "pos_embed")
     }
+    heads0, hidden0 = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
     layouts = []
     for round_ in range(1, steps + 1):
-        # One pruner per round, at the ratio that takes this round's survivors to the schedule's target:
-        # keep (1 - ratio * r / steps) of the original after round r.
-        step_ratio = 1 - (1 - ratio * round_ / steps) / (1 - ratio * (round_ - 1) / steps)
+        # One pruner per round, asked for exact counts: after round r, keep (1 - ratio * r / steps) of the
+        # original heads and channels. torch-pruning removes ceil(ratio * heads) heads and keeps
+        # int((1 - ratio) * channels) channels, hence the small offsets.
+        keep = uniform_layout(1, heads0, hidden0, ratio * round_ / steps)[0]
+        heads, hidden = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
         pruner = tp.pruner.MetaPruner(
             model,
             example,
             importance=IMPORTANCE[importance](),
-            pruning_ratio=step_ratio,
+            pruning_ratio=max(0.0, 1 - (keep[1] + 0.5) / hidden),
             ignored_layers=ignored,
             num_heads={a.qkv: a.num_heads for a in attentions},
             prune_num_heads=True,
             prune_head_dims=False,
-            head_pruning_ratio=step_ratio,
+            head_pruning_ratio=max(0.0, (heads - keep[0]) / heads - 1e-6),
             unwrapped_parameters=list(tokens.items()),
         )
         if importance == "taylor":

@@ -41,6 +41,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         figures = json.loads((out / "prune.json").read_text())
         return fit(resumed_config(cfg, resume["config"]), out, resume, extra_results=figures)
     ensure_new_run_dir(out)
+    if not 0 <= cfg.task.ratio < 1:
+        raise VitexpError(f"task.ratio={cfg.task.ratio} must be in [0, 1): the fraction of heads and channels removed")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     amp = autocast_dtype(cfg.trainer.precision, device)
@@ -76,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     before = measure(model, "before pruning")
     calibration = [
-        (x.to(device), y.to(device)) for x, y in zip(train_loader, range(cfg.task.calibration_batches))
+        (x.to(device), y.to(device)) for (x, y), _ in zip(train_loader, range(cfg.task.calibration_batches))
     ] if cfg.task.importance == "taylor" else None  # fmt: skip
     example = torch.zeros(1, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size, device=device)
     rounds = []
