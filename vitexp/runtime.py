@@ -85,6 +85,18 @@ def ensure_new_run_dir(path: Path) -> None:
         raise VitexpError(f"{path} already holds a run; continue it with resume={path} or pick a new hydra.run.dir")
 
 
+def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
+    """The run's config, folder and, with `resume=`, its loaded last.pt; a new run gets a fresh folder."""
+    from vitexp import checkpoint
+
+    out = run_dir()
+    if not cfg.resume:
+        ensure_new_run_dir(out)
+        return cfg, out, None
+    resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
+    return resumed_config(cfg, resume["config"]), out, resume
+
+
 def resumed_config(cfg: DictConfig, saved: dict[str, Any]) -> DictConfig:
     """The interrupted run's own config, with the values named on this command line applied on top.
 

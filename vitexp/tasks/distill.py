@@ -16,12 +16,9 @@ from vitexp.models import build_from_arch, count_macs, count_params
 from vitexp.runtime import (
     autocast_dtype,
     build,
-    ensure_new_run_dir,
     load_weights,
+    open_run,
     resolve_device,
-    resume_run_dir,
-    resumed_config,
-    run_dir,
 )
 from vitexp.tasks.train import fit, train_in
 
@@ -30,13 +27,7 @@ log = logging.getLogger("vitexp")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil `cfg.task.teacher_ckpt` (or a teacher trained here first) into `cfg.model`."""
-    out = run_dir()
-    resume = None
-    if cfg.resume:
-        resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
-        cfg = resumed_config(cfg, resume["config"])
-    else:
-        ensure_new_run_dir(out)
+    cfg, out, resume = open_run(cfg)
     token = cfg.task.distill_type == "token"
     if token and cfg.model._target_ not in ("vitexp.models.vit", "vitexp.models.vit_distilled"):
         raise VitexpError(f"distill_type=token needs a ViT student, not {cfg.model._target_}; use soft or hard")

@@ -20,12 +20,9 @@ from vitexp.pruning import layout_of, prune
 from vitexp.runtime import (
     autocast_dtype,
     build,
-    ensure_new_run_dir,
     load_weights,
+    open_run,
     resolve_device,
-    resume_run_dir,
-    resumed_config,
-    run_dir,
     seed_everything,
 )
 from vitexp.tasks.train import fit, train_in
@@ -35,12 +32,9 @@ log = logging.getLogger("vitexp")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prune `cfg.ckpt_path` (or a model trained here first) to `cfg.task.ratio`, fine-tune, report."""
-    out = run_dir()
-    if cfg.resume:  # only the fine-tuning can be interrupted; pruning is redone in seconds otherwise
-        resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
-        figures = json.loads((out / "prune.json").read_text())
-        return fit(resumed_config(cfg, resume["config"]), out, resume, extra_results=figures)
-    ensure_new_run_dir(out)
+    cfg, out, resume = open_run(cfg)
+    if resume is not None:  # a resumed prune run continues its fine-tuning; the pruning itself is done
+        return fit(cfg, out, resume, extra_results=json.loads((out / "prune.json").read_text()))
     if not 0 <= cfg.task.ratio < 1:
         raise VitexpError(f"task.ratio={cfg.task.ratio} must be in [0, 1): the fraction of heads and channels removed")
     seed_everything(cfg.seed)

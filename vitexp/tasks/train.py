@@ -23,12 +23,9 @@ from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
     build,
-    ensure_new_run_dir,
     load_weights,
+    open_run,
     resolve_device,
-    resume_run_dir,
-    resumed_config,
-    run_dir,
     seed_everything,
     show_progress,
 )
@@ -38,13 +35,7 @@ log = logging.getLogger("vitexp")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`; returns the figures written to results.json."""
-    out = run_dir()
-    resume = None
-    if cfg.resume:
-        resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
-        cfg = resumed_config(cfg, resume["config"])
-    else:
-        ensure_new_run_dir(out)
+    cfg, out, resume = open_run(cfg)
     return fit(cfg, out, resume)
 
 
