@@ -70,8 +70,9 @@ def accuracy_vs_macs(points: Sequence[tuple[str, dict]], path: Path, title: str)
     macs = [p["macs"] / 1e6 for _, p in points]
     accs = [p["val_acc1"] for _, p in points]
     ax.plot(macs, accs, marker="o")
-    for (label, _), x, y in zip(points, macs, accs):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for i, ((label, _), x, y) in enumerate(zip(points, macs, accs)):
+        # alternate above/below so that a round and its fine-tuned point (same MACs) stay readable
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -12), fontsize=8)
     ax.set(xlabel="MMACs per image", ylabel="val top-1", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
