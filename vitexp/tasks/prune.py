@@ -99,7 +99,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tune = OmegaConf.create(tune)
     OmegaConf.set_struct(tune, True)
     if cfg.task.finetune_epochs == 0:
-        return {"task": "prune", "model": "pruned", **figures, "status": "completed"}
+        results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
+        RunLogger(out, {}).log_results(results)
+        return results
     wrap = loss_fn = None
     if cfg.task.finetune_distill:
         mean, std, size = cfg.data.mean, cfg.data.std, cfg.data.img_size
