@@ -97,6 +97,16 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
     return resumed_config(cfg, resume["config"]), out, resume
 
 
+def derived_config(cfg: DictConfig, changes: dict[str, Any]) -> DictConfig:
+    """A resolved, struct-mode copy of `cfg` with the top-level nodes in `changes` replaced (a sub-run's config)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.update({key: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                  for key, v in changes.items()})  # fmt: skip
+    derived = OmegaConf.create(plain)
+    OmegaConf.set_struct(derived, True)
+    return derived
+
+
 def resumed_config(cfg: DictConfig, saved: dict[str, Any]) -> DictConfig:
     """The interrupted run's own config, with the values named on this command line applied on top.
 

@@ -20,6 +20,7 @@ from vitexp.pruning import layout_of, prune
 from vitexp.runtime import (
     autocast_dtype,
     build,
+    derived_config,
     load_weights,
     open_run,
     resolve_device,
@@ -48,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build_from_arch(trained["arch"])
     load_weights(model, trained["model"], str(source))
     model.to(device)
-    unpruned = copy.deepcopy(model)
+    teacher = copy.deepcopy(model) if cfg.task.finetune_distill else None  # the unpruned model, for KD
 
     splits = build(cfg.data.splits)
     val_loader = make_loader(splits.val, cfg.data.eval_batch_size, cfg.data.num_workers, False, False, False)
@@ -92,20 +93,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     points = [("unpruned", before), *((f"round {i + 1}", r) for i, r in enumerate(rounds))]
     plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {cfg.task.importance}")
 
-    tune = OmegaConf.to_container(cfg, resolve=True)
-    tune["model"] = {"_target_": "vitexp.models.pruned_vit", "name": "pruned", **arch["kwargs"]}
-    tune["trainer"]["max_epochs"] = cfg.task.finetune_epochs
-    tune["ckpt_path"] = str(pruned_path)
-    tune = OmegaConf.create(tune)
-    OmegaConf.set_struct(tune, True)
     if cfg.task.finetune_epochs == 0:
         results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
         RunLogger(out, {}).log_results(results)
         return results
+    tune = derived_config(cfg, {
+        "model": {"_target_": "vitexp.models.pruned_vit", "name": "pruned", **arch["kwargs"]},
+        "trainer": {**OmegaConf.to_container(cfg.trainer, resolve=True), "max_epochs": cfg.task.finetune_epochs},
+        "ckpt_path": str(pruned_path),
+    })  # fmt: skip
     wrap = loss_fn = None
     if cfg.task.finetune_distill:
         mean, std, size = cfg.data.mean, cfg.data.std, cfg.data.img_size
-        wrap = lambda student: Distiller(student, unpruned, mean, std, mean, std, size)  # noqa: E731
+        wrap = lambda student: Distiller(student, teacher, mean, std, mean, std, size)  # noqa: E731
         loss_fn = DistillationLoss(build(cfg.task.loss), "hard", cfg.task.alpha, 1.0)
     results = fit(tune, out, wrap=wrap, loss_fn=loss_fn, extra_results=figures)
     tuned = build_from_arch(arch).to(device)

@@ -23,6 +23,7 @@ from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
     build,
+    derived_config,
     load_weights,
     open_run,
     resolve_device,
@@ -47,13 +48,12 @@ def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> P
     results = folder / "results.json"
     if results.exists() and json.loads(results.read_text())["status"] == "completed":
         return best
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["model"] = OmegaConf.to_container(model, resolve=True)
-    plain["trainer"]["max_epochs"] = epochs
-    plain["task"] = {"name": "train", "loss": plain["task"]["loss"]}
-    plain["ckpt_path"] = None
-    sub_cfg = OmegaConf.create(plain)
-    OmegaConf.set_struct(sub_cfg, True)
+    sub_cfg = derived_config(cfg, {
+        "model": model,
+        "trainer": {**OmegaConf.to_container(cfg.trainer, resolve=True), "max_epochs": epochs},
+        "task": {"name": "train", "loss": OmegaConf.to_container(cfg.task.loss, resolve=True)},
+        "ckpt_path": None,
+    })  # fmt: skip
     last = folder / "checkpoints" / "last.pt"
     log.info(f"training {sub_cfg.model.name} for {epochs} epochs in {folder}")
     fit(sub_cfg, folder, checkpoint.load(last) if last.exists() else None)
