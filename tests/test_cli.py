@@ -176,20 +176,3 @@ def test_truncated_and_wrong_architecture_checkpoints(trained, tmp_path):
     _fails_with_one_line(proc, "truncated or corrupt")
     proc = vitexp(*TINY, "model=patch8", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=False)
     _fails_with_one_line(proc, "does not fit this model")
-
-
-def test_wandb_offline_run_lives_in_the_run_folder(tmp_path):
-    vitexp(*TINY[:-1], "logger=wandb", "logger.mode=offline", "trainer.max_epochs=1", cwd=tmp_path)
-    (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
-    (offline,) = (run / "wandb").glob("offline-run-*")
-    run_id = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["wandb_run_id"]
-    assert run_id and offline.name.endswith(run_id)
-    assert not (tmp_path / "wandb").exists()
-
-
-def test_a_failing_sweep_job_is_recorded_and_the_others_finish(tmp_path):
-    vitexp("--multirun", *TINY, "trainer.max_epochs=1", "data.val_size=5000,360", cwd=tmp_path)
-    (sweep,) = (tmp_path / "multirun_outputs").iterdir()
-    failed = json.loads((sweep / "0" / "results.json").read_text())
-    assert failed["status"] == "failed" and "data.val_size=5000" in failed["error"]
-    assert json.loads((sweep / "1" / "results.json").read_text())["status"] == "completed"

@@ -14,7 +14,7 @@ from vitexp.__main__ import config_dir
 
 CONF = Path(config_dir())
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in
-          ("model", "task", "data", "optim", "trainer", "logger", "experiment", "debug")}  # fmt: skip
+          ("model", "task", "data", "optim", "trainer", "logger", "experiment", "debug", "hparams_search")}  # fmt: skip
 OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 
 
@@ -56,7 +56,16 @@ def test_model_dimensions_follow_data():
     assert (cfg.model.in_chans, cfg.model.num_classes, cfg.model.img_size) == (3, 100, 32)
 
 
-def test_run_dir_names_task_model_and_time():
+def test_run_dir_names_task_model_and_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # resolving a new run's folder claims (creates) it
     cfg = compose_config("model=patch8", hydra=True)
-    assert cfg.hydra.run.dir.startswith("outputs/train/patch8/")
+    assert cfg.hydra.run.dir.startswith("outputs/train/patch8/") and Path(cfg.hydra.run.dir).is_dir()
     assert cfg.hydra.sweep.dir.startswith("multirun_outputs/")
+
+
+def test_optuna_search_space_composes_into_the_sweeper():
+    cfg = compose_config("hparams_search=optuna")
+    hydra_cfg = compose_config("hparams_search=optuna", hydra=True).hydra
+    assert hydra_cfg.mode.name == "MULTIRUN" and hydra_cfg.sweeper.direction == "maximize"
+    assert set(hydra_cfg.sweeper.params) == {"optim.lr", "optim.weight_decay", "model.drop_path_rate"}
+    assert cfg.optim.lr and cfg.model.drop_path_rate is not None  # the searched keys exist

@@ -71,3 +71,17 @@ def test_evaluate_counts_top1_top5_and_confusion():
     assert confusion.sum() == 4 and confusion[2, 0] == 1 and confusion[3, 5] == 1
     expected = nn.functional.cross_entropy(logits, targets)
     assert abs(metrics["loss"] - expected.item()) < 1e-6
+
+
+def test_per_step_logging_reports_interval_means_every_n_steps():
+    x, y = _data(48)
+    model, opt, sched = _setup()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 6 steps
+    logged = []
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0,
+                                           on_log=lambda s, m: logged.append((s, m)), log_every=2)  # fmt: skip
+    assert [s for s, _ in logged] == [2, 4, 6]
+    assert all(m.keys() == {"train_loss", "lr", "grad_norm"} for _, m in logged)
+    # the three interval means of equal-sized intervals average to the epoch means
+    assert abs(sum(m["train_loss"] for _, m in logged) / 3 - metrics["train/loss"]) < 1e-5
+    assert abs(sum(m["grad_norm"] for _, m in logged) / 3 - metrics["grad_norm"]) < 1e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from datetime import datetime
@@ -13,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError
-from vitexp.logging import RunLogger
+from vitexp.logging import RunLogger, finish_wandb
 from vitexp.runtime import resume_run_dir, run_dir
 from vitexp.tasks import distill, evaluate, prune, train
 
@@ -31,7 +32,20 @@ def config_dir() -> str:
 
 
 def _run_dir(resume: str | None, default: str) -> str:
-    return str(resume_run_dir(resume)) if resume else default
+    return str(resume_run_dir(resume)) if resume else _fresh_dir(default)
+
+
+@functools.cache  # Hydra resolves the folder more than once per job; the claim is made once per process
+def _fresh_dir(path: str) -> str:
+    """`path`, created now, or `path_1`, `path_2`, ... when another run took it (two runs in the same second)."""
+    candidate, n = Path(path), 0
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = Path(f"{path}_{n}")
 
 
 def _output_subdir(resume: str | None) -> str:
@@ -41,11 +55,13 @@ def _output_subdir(resume: str | None) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    failed = True
     try:
         results = TASKS[cfg.task.name](cfg)
+        failed = False
     except VitexpError as e:
         log.error(f"error: {e}")
-        RunLogger(run_dir(), {}).log_results({"task": cfg.task.name, "status": "failed", "error": str(e)})
+        RunLogger(run_dir()).log_results({"task": cfg.task.name, "status": "failed", "error": str(e)})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the other jobs of the sweep go on; this one is marked failed in its results.json
         sys.exit(2)
@@ -56,6 +72,8 @@ def _main(cfg: DictConfig) -> float | None:
         )
         log.error(f"interrupted{hint}")
         sys.exit(130)
+    finally:
+        finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next job starts
     return results.get(SWEEP_METRIC[cfg.task.name], results.get("val_acc1"))
 
 
@@ -101,6 +119,7 @@ def register_resolvers() -> None:
     """The resolvers conf/hydra/default.yaml uses to send resumed runs back to their own folder."""
     OmegaConf.register_new_resolver("vitexp_run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("vitexp_output_subdir", _output_subdir, replace=True)
+    OmegaConf.register_new_resolver("vitexp_fresh_dir", _fresh_dir, replace=True)
 
 
 def main() -> None:

@@ -37,17 +37,22 @@ def train_one_epoch(
     limit_batches: int | None = None,
     progress: bool = False,
     desc: str = "train",
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 50,
 ) -> tuple[dict[str, float], int]:
     """Train for one pass over `loader`; returns epoch metrics and the new optimizer-step count.
 
     `scheduler` is a timm scheduler stepped per optimizer step (`step_update`). Sums stay on the device
-    and are read once at the end, so the step never waits for the host.
+    and are read once per `log_every` optimizer steps (for `on_log(step, {train_loss, lr, grad_norm})`, the
+    means over that interval) and once at the end, so the step does not wait for the host.
     """
     model.train()
     batches, n_batches = _limited(loader, limit_batches)
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
     n_seen, n_steps = 0, 0
+    interval = torch.zeros(3, device=device)  # loss * images, images, grad norm since the last on_log
+    interval_steps = 0
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.perf_counter()
     bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
@@ -62,12 +67,18 @@ def train_one_epoch(
         (scaler.scale(loss / micro) if scaler else loss / micro).backward()
         loss_sum += loss.detach() * images.shape[0]
         n_seen += images.shape[0]
+        if on_log is not None:
+            interval[0] += loss.detach() * images.shape[0]
+            interval[1] += images.shape[0]
         if (i + 1) % accumulate and i + 1 < n_batches:
             continue
         if scaler:
             scaler.unscale_(optimizer)
         norm = nn.utils.clip_grad_norm_(params, clip_norm if clip_norm is not None else math.inf)
         norm_sum += norm.detach()
+        if on_log is not None:
+            interval[2] += norm.detach()
+            interval_steps += 1
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -79,6 +90,12 @@ def train_one_epoch(
         scheduler.step_update(step)
         if ema is not None:
             ema.update(model, step=step)
+        if on_log is not None and step % log_every == 0:
+            loss_images, images_seen, norms = interval.tolist()
+            on_log(step, {"train_loss": loss_images / images_seen, "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": norms / interval_steps})  # fmt: skip
+            interval.zero_()
+            interval_steps = 0
         if progress and n_steps % 10 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     if device.type == "cuda":

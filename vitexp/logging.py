@@ -6,6 +6,8 @@ import csv
 import json
 import logging
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +25,94 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-class RunLogger:
-    """Writes one run's metrics to its folder and, when `wandb_mode` is not "disabled", to Weights & Biases."""
+# The job's one W&B run, shared by the main run and its sub-runs (a teacher, a model trained to be pruned);
+# module state like `wandb.run` itself, opened by `start_wandb` and closed by `finish_wandb`.
+_wandb_run = None
 
-    def __init__(
-        self,
-        run_dir: Path,
-        config: dict[str, Any],
-        resume_epoch: int | None = None,
-        wandb_mode: str = "disabled",
-        wandb_project: str = "vitexp",
-        wandb_entity: str | None = None,
-        wandb_group: str | None = None,
-        wandb_tags: list[str] | None = None,
-        wandb_name: str | None = None,
-        wandb_id: str | None = None,
-    ) -> None:
+
+def start_wandb(
+    run_dir: Path,
+    *,
+    mode: str,
+    project: str,
+    entity: str | None,
+    group: str | None,
+    tags: list[str],
+    name: str | None,
+    job_type: str,
+    config: dict[str, Any],
+    run_id: str | None = None,
+    init_timeout: float = 60.0,
+) -> None:
+    """Open the job's W&B run, its files in `run_dir`/wandb; `run_id` continues an earlier run (resume).
+
+    Online mode that cannot reach W&B (no network, no or bad API key) warns once and logs offline instead,
+    so training never stops for the dashboard.
+    """
+    global _wandb_run
+    if mode == "disabled":
+        return
+    import wandb
+
+    finish_wandb(failed=False)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options = dict(project=project, entity=entity, group=group, tags=tags, job_type=job_type, config=config,
+                   dir=str(run_dir), id=run_id or secrets.token_hex(4), resume="allow" if run_id else None,
+                   name=None if run_id else name)  # fmt: skip
+    try:
+        _wandb_run = wandb.init(**options, mode=mode, settings=wandb.Settings(init_timeout=init_timeout))
+    except Exception as e:  # wandb raises CommError, UsageError, TimeoutError, ... depending on what failed
+        if mode != "online":
+            raise
+        wandb.teardown()  # releases the run id held by the failed attempt
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning(
+            f"W&B online is not available ({reason}); training goes on and logs offline to {run_dir / 'wandb'}: "
+            f"upload it later with: wandb sync {run_dir / 'wandb'}/offline-run-*"
+        )
+        _wandb_run = wandb.init(**options, mode="offline")
+
+
+def wandb_run_id() -> str | None:
+    """The job's W&B run id (None without W&B), stored in checkpoints so that resume continues that run."""
+    return _wandb_run.id if _wandb_run is not None else None
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close the job's W&B run, marked failed when the task raised."""
+    global _wandb_run
+    if _wandb_run is not None:
+        _wandb_run.finish(exit_code=1 if failed else 0)
+        _wandb_run = None
+
+
+class RunLogger:
+    """Writes one run's metrics to its folder and to the job's W&B run, if one is open.
+
+    A sub-run (e.g. the teacher trained before distillation) logs to W&B under `prefix` ("teacher/"), with its
+    own epoch and step axes, so the job stays one W&B run.
+    """
+
+    def __init__(self, run_dir: Path, resume_epoch: int | None = None, prefix: str = "") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / "metrics.csv"
-        self.wandb_run = None
+        self.prefix = prefix
+        self.wandb_run = _wandb_run
         if resume_epoch is not None:
             self._truncate_csv(resume_epoch)
-        if wandb_mode != "disabled":
-            import wandb
-
-            self.wandb_run = wandb.init(
-                project=wandb_project, entity=wandb_entity, group=wandb_group, tags=wandb_tags, name=wandb_name,
-                config=config, dir=str(self.run_dir), mode=wandb_mode, id=wandb_id, resume="allow" if wandb_id else None,
-            )  # fmt: skip
+        if self.wandb_run is not None:
+            self.wandb_run.define_metric(f"{prefix}epoch")
+            self.wandb_run.define_metric(f"{prefix}step")
+            for key in EPOCH_FIELDS[1:]:
+                self.wandb_run.define_metric(f"{prefix}{key}", step_metric=f"{prefix}epoch")
+            self.wandb_run.define_metric(f"{prefix}step/*", step_metric=f"{prefix}step")
 
     @property
-    def wandb_id(self) -> str | None:
-        """The W&B run id, stored in checkpoints so that a resumed run continues the same W&B run."""
-        return self.wandb_run.id if self.wandb_run is not None else None
+    def tracks_steps(self) -> bool:
+        """Whether per-step metrics have somewhere to go (W&B); the run folder keeps one row per epoch."""
+        return self.wandb_run is not None
 
     def _truncate_csv(self, last_epoch: int) -> None:
         # Rows past the checkpoint's epoch were written by the interrupted run and will be written again.
@@ -74,6 +130,12 @@ class RunLogger:
                 writer.writeheader()
             writer.writerows(rows)
 
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Per-step figures (train loss, lr, grad norm over the last log interval), W&B only."""
+        if self.wandb_run is not None:
+            p = self.prefix
+            self.wandb_run.log({f"{p}step/{k}": v for k, v in metrics.items()} | {f"{p}step": step})
+
     def log_epoch(self, metrics: dict[str, Any], max_epochs: int) -> None:
         """One line in the log and on the console, one row in metrics.csv, one W&B step."""
         parts = [f"epoch {metrics['epoch']}/{max_epochs}"]
@@ -81,7 +143,7 @@ class RunLogger:
         log.info(" | ".join(parts))
         self._write_csv([metrics], "a")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if k != "epoch"} | {"epoch": metrics["epoch"]})
+            self.wandb_run.log({f"{self.prefix}{k}": v for k, v in metrics.items()})
 
     def log_results(self, results: dict[str, Any]) -> None:
         """results.json in the run folder (one flat object) and the W&B run summary."""
@@ -90,13 +152,26 @@ class RunLogger:
         tmp.write_text(json.dumps(clean, indent=2) + "\n")
         tmp.replace(self.run_dir / "results.json")
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(clean)
+            self.wandb_run.summary.update({f"{self.prefix}{k}": v for k, v in clean.items()})
 
-    def finish(self, failed: bool = False) -> None:
-        """Close the W&B run, marking it failed when the task raised."""
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=1 if failed else 0)
-            self.wandb_run = None
+    def log_checkpoint(self, path: Path, aliases: list[str], metadata: dict[str, Any]) -> None:
+        """`path` as a W&B model artifact of this run (uploaded now online, with `wandb sync` offline)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.wandb_run.id}", type="model", metadata=metadata)
+        # W&B stages a copy until it is uploaded (offline: until `wandb sync`); keep it in the run folder
+        previous = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(self.run_dir / "wandb")
+        try:
+            artifact.add_file(str(path))
+        finally:
+            if previous is None:
+                del os.environ["WANDB_DATA_DIR"]
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous
+        self.wandb_run.log_artifact(artifact, aliases=aliases)
 
 
 def read_metrics(csv_path: Path) -> list[dict[str, float]]:

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from vitexp import VitexpError
+from vitexp.logging import start_wandb
 
 # Groups that define what a run is; a resumed run keeps its own.
 FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
@@ -92,9 +94,39 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
     out = run_dir()
     if not cfg.resume:
         ensure_new_run_dir(out)
+        start_tracking(cfg, out)
         return cfg, out, None
     resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
-    return resumed_config(cfg, resume["config"]), out, resume
+    cfg = resumed_config(cfg, resume["config"])
+    start_tracking(cfg, out, resume["wandb_run_id"])
+    return cfg, out, resume
+
+
+def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> None:
+    """Open the job's W&B run (when `logger.mode` is not disabled): named from the task, model and command-line
+    overrides, grouped by sweep, with the resolved config; `run_id` continues a resumed run's W&B run."""
+    hydra_cfg = HydraConfig.get()
+    sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    start_wandb(
+        out,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or (f"sweep-{sweep}" if sweep else None),
+        tags=list(cfg.logger.tags),
+        name=cfg.logger.name or run_name(cfg.task.name, cfg.model.name, list(hydra_cfg.overrides.task)),
+        job_type=cfg.task.name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        run_id=run_id,
+        init_timeout=cfg.logger.init_timeout,
+    )
+
+
+def run_name(task: str, model: str, overrides: list[str]) -> str:
+    """A readable run name: task, model and what the command line changed (`train-baseline-optim.lr=0.001`)."""
+    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("task", "model", "resume", "logger")
+             and not o.lstrip("+~").startswith(("hydra.", "logger."))]  # fmt: skip
+    return "-".join([task, model, *shown])[:128]
 
 
 def derived_config(cfg: DictConfig, changes: dict[str, Any]) -> DictConfig:

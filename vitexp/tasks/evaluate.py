@@ -12,7 +12,16 @@ from vitexp import VitexpError, checkpoint, engine, plots
 from vitexp.data import make_loader
 from vitexp.logging import RunLogger
 from vitexp.models import build_from_arch, count_macs, count_params, inference_img_per_s, input_shape
-from vitexp.runtime import autocast_dtype, build, load_weights, resolve_device, run_dir, seed_everything, show_progress
+from vitexp.runtime import (
+    autocast_dtype,
+    build,
+    load_weights,
+    resolve_device,
+    run_dir,
+    seed_everything,
+    show_progress,
+    start_tracking,
+)
 
 log = logging.getLogger("vitexp")
 
@@ -24,6 +33,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise VitexpError("task=evaluate needs a checkpoint: pass ckpt_path=<run>/checkpoints/best.pt")
     ckpt = checkpoint.load(cfg.ckpt_path)
+    start_tracking(cfg, out)
     model = build_from_arch(ckpt["arch"])
     load_weights(model, ckpt["model"], cfg.ckpt_path)
     chans, size, _ = input_shape(model)
@@ -74,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "status": "completed",
     }
-    RunLogger(out, {}).log_results(results)
+    RunLogger(out).log_results(results)
     worst = sorted(zip(per_class, splits.classes))[:3]
     log.info(
         f"{name} epoch {ckpt['epoch']} on {cfg.data.name} {split} ({results['images']} images): "

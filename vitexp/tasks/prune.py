@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.task.finetune_epochs == 0:
         results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
-        RunLogger(out, {}).log_results(results)
+        RunLogger(out).log_results(results)
         return results
     tune = derived_config(cfg, {
         "model": {"_target_": "vitexp.models.pruned_vit", "name": "pruned", **arch["kwargs"]},
@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results |= {f"after_{k}": v for k, v in after.items() if k != "layout"}
     plots.accuracy_vs_macs([*points, ("fine-tuned", after)], out / "plots" / "accuracy_vs_macs.png",
                            f"prune {cfg.task.importance}")  # fmt: skip
-    RunLogger(out, {}).log_results(results)
+    RunLogger(out).log_results(results)
     return results
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, engine, plots
 from vitexp.data import make_loader, set_epoch
-from vitexp.logging import RunLogger, read_metrics
+from vitexp.logging import RunLogger, read_metrics, wandb_run_id
 from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
@@ -56,7 +56,7 @@ def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> P
     })  # fmt: skip
     last = folder / "checkpoints" / "last.pt"
     log.info(f"training {sub_cfg.model.name} for {epochs} epochs in {folder}")
-    fit(sub_cfg, folder, checkpoint.load(last) if last.exists() else None)
+    fit(sub_cfg, folder, checkpoint.load(last) if last.exists() else None, prefix=f"{folder.name}/")
     return best
 
 
@@ -69,12 +69,14 @@ def fit(
     loss_fn: Callable | None = None,
     views: Callable[[nn.Module], dict[str, nn.Module]] | None = None,
     extra_results: dict[str, Any] | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """The training recipe, writing into `out`; `resume` is a loaded last.pt to continue from.
 
     Distillation reuses it: `wrap` turns the model into what the training step calls (e.g. student plus
     frozen teacher), `loss_fn` replaces `cfg.task.loss`, `views(model)` names extra modules whose val
-    accuracy is logged each epoch under that name, and `extra_results` go into results.json.
+    accuracy is logged each epoch under that name, and `extra_results` go into results.json. A sub-run
+    (a teacher, a model trained to be pruned) logs to the job's W&B run under `prefix`.
     """
     started = time.perf_counter()
     if resume is not None:
@@ -133,101 +135,88 @@ def fit(
         checkpoint.set_rng_state(resume["rng"])
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(
-        out,
-        config,
-        resume_epoch=resume["epoch"] if resume else None,
-        wandb_mode=cfg.logger.mode,
-        wandb_project=cfg.logger.project,
-        wandb_entity=cfg.logger.entity,
-        wandb_group=cfg.logger.group,
-        wandb_tags=list(cfg.logger.tags),
-        wandb_name=out.name,
-        wandb_id=resume.get("wandb_run_id") if resume else None,
-    )
+    logger = RunLogger(out, resume_epoch=resume["epoch"] if resume else None, prefix=prefix)
     n_params, macs = count_params(model), count_macs(model)
     log.info(
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs/img | {cfg.data.name}: "
         f"{len(splits.train)} train, {len(splits.val)} val | {device}, precision {cfg.trainer.precision} | {out}"
     )
-    failed = True
-    try:
-        for epoch in range(start_epoch, cfg.trainer.max_epochs + 1):
-            epoch_start = time.perf_counter()
-            set_epoch(train_loader, cfg.seed, epoch)
-            train_metrics, step = engine.train_one_epoch(
-                train_model, train_loader, loss_fn, optimizer, scheduler, device, step,
-                autocast_dtype=amp, scaler=scaler, accumulate=cfg.trainer.accumulate_grad_batches,
-                clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
-                limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
+    for epoch in range(start_epoch, cfg.trainer.max_epochs + 1):
+        epoch_start = time.perf_counter()
+        set_epoch(train_loader, cfg.seed, epoch)
+        train_metrics, step = engine.train_one_epoch(
+            train_model, train_loader, loss_fn, optimizer, scheduler, device, step,
+            autocast_dtype=amp, scaler=scaler, accumulate=cfg.trainer.accumulate_grad_batches,
+            clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
+            limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
+            on_log=logger.log_step if logger.tracks_steps else None, log_every=cfg.logger.log_every_n_steps,
+        )  # fmt: skip
+        val, _ = engine.evaluate(
+            eval_model, val_loader, device, cfg.data.num_classes,
+            autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress,
+        )  # fmt: skip
+        metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
+                   "val/acc5": val["acc5"]}  # fmt: skip
+        extra = {"val_ema/acc1": ema.module} if ema is not None else {}
+        for name, view in {**extra, **(views(model) if views else {})}.items():
+            view_val, _ = engine.evaluate(
+                view, val_loader, device, cfg.data.num_classes,
+                autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
             )  # fmt: skip
-            val, _ = engine.evaluate(
-                eval_model, val_loader, device, cfg.data.num_classes,
-                autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress,
-            )  # fmt: skip
-            metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
-                       "val/acc5": val["acc5"]}  # fmt: skip
-            extra = {"val_ema/acc1": ema.module} if ema is not None else {}
-            for name, view in {**extra, **(views(model) if views else {})}.items():
-                view_val, _ = engine.evaluate(
-                    view, val_loader, device, cfg.data.num_classes,
-                    autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
-                )  # fmt: skip
-                metrics[name] = view_val["acc1"]
-            metrics["time/epoch_s"] = time.perf_counter() - epoch_start
-            logger.log_epoch(metrics, cfg.trainer.max_epochs)
+            metrics[name] = view_val["acc1"]
+        metrics["time/epoch_s"] = time.perf_counter() - epoch_start
+        logger.log_epoch(metrics, cfg.trainer.max_epochs)
 
-            is_best = val["acc1"] > best_acc
-            best_acc = max(best_acc, val["acc1"])
-            state = {
-                "model": model.state_dict(),
-                "arch": arch_of(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch,
-                "step": step,
-                "rng": checkpoint.rng_state(),
-                "config": config,
-                "metrics": {**metrics, "best_val_acc1": best_acc},
-                "wandb_run_id": logger.wandb_id,
-                "version": __version__,
-            }
-            ckpt_dir = out / "checkpoints"
-            if is_best:
-                checkpoint.save(state, ckpt_dir / "best.pt")
-            if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
-                checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
-            checkpoint.save(state, ckpt_dir / "last.pt")
-
-        rows = read_metrics(out / "metrics.csv")
-        plots.learning_curves(
-            rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}"
-        )
-        results = {
-            "task": cfg.task.name,
-            "model": cfg.model.name,
-            "data": cfg.data.name,
-            "epochs": rows[-1]["epoch"] if rows else 0,
-            "best_val_acc1": best_acc,
-            "val_acc1": rows[-1]["val/acc1"] if rows else None,
-            "val_acc5": rows[-1]["val/acc5"] if rows else None,
-            "params": n_params,
-            "macs": macs,
-            "infer_img_per_s": inference_img_per_s(model, cfg.data.eval_batch_size, amp),
-            "train_img_per_s": rows[-1]["throughput/img_s"] if rows else None,
-            "device": str(device),
-            "wall_s": time.perf_counter() - started,
-            **(extra_results or {}),
-            "status": "completed",
+        is_best = val["acc1"] > best_acc
+        best_acc = max(best_acc, val["acc1"])
+        state = {
+            "model": model.state_dict(),
+            "arch": arch_of(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch,
+            "step": step,
+            "rng": checkpoint.rng_state(),
+            "config": config,
+            "metrics": {**metrics, "best_val_acc1": best_acc},
+            "wandb_run_id": wandb_run_id(),
+            "version": __version__,
         }
-        logger.log_results(results)
-        log.info(
-            f"done: best val/acc1 {best_acc:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
-            f"{results['wall_s']:.0f} s | checkpoints in {out / 'checkpoints'}"
-        )
-        failed = False
-        return results
-    finally:
-        logger.finish(failed=failed)
+        ckpt_dir = out / "checkpoints"
+        if is_best:
+            checkpoint.save(state, ckpt_dir / "best.pt")
+        if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
+            checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
+        checkpoint.save(state, ckpt_dir / "last.pt")
+
+    rows = read_metrics(out / "metrics.csv")
+    plots.learning_curves(rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}")
+    results = {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "epochs": rows[-1]["epoch"] if rows else 0,
+        "best_val_acc1": best_acc,
+        "val_acc1": rows[-1]["val/acc1"] if rows else None,
+        "val_acc5": rows[-1]["val/acc5"] if rows else None,
+        "params": n_params,
+        "macs": macs,
+        "infer_img_per_s": inference_img_per_s(model, cfg.data.eval_batch_size, amp),
+        "train_img_per_s": rows[-1]["throughput/img_s"] if rows else None,
+        "device": str(device),
+        "wall_s": time.perf_counter() - started,
+        **(extra_results or {}),
+        "status": "completed",
+    }
+    logger.log_results(results)
+    if cfg.logger.log_checkpoints and not prefix:
+        best = checkpoint.load(out / "checkpoints" / "best.pt")
+        logger.log_checkpoint(out / "checkpoints" / "best.pt", ["best", f"epoch-{best['epoch']}"],
+                              {"epoch": best["epoch"], "val_acc1": best_acc, "arch": best["arch"]})  # fmt: skip
+    log.info(
+        f"done: best val/acc1 {best_acc:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
+        f"{results['wall_s']:.0f} s | checkpoints in {out / 'checkpoints'}"
+    )
+    return results
