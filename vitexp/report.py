@@ -93,6 +93,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['run']}: {row['task']} {row['overrides'] or row['model']}"
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """val accuracy vs epoch for every run, and accuracy vs MACs with the Pareto front."""
     import matplotlib
@@ -104,7 +108,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         if r["curve"]:
-            ax.plot(*zip(*r["curve"]), marker=".", label=f"{r['run']} {r['task']} {r['model']} {r['overrides']}"[:70])
+            ax.plot(*zip(*r["curve"]), marker=".", label=_label(r)[:70])
     ax.set(xlabel="epoch", ylabel="val top-1", title="validation accuracy", ylim=(0, 1))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -116,14 +120,16 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     scored = [r for r in rows if r["macs"] and r["best_val_acc1"] is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in scored:
+    for i, r in enumerate(sorted(scored, key=lambda r: (r["macs"], r["best_val_acc1"]))):
         ax.scatter(r["macs"] / 1e6, r["best_val_acc1"], s=30)
-        ax.annotate(f"{r['run']} {r['model']}", (r["macs"] / 1e6, r["best_val_acc1"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))  # fmt: skip
+        # alternate above/below so that runs at the same MACs stay readable
+        ax.annotate(f"{r['run']}: {r['model']}", (r["macs"] / 1e6, r["best_val_acc1"]), fontsize=7,
+                    textcoords="offset points", xytext=(6, 4 if i % 2 else -10))  # fmt: skip
     front = pareto_front([(r["macs"] / 1e6, r["best_val_acc1"]) for r in scored])
     if front:
-        ax.step(*zip(*front), where="post", color="black", alpha=0.6, label="Pareto front")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.step(*zip(*front), where="post", color="black", alpha=0.5, marker="o", markersize=11,
+                markerfacecolor="none", label="Pareto front")  # fmt: skip
+        ax.legend(fontsize=8, loc="best")
     ax.set(xlabel="MMACs per image", ylabel="best val top-1", title="accuracy vs compute")
     ax.grid(alpha=0.3)
     fig.tight_layout()
