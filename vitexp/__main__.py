@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp import VitexpError
 from vitexp.logging import RunLogger, finish_wandb
 from vitexp.runtime import resume_run_dir, run_dir
-from vitexp.tasks import distill, evaluate, prune, train
+from vitexp.tasks import benchmark, distill, evaluate, prune, train
 
 log = logging.getLogger("vitexp")
 
-TASKS = {"train": train.run, "distill": distill.run, "prune": prune.run, "evaluate": evaluate.run}
-SWEEP_METRIC = {"train": "best_val_acc1", "distill": "best_val_acc1", "prune": "best_val_acc1", "evaluate": "test_acc1"}
+TASKS = {"train": train.run, "distill": distill.run, "prune": prune.run, "evaluate": evaluate.run,
+         "benchmark": benchmark.run}  # fmt: skip
+SWEEP_METRIC = {"train": "best_val_acc1", "distill": "best_val_acc1", "prune": "best_val_acc1", "evaluate": "test_acc1",
+                "benchmark": "img_per_s"}  # fmt: skip
 
 
 def config_dir() -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
@@ -198,7 +200,86 @@ def make_loader(
     )
 
 
-def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+class DeviceLoader:
+    """A whole split held on the device as uint8 and shuffled, cropped, flipped and normalised there, a batch
+    at a time, so that no loader process has to keep up with the step (`data.on_device=true`).
+
+    Behaves like a `make_loader` loader: `len()`, iteration over (images, labels), and a `generator` that
+    `set_epoch` seeds, from which both the shuffle order and the augmentation draws follow. Crops and flips
+    have the distribution of torchvision's RandomCrop(padding, fill 0) and RandomHorizontalFlip, and the
+    normalisation is ToTensor's and Normalize's, in the same order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 0,
+        hflip: float = 0.0,
+    ) -> None:
+        self.images, self.labels = images, labels  # uint8 [N, C, H, W] and int64 [N], on the device
+        self.batch_size, self.train, self.crop_padding, self.hflip = batch_size, train, crop_padding, hflip
+        device = images.device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.generator = torch.Generator()
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.images), self.images.device
+        if self.train:
+            # The generator is consumed as a DataLoader's is (its workers' base seed, then the sampler's
+            # permutation), so that both loaders visit the images in the same order for the same seed.
+            draws = torch.Generator(device=device)
+            draws.manual_seed(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            order = torch.randperm(n, generator=self.generator).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.augment(self.images[idx], draws) if self.train else self.images[idx]
+            yield images.float().div_(255).sub_(self.mean).div_(self.std), self.labels[idx]
+
+    def augment(self, images: torch.Tensor, draws: torch.Generator) -> torch.Tensor:
+        """Random shift (crop of the zero-padded image) and horizontal flip, drawn per image."""
+        b, c, h, w = images.shape
+        device = images.device
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = nn.functional.pad(images, (p, p, p, p))
+            top = torch.randint(0, 2 * p + 1, (b,), generator=draws, device=device)
+            left = torch.randint(0, 2 * p + 1, (b,), generator=draws, device=device)
+            rows = (top[:, None] + torch.arange(h, device=device))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(w, device=device))[:, None, None, :]
+            images = padded[torch.arange(b, device=device)[:, None, None, None],
+                            torch.arange(c, device=device)[None, :, None, None], rows, cols]  # fmt: skip
+        if self.hflip:
+            flip = torch.rand(b, generator=draws, device=device) < self.hflip
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        return images
+
+
+def to_device(
+    dataset: TransformSubset, img_size: int, device: torch.device, num_workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images, resized to `img_size` as the transforms do, as one uint8 tensor (and its labels) on
+    `device`; decoded once, by `num_workers` processes."""
+    raw = TransformSubset(dataset.base, dataset.indices,
+                          transforms.Compose([transforms.Resize(img_size), transforms.PILToTensor()]))  # fmt: skip
+    # its own generator: reading the data must not move the global RNG that initialises the model next
+    loader = DataLoader(raw, batch_size=1024, num_workers=num_workers, generator=torch.Generator())
+    images, labels = zip(*loader)
+    return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
+def set_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int) -> None:
     """Make the shuffle order and the workers' augmentation seeds a function of (seed, epoch) alone.
 
     This is what lets a resumed run see exactly the batches an uninterrupted one would have seen.

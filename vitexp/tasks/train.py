@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +17,20 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, engine, plots
-from vitexp.data import make_loader, set_epoch
+from vitexp.data import DeviceLoader, Splits, make_loader, set_epoch, to_device
 from vitexp.logging import RunLogger, read_metrics, wandb_run_id
 from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
     build,
     derived_config,
+    fused_option,
     load_weights,
     open_run,
     resolve_device,
     seed_everything,
     show_progress,
+    use_compile,
 )
 
 log = logging.getLogger("vitexp")
@@ -60,6 +62,48 @@ def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> P
     return best
 
 
+def loaders(data: DictConfig, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
+    """Train and val loaders: worker processes over the transforms, or with `data.on_device` the splits held
+    on the device as uint8 and augmented there (crop and flip; mixup/cutmix run on the device either way)."""
+    if len(splits.train) < data.batch_size:
+        raise VitexpError(
+            f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size"
+        )
+    if not data.on_device:
+        pin = device.type == "cuda"
+        return (make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin),
+                make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin))  # fmt: skip
+    augment = data.splits.train_transform
+    for key in ("rotate", "randaugment", "random_erasing"):
+        if augment[key]:
+            raise VitexpError(f"data.on_device=true augments with crop and flip only; set data.splits.train_transform.{key}=0 "
+                              f"(or null), or data.on_device=false")  # fmt: skip
+    train = DeviceLoader(*to_device(splits.train, data.img_size, device, data.num_workers), data.batch_size, True,
+                         data.mean, data.std, augment.crop_padding, augment.hflip)  # fmt: skip
+    val = DeviceLoader(*to_device(splits.val, data.img_size, device, data.num_workers), data.eval_batch_size, False,
+                       data.mean, data.std)  # fmt: skip
+    return train, val
+
+
+def training_objects(
+    cfg: DictConfig, model: nn.Module, batches_per_epoch: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler | None, ModelEmaV3 | None, Any]:
+    """The optimizer (no weight decay on norms, biases and tokens), its per-step schedule, the GradScaler
+    (fp16), the weight EMA and mixup/cutmix that `cfg` asks for: what `engine.train_one_epoch` takes."""
+    params = param_groups_weight_decay(model, cfg.optim.weight_decay, getattr(model, "no_weight_decay", set)())
+    optimizer = build(cfg.optim.optimizer)(params, **fused_option(cfg.optim.fused, device))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.trainer.accumulate_grad_batches)
+    scheduler = build(cfg.optim.scheduler)(
+        optimizer,
+        t_initial=cfg.trainer.max_epochs * steps_per_epoch,
+        warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
+    )
+    scaler = torch.amp.GradScaler(device.type) if str(cfg.trainer.precision) == "16" else None
+    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    mixup = build(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
+    return optimizer, scheduler, scaler, ema, mixup
+
+
 def fit(
     cfg: DictConfig,
     out: Path,
@@ -89,36 +133,19 @@ def fit(
     splits = build(cfg.data.splits)
     if len(splits.classes) != cfg.data.num_classes:
         raise VitexpError(f"data has {len(splits.classes)} classes but data.num_classes={cfg.data.num_classes}; set it")
-    pin = device.type == "cuda"
-    data = cfg.data
-    train_loader = make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin)
-    val_loader = make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin)
-    if len(train_loader) == 0:
-        raise VitexpError(
-            f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size"
-        )
+    train_loader, val_loader = loaders(cfg.data, splits, device)
 
     model = build(cfg.model).to(device)
     if cfg.ckpt_path and resume is None:
         load_weights(model, checkpoint.load(cfg.ckpt_path)["model"], cfg.ckpt_path)
-    params = param_groups_weight_decay(
-        model, cfg.optim.weight_decay, getattr(model, "no_weight_decay", set)()
-    )  # timm ViTs list pos/cls tokens
-    optimizer = build(cfg.optim.optimizer)(params)
     batches = min(len(train_loader), cfg.trainer.limit_train_batches or len(train_loader))
-    steps_per_epoch = math.ceil(batches / cfg.trainer.accumulate_grad_batches)
-    scheduler = build(cfg.optim.scheduler)(
-        optimizer,
-        t_initial=cfg.trainer.max_epochs * steps_per_epoch,
-        warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
-    )
-    scaler = torch.amp.GradScaler(device.type) if str(cfg.trainer.precision) == "16" else None
-    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
-    mixup = build(cfg.data.mixup) if cfg.data.mixup.prob > 0 else None
+    optimizer, scheduler, scaler, ema, mixup = training_objects(cfg, model, batches, device)
     loss_fn = loss_fn or build(cfg.task.loss)
     train_model = wrap(model) if wrap else model
     train_model, eval_model = (
-        (torch.compile(train_model), torch.compile(model)) if cfg.trainer.compile else (train_model, model)
+        (torch.compile(train_model, mode=cfg.trainer.compile_mode), torch.compile(model, mode=cfg.trainer.compile_mode))
+        if use_compile(cfg.trainer.compile, device)
+        else (train_model, model)
     )
 
     start_epoch, step, best_acc = 1, 0, -1.0
@@ -164,6 +191,7 @@ def fit(
                 autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
             )  # fmt: skip
             metrics[name] = view_val["acc1"]
+        # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
         metrics["time/epoch_s"] = time.perf_counter() - epoch_start
         logger.log_epoch(metrics, cfg.trainer.max_epochs)
 

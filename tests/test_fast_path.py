@@ -1,0 +1,119 @@
+"""The fast path: device-resident data (same batches, same augmentation distribution as the CPU loader), fused
+optimizers changing no results, and `task=benchmark` as users call it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from tests.conftest import TINY, vitexp
+from vitexp.data import DeviceLoader, TransformSubset, eval_transform, make_loader, set_epoch, to_device
+
+SIZE, PAD = 8, 2
+
+
+class Gradient(Dataset):
+    """Grey 8x8 images whose pixel (r, c) is 1 + 8r + c (never 0, the padding value), so that a crop's offset
+    and a flip can be read back from the output."""
+
+    def __init__(self, n: int) -> None:
+        self.image = Image.fromarray((1 + np.arange(SIZE * SIZE)).reshape(SIZE, SIZE).astype(np.uint8), mode="L")
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.image, i % 3
+
+
+def _offset_and_flip(out: torch.Tensor) -> tuple[int, int, bool]:
+    """(top, left, flipped) of a crop of the zero-padded gradient image."""
+    img = out[0].to(torch.int64)
+    nonzero = img.nonzero()
+    r, c = nonzero[0].tolist()
+    row_values = img[r][img[r] > 0]
+    flipped = len(row_values) > 1 and bool(row_values[0] > row_values[1])
+    if flipped:
+        img = img.flip(1)
+        r, c = img.nonzero()[0].tolist()
+    value = int(img[r, c]) - 1
+    return value // SIZE + PAD - r, value % SIZE + PAD - c, flipped
+
+
+def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip():
+    n = 20_000
+    cpu = transforms.Compose([transforms.RandomCrop(SIZE, padding=PAD), transforms.RandomHorizontalFlip(0.5),
+                              transforms.PILToTensor()])  # fmt: skip
+    torch.manual_seed(0)
+    reference = Counter(_offset_and_flip(cpu(Gradient(1).image)) for _ in range(n))
+    images, labels = to_device(TransformSubset(Gradient(n), range(n), None), SIZE, torch.device("cpu"), 0)
+    loader = DeviceLoader(images, labels, 1000, True, [0.0], [1 / 255], crop_padding=PAD, hflip=0.5)
+    set_epoch(loader, 0, 1)
+    device = Counter(_offset_and_flip(x.round().to(torch.uint8)) for batch, _ in loader for x in batch)
+    cells = [(t, left, f) for t in range(2 * PAD + 1) for left in range(2 * PAD + 1) for f in (False, True)]
+    assert set(reference) == set(device) == set(cells)  # every offset and flip occurs, nothing else
+    expected = n / len(cells)  # 400: both are uniform over the 50 cells
+    for cell in cells:  # binomial sd ~ 20: 5 sd
+        assert abs(reference[cell] - expected) < 100 and abs(device[cell] - expected) < 100, cell
+
+
+def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
+    n = 100
+    data = TransformSubset(Gradient(n), range(n), eval_transform(SIZE, [0.5], [0.25]))
+    cpu = make_loader(data, 16, 0, False, True, False)
+    device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, True, [0.5], [0.25])
+    for epoch in (1, 2):
+        set_epoch(cpu, 7, epoch)
+        set_epoch(device, 7, epoch)
+        pairs = list(zip(cpu, device, strict=True))
+        assert len(pairs) == len(cpu) == len(device) == 6
+        for (x_cpu, y_cpu), (x_dev, y_dev) in pairs:
+            assert torch.equal(x_cpu, x_dev) and torch.equal(y_cpu, y_dev)
+
+
+def _losses(tmp_path, *args):
+    vitexp(*TINY, "trainer.precision=32", "trainer.max_epochs=3", "trainer.limit_train_batches=10",
+           "data.splits.train_transform.crop_padding=0", "data.splits.train_transform.rotate=0", *args, cwd=tmp_path)  # fmt: skip
+    (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
+    with (run / "metrics.csv").open() as f:
+        return [(float(r["train/loss"]), float(r["val/loss"])) for r in csv.DictReader(f)]
+
+
+def test_fast_and_plain_paths_give_the_same_losses(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "fast").mkdir()
+    plain = _losses(tmp_path / "plain", "data.on_device=false", "optim.fused=false")
+    fast = _losses(tmp_path / "fast", "data.on_device=true", "optim.fused=true")
+    # Same batches in the same order; the fused AdamW kernel rounds differently in the last bits only.
+    assert np.allclose(plain, fast, rtol=1e-4, atol=0), (plain, fast)
+
+
+def test_on_device_data_refuses_augmentations_it_cannot_run(tmp_path):
+    proc = vitexp(*TINY, "data.on_device=true", cwd=tmp_path, check=False)  # digits rotate by default
+    assert proc.returncode == 2
+    assert "data.splits.train_transform.rotate=0" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("mode", ["synthetic", "real"])
+def test_benchmark_prints_one_json_line_with_the_figures(mode, tmp_path):
+    args = ["task=benchmark", f"task.mode={mode}", "task.warmup_steps=1", "task.steps=2", "task.repeats=1"]
+    if mode == "real":
+        args += ["data.on_device=true", "data.splits.train_transform.rotate=0"]
+    proc = vitexp(*TINY, *args, cwd=tmp_path)
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"img_per_s", "step_ms", "mfu", "peak_mem_mb", "params", "macs", "device", "batch_size",
+            "anchor_img_per_s", "ratio", "infer_img_per_s"} <= figures.keys()  # fmt: skip
+    assert figures["img_per_s"] > 0 and 0 < figures["mfu"] < 1.5 and figures["batch_size"] == 16
+    assert figures["ratio"] == pytest.approx(figures["img_per_s"] / figures["anchor_img_per_s"], rel=1e-2)
+    assert abs(figures["step_ms"] - 1000 * 16 / figures["img_per_s"]) < 0.01
+    (run,) = (tmp_path / "outputs" / "benchmark" / "baseline").iterdir()
+    assert json.loads((run / "results.json").read_text())["img_per_s"] == figures["img_per_s"]
