@@ -19,8 +19,8 @@ OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 
 
 def test_every_group_has_options():
-    assert GROUPS["model"] == ["baseline", "patch8", "pruned"]
-    assert GROUPS["task"] == ["distill", "evaluate", "prune", "train"]
+    assert GROUPS["model"] == ["baseline", "patch8", "pruned", "vit_tiny"]
+    assert GROUPS["task"] == ["benchmark", "distill", "evaluate", "prune", "train"]
     assert {"digits", "cifar10", "cifar100", "imagefolder"} <= set(GROUPS["data"])
     assert all(GROUPS.values())
 

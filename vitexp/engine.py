@@ -74,7 +74,11 @@ def train_one_epoch(
             continue
         if scaler:
             scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(params, clip_norm if clip_norm is not None else math.inf)
+        norm = (
+            nn.utils.clip_grad_norm_(params, clip_norm)
+            if clip_norm is not None
+            else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
+        )
         norm_sum += norm.detach()
         if on_log is not None:
             interval[2] += norm.detach()
