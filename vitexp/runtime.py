@@ -69,6 +69,11 @@ def autocast_dtype(precision: str | int, device: torch.device) -> torch.dtype | 
     return dtypes[key]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How an autocast dtype reads in logs and results: fp32, bf16, fp16."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast roughly doubles the

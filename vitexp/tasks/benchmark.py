@@ -23,6 +23,7 @@ from vitexp.runtime import (
     autocast_dtype,
     build,
     fused_option,
+    precision_name,
     resolve_device,
     run_dir,
     seed_everything,
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": batch,
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": precision_name(amp),
         "compile": compiled,
         "fused": bool(fused_option(cfg.optim.fused, device)),
         "torch": torch.__version__,

@@ -27,6 +27,7 @@ from vitexp.runtime import (
     fused_option,
     load_weights,
     open_run,
+    precision_name,
     resolve_device,
     seed_everything,
     show_progress,
@@ -166,7 +167,8 @@ def fit(
     n_params, macs = count_params(model), count_macs(model)
     log.info(
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs/img | {cfg.data.name}: "
-        f"{len(splits.train)} train, {len(splits.val)} val | {device}, precision {cfg.trainer.precision} | {out}"
+        f"{len(splits.train)} train, {len(splits.val)} val | {device}, {precision_name(amp)}"
+        f"{', compiled' if use_compile(cfg.trainer.compile, device) else ''}{', data on device' if cfg.data.on_device else ''} | {out}"
     )
     for epoch in range(start_epoch, cfg.trainer.max_epochs + 1):
         epoch_start = time.perf_counter()
@@ -234,6 +236,7 @@ def fit(
         "infer_img_per_s": inference_img_per_s(model, cfg.data.eval_batch_size, amp),
         "train_img_per_s": rows[-1]["throughput/img_s"] if rows else None,
         "device": str(device),
+        "precision": precision_name(amp),
         "wall_s": time.perf_counter() - started,
         **(extra_results or {}),
         "status": "completed",
