@@ -16,9 +16,8 @@ import torch
 import yaml
 
 from tests.conftest import TINY, vitexp
-from vitexp.__main__ import _fresh_dir
 from vitexp.report import pareto_front
-from vitexp.runtime import run_name
+from vitexp.runtime import fresh_dir, run_name
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "logger.log_every_n_steps=1"]
 TINY_WANDB = [*TINY[:-1], *OFFLINE]
@@ -131,7 +130,7 @@ def test_run_name_says_task_model_and_overrides():
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    claim = _fresh_dir.__wrapped__
+    claim = fresh_dir.__wrapped__
     first, second = claim(str(tmp_path / "t")), claim(str(tmp_path / "t"))
     assert (first, second) == (str(tmp_path / "t"), str(tmp_path / "t_1"))
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -13,9 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp import VitexpError
+from vitexp import VitexpError, distributed
 from vitexp.logging import RunLogger, finish_wandb
-from vitexp.runtime import resume_run_dir, run_dir
+from vitexp.runtime import register_resolvers, resume_run_dir, run_dir
 from vitexp.tasks import benchmark, distill, evaluate, prune, train
 
 log = logging.getLogger("vitexp")
@@ -33,30 +31,12 @@ def config_dir() -> str:
     return str(source if (source / "config.yaml").is_file() else here / "conf")
 
 
-def _run_dir(resume: str | None, default: str) -> str:
-    return str(resume_run_dir(resume)) if resume else _fresh_dir(default)
-
-
-@functools.cache  # Hydra resolves the folder more than once per job; the claim is made once per process
-def _fresh_dir(path: str) -> str:
-    """`path`, created now, or `path_1`, `path_2`, ... when another run took it (two runs in the same second)."""
-    candidate, n = Path(path), 0
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return str(candidate)
-        except FileExistsError:
-            n += 1
-            candidate = Path(f"{path}_{n}")
-
-
-def _output_subdir(resume: str | None) -> str:
-    # A resumed run keeps the .hydra/ of its first start; each resume records its own beside it.
-    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}" if resume else ".hydra"
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    distributed.from_slurm()
+    distributed.init()
+    if not distributed.is_main():
+        logging.getLogger("vitexp").setLevel(logging.WARNING)  # rank 0 speaks for the run; others only warn
     failed = True
     try:
         results = TASKS[cfg.task.name](cfg)
@@ -117,11 +97,21 @@ def _one_line(e: Exception) -> str:
     return " ".join(lines[:2])
 
 
-def register_resolvers() -> None:
-    """The resolvers conf/hydra/default.yaml uses to send resumed runs back to their own folder."""
-    OmegaConf.register_new_resolver("vitexp_run_dir", _run_dir, replace=True)
-    OmegaConf.register_new_resolver("vitexp_output_subdir", _output_subdir, replace=True)
-    OmegaConf.register_new_resolver("vitexp_fresh_dir", _fresh_dir, replace=True)
+def _share_run_dir(argv: list[str]) -> list[str]:
+    """Under torchrun: the overrides that put every rank in the one folder rank 0 picks (a new run folder is named
+    by the time, which differs between processes), with only rank 0 writing .hydra/."""
+    from hydra import compose, initialize_config_dir
+
+    sweep = any(arg in ("-m", "--multirun") for arg in argv)
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    folder = None
+    if distributed.is_main():
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[a for a in argv if not a.startswith("-")],
+                          return_hydra_config=True)  # fmt: skip
+        folder = str(Path(OmegaConf.select(cfg, key)).resolve())
+    folder = distributed.broadcast(folder)
+    return [f"{key}={folder}"] + ([] if distributed.is_main() else ["hydra.output_subdir=null"])
 
 
 def main() -> None:
@@ -132,6 +122,9 @@ def main() -> None:
     except VitexpError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if distributed.launched():
+        distributed.init()
+        sys.argv += _share_run_dir(sys.argv[1:])
     _main()
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from vitexp import VitexpError
@@ -184,19 +184,53 @@ def image_splits(
     )
 
 
+class ShardedSampler(Sampler[int]):
+    """The indices one rank reads: a shared permutation (train) or the split in order (eval), every
+    `world`-th index from `rank` on.
+
+    The permutation is drawn from the loader's own generator after the DataLoader has drawn its workers' base
+    seed from it, exactly as torch's RandomSampler does, so a single process (rank 0 of 1) sees the batches
+    it always saw, and N ranks with batch B/N together see those same batches of B.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, generator: torch.Generator | None) -> None:
+        self.n, self.rank, self.world, self.generator = n, rank, world, generator
+        self.keep = n // (batch_size * world) * batch_size * world if generator is not None else n
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.keep, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator) if self.generator is not None else torch.arange(self.n)
+        return iter(order[: self.keep][self.rank :: self.world].tolist())
+
+
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, persistent_workers: bool, train: bool, pin_memory: bool
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    persistent_workers: bool,
+    train: bool,
+    pin_memory: bool,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
-    """A loader; training ones shuffle with their own generator (see `set_epoch`) and drop the last partial batch."""
+    """A loader of this rank's share (`batch_size` is the global batch); training ones shuffle with their own
+    generator (see `set_epoch`) and drop the last partial batch."""
+    if batch_size % world:
+        raise VitexpError(
+            f"batch size {batch_size} does not split over {world} processes; make it a multiple of {world}"
+        )
+    generator = torch.Generator() if train else None
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=train,
+        batch_size=batch_size // world,
+        sampler=ShardedSampler(len(dataset), batch_size // world, rank, world, generator),
         drop_last=train,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
-        generator=torch.Generator() if train else None,
+        generator=generator,
     )
 
 
@@ -220,28 +254,33 @@ class DeviceLoader:
         std: Sequence[float],
         crop_padding: int = 0,
         hflip: float = 0.0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if batch_size % world:
+            raise VitexpError(
+                f"batch size {batch_size} does not split over {world} processes; make it a multiple of {world}"
+            )
         self.images, self.labels = images, labels  # uint8 [N, C, H, W] and int64 [N], on the device
-        self.batch_size, self.train, self.crop_padding, self.hflip = batch_size, train, crop_padding, hflip
+        self.batch_size, self.train, self.crop_padding, self.hflip = batch_size // world, train, crop_padding, hflip
+        self.generator = torch.Generator()
+        self.shard = ShardedSampler(len(images), batch_size // world, rank, world, self.generator if train else None)
         device = images.device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.generator = torch.Generator()
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = len(self.shard)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, device = len(self.images), self.images.device
+        device = self.images.device
         if self.train:
             # The generator is consumed as a DataLoader's is (its workers' base seed, then the sampler's
             # permutation), so that both loaders visit the images in the same order for the same seed.
             draws = torch.Generator(device=device)
             draws.manual_seed(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-            order = torch.randperm(n, generator=self.generator).to(device)
-        else:
-            order = torch.arange(n, device=device)
+        order = torch.tensor(list(self.shard), device=device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.augment(self.images[idx], draws) if self.train else self.images[idx]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -39,12 +40,15 @@ def train_one_epoch(
     desc: str = "train",
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 50,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Train for one pass over `loader`; returns epoch metrics and the new optimizer-step count.
 
     `scheduler` is a timm scheduler stepped per optimizer step (`step_update`). Sums stay on the device
     and are read once per `log_every` optimizer steps (for `on_log(step, {train_loss, lr, grad_norm})`, the
-    means over that interval) and once at the end, so the step does not wait for the host.
+    means over that interval) and once at the end, so the step does not wait for the host. Under DDP,
+    accumulation micro-steps skip the gradient all-reduce (`no_sync`), and `reduce` sums the epoch's loss and
+    image counts over the ranks (per-step figures are this rank's).
     """
     model.train()
     batches, n_batches = _limited(loader, limit_batches)
@@ -61,16 +65,18 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = loss_fn(model(images), targets)
-        micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
-        (scaler.scale(loss / micro) if scaler else loss / micro).backward()
+        stepping = (i + 1) % accumulate == 0 or i + 1 == n_batches
+        with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = loss_fn(model(images), targets)
+            micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
+            (scaler.scale(loss / micro) if scaler else loss / micro).backward()
         loss_sum += loss.detach() * images.shape[0]
         n_seen += images.shape[0]
         if on_log is not None:
             interval[0] += loss.detach() * images.shape[0]
             interval[1] += images.shape[0]
-        if (i + 1) % accumulate and i + 1 < n_batches:
+        if not stepping:
             continue
         if scaler:
             scaler.unscale_(optimizer)
@@ -105,7 +111,9 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    train_loss = loss_sum.item() / max(n_seen, 1)
+    totals = torch.stack([loss_sum, torch.tensor(float(n_seen), device=device)])
+    loss_total, n_seen = (reduce(totals) if reduce else totals).tolist()
+    train_loss = loss_total / max(n_seen, 1)
     if not math.isfinite(train_loss):
         raise VitexpError(
             f"train loss became {train_loss} at step {step}; lower optim.lr, set trainer.gradient_clip_val, "
@@ -130,8 +138,10 @@ def evaluate(
     limit_batches: int | None = None,
     progress: bool = False,
     desc: str = "val",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Mean cross-entropy, top-1 and top-5 accuracy over `loader`, and the confusion matrix (rows: true class)."""
+    """Mean cross-entropy, top-1 and top-5 accuracy over `loader` and the number of images, and the confusion
+    matrix (rows: true class); with `reduce`, over every rank's share of the split."""
     model.eval()
     batches, n_batches = _limited(loader, limit_batches)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -152,6 +162,11 @@ def evaluate(
         top5 += (topk == targets[:, None]).any(dim=1).sum()
         confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
         n += targets.shape[0]
-    n = max(n, 1)
-    metrics = {"loss": loss_sum.item() / n, "acc1": top1.item() / n, "acc5": top5.item() / n}
-    return metrics, confusion.view(num_classes, num_classes).cpu()
+    totals = torch.cat([torch.stack([loss_sum, top1.double(), top5.double(), torch.tensor(float(n), device=device,
+                                                                                          dtype=torch.float64)]),
+                        confusion.double()])  # fmt: skip
+    totals = reduce(totals) if reduce else totals
+    loss_total, top1_total, top5_total, n_total = totals[:4].tolist()
+    n = max(n_total, 1)
+    metrics = {"loss": loss_total / n, "acc1": top1_total / n, "acc5": top5_total / n, "images": int(n_total)}
+    return metrics, totals[4:].round().long().view(num_classes, num_classes).cpu()

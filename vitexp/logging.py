@@ -11,6 +11,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from vitexp import distributed
+
 log = logging.getLogger("vitexp")
 
 EPOCH_FIELDS = ["epoch", "train/loss", "val/loss", "val/acc1", "val/acc5", "lr", "grad_norm", "time/epoch_s",
@@ -96,10 +98,13 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, resume_epoch: int | None = None, prefix: str = "") -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / "metrics.csv"
         self.prefix = prefix
         self.wandb_run = _wandb_run
+        self.main = distributed.is_main()  # under torchrun only rank 0 writes; the others' calls do nothing
+        if not self.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_epoch is not None:
             self._truncate_csv(resume_epoch)
         if self.wandb_run is not None:
@@ -132,12 +137,14 @@ class RunLogger:
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Per-step figures (train loss, lr, grad norm over the last log interval), W&B only."""
-        if self.wandb_run is not None:
+        if self.main and self.wandb_run is not None:
             p = self.prefix
             self.wandb_run.log({f"{p}step/{k}": v for k, v in metrics.items()} | {f"{p}step": step})
 
     def log_epoch(self, metrics: dict[str, Any], max_epochs: int) -> None:
         """One line in the log and on the console, one row in metrics.csv, one W&B step."""
+        if not self.main:
+            return
         parts = [f"epoch {metrics['epoch']}/{max_epochs}"]
         parts += [f"{k} {_fmt(metrics[k])}" for k in EPOCH_FIELDS[1:] if k in metrics]
         log.info(" | ".join(parts))
@@ -147,6 +154,8 @@ class RunLogger:
 
     def log_results(self, results: dict[str, Any]) -> None:
         """results.json in the run folder (one flat object) and the W&B run summary."""
+        if not self.main:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
         tmp = self.run_dir / ".results.json.tmp"
         tmp.write_text(json.dumps(clean, indent=2) + "\n")
@@ -156,7 +165,7 @@ class RunLogger:
 
     def log_checkpoint(self, path: Path, aliases: list[str], metadata: dict[str, Any]) -> None:
         """`path` as a W&B model artifact of this run (uploaded now online, with `wandb sync` offline)."""
-        if self.wandb_run is None:
+        if not self.main or self.wandb_run is None:
             return
         import wandb
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-from vitexp import VitexpError
+from vitexp import VitexpError, distributed
 from vitexp.logging import start_wandb
 
 # Groups that define what a run is; a resumed run keeps its own.
@@ -49,9 +50,11 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     """`auto` picks cuda when available; asking for cuda without one is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VitexpError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu or auto")
+    if name == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())  # one GPU per process
     return torch.device(name)
 
 
@@ -113,6 +116,39 @@ def resume_run_dir(resume: str) -> Path:
     return path.parent.parent if path.suffix == ".pt" else path
 
 
+def _run_dir_resolver(resume: str | None, default: str) -> str:
+    return str(resume_run_dir(resume)) if resume else fresh_dir(default)
+
+
+@functools.cache  # Hydra resolves the folder more than once per job; the claim is made once per process
+def fresh_dir(path: str) -> str:
+    """`path`, created now, or `path_1`, `path_2`, ... when another run took it (two runs in the same second)."""
+    candidate, n = Path(path), 0
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = Path(f"{path}_{n}")
+
+
+def _output_subdir_resolver(resume: str | None, output_dir: str) -> str:
+    # A run folder keeps the .hydra/ of its first start; each resume (or auto-resume) records its own beside it.
+    again = resume or (Path(output_dir) / ".hydra" / "config.yaml").is_file()
+    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}" if again else ".hydra"
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml uses: a fresh folder per run, resumed runs back in their own.
+
+    They live here, not in `__main__`, so that launchers that pickle the config (submitit) can import them."""
+    OmegaConf.register_new_resolver("vitexp_run_dir", _run_dir_resolver, replace=True)
+    OmegaConf.register_new_resolver("vitexp_output_subdir", _output_subdir_resolver, replace=True, use_cache=True)
+    # cached in the config, so that jobs a launcher runs in other processes (submitit) resolve the same folder
+    OmegaConf.register_new_resolver("vitexp_fresh_dir", fresh_dir, replace=True, use_cache=True)
+
+
 def ensure_new_run_dir(path: Path) -> None:
     """A new run never writes over an existing one."""
     if (path / "checkpoints").exists():
@@ -124,6 +160,9 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
     from vitexp import checkpoint
 
     out = run_dir()
+    if not cfg.resume and cfg.auto_resume and (out / "checkpoints" / "last.pt").is_file():
+        with open_dict(cfg):
+            cfg.resume = str(out)  # a requeued job: continue where the previous allocation stopped
     if not cfg.resume:
         ensure_new_run_dir(out)
         start_tracking(cfg, out)
@@ -135,8 +174,11 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
 
 
 def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> None:
-    """Open the job's W&B run (when `logger.mode` is not disabled): named from the task, model and command-line
-    overrides, grouped by sweep, with the resolved config; `run_id` continues a resumed run's W&B run."""
+    """Open the job's W&B run (when `logger.mode` is not disabled; rank 0 only under torchrun): named from the
+    task, model and command-line overrides, grouped by sweep, with the resolved config; `run_id` continues a
+    resumed run's W&B run."""
+    if not distributed.is_main():
+        return
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     start_wandb(
@@ -178,9 +220,13 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any]) -> DictConfig:
     """
     resumed = OmegaConf.create(saved)
     choices = HydraConfig.get().runtime.choices
+    # the overrides the run started with (repeated by a requeued cluster job, or by a user re-running the
+    # same command line with resume=) change nothing
+    started_with = resume_run_dir(cfg.resume) / ".hydra" / "overrides.yaml"
+    original = set(OmegaConf.load(started_with)) if started_with.is_file() else set()
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra"):
+        if key in ("resume", "auto_resume") or key.startswith("hydra") or override in original:
             continue
         if key in choices and key in FIXED_ON_RESUME:
             raise VitexpError(f"{override} cannot change on resume; start a new run (with ckpt_path=...) instead")

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vitexp import VitexpError, __version__, checkpoint, engine, plots
+from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.logging import RunLogger
@@ -84,14 +84,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     arch = {"builder": "pruned_vit", "name": "pruned",
             "kwargs": {**_vit_kwargs(trained["arch"]), "ratio": cfg.task.ratio, "layout": layout_of(model)}}  # fmt: skip
     pruned_path = out / "checkpoints" / "pruned.pt"
-    checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
-                     "config": OmegaConf.to_container(cfg, resolve=True), "metrics": pruned}, pruned_path)  # fmt: skip
+    if distributed.is_main():
+        checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
+                         "config": OmegaConf.to_container(cfg, resolve=True), "metrics": pruned}, pruned_path)  # fmt: skip
     figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", pruned)) for k, v in f.items()
                if k != "layout"}  # fmt: skip
     figures |= {"source_ckpt": str(source), "ratio": cfg.task.ratio, "importance": cfg.task.importance}
-    (out / "prune.json").write_text(json.dumps(figures, indent=2) + "\n")
     points = [("unpruned", before), *((f"round {i + 1}", r) for i, r in enumerate(rounds))]
-    plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {cfg.task.importance}")
+    if distributed.is_main():
+        (out / "prune.json").write_text(json.dumps(figures, indent=2) + "\n")
+        plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {cfg.task.importance}")
+    distributed.barrier()  # pruned.pt is written before the fine-tuning reads it on every rank
 
     if cfg.task.finetune_epochs == 0:
         results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
@@ -112,8 +115,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     load_weights(tuned, checkpoint.load(out / "checkpoints" / "best.pt")["model"], "best.pt")
     after = measure(tuned, "after fine-tuning (best.pt)")
     results |= {f"after_{k}": v for k, v in after.items() if k != "layout"}
-    plots.accuracy_vs_macs([*points, ("fine-tuned", after)], out / "plots" / "accuracy_vs_macs.png",
-                           f"prune {cfg.task.importance}")  # fmt: skip
+    if distributed.is_main():
+        plots.accuracy_vs_macs([*points, ("fine-tuned", after)], out / "plots" / "accuracy_vs_macs.png",
+                               f"prune {cfg.task.importance}")  # fmt: skip
     RunLogger(out).log_results(results)
     return results
 

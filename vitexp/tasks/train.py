@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from vitexp import VitexpError, __version__, checkpoint, engine, plots
+from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots
 from vitexp.data import DeviceLoader, Splits, make_loader, set_epoch, to_device
 from vitexp.logging import RunLogger, read_metrics, wandb_run_id
 from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
@@ -65,24 +66,27 @@ def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> P
 
 def loaders(data: DictConfig, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
     """Train and val loaders: worker processes over the transforms, or with `data.on_device` the splits held
-    on the device as uint8 and augmented there (crop and flip; mixup/cutmix run on the device either way)."""
+    on the device as uint8 and augmented there (crop and flip; mixup/cutmix run on the device either way).
+    Under torchrun each rank reads its share: `data.batch_size` is the global batch."""
+    rank, world = distributed.rank(), distributed.world_size()
     if len(splits.train) < data.batch_size:
         raise VitexpError(
             f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size"
         )
     if not data.on_device:
         pin = device.type == "cuda"
-        return (make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin),
-                make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin))  # fmt: skip
+        return (make_loader(splits.train, data.batch_size, data.num_workers, data.persistent_workers, True, pin, rank, world),
+                make_loader(splits.val, data.eval_batch_size, data.num_workers, data.persistent_workers, False, pin, rank,
+                            world))  # fmt: skip
     augment = data.splits.train_transform
     for key in ("rotate", "randaugment", "random_erasing"):
         if augment[key]:
             raise VitexpError(f"data.on_device=true augments with crop and flip only; set data.splits.train_transform.{key}=0 "
                               f"(or null), or data.on_device=false")  # fmt: skip
     train = DeviceLoader(*to_device(splits.train, data.img_size, device, data.num_workers), data.batch_size, True,
-                         data.mean, data.std, augment.crop_padding, augment.hflip)  # fmt: skip
+                         data.mean, data.std, augment.crop_padding, augment.hflip, rank, world)  # fmt: skip
     val = DeviceLoader(*to_device(splits.val, data.img_size, device, data.num_workers), data.eval_batch_size, False,
-                       data.mean, data.std)  # fmt: skip
+                       data.mean, data.std, rank=rank, world=world)  # fmt: skip
     return train, val
 
 
@@ -143,6 +147,8 @@ def fit(
     optimizer, scheduler, scaler, ema, mixup = training_objects(cfg, model, batches, device)
     loss_fn = loss_fn or build(cfg.task.loss)
     train_model = wrap(model) if wrap else model
+    if distributed.world_size() > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model, eval_model = (
         (torch.compile(train_model, mode=cfg.trainer.compile_mode), torch.compile(model, mode=cfg.trainer.compile_mode))
         if use_compile(cfg.trainer.compile, device)
@@ -164,6 +170,7 @@ def fit(
 
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = RunLogger(out, resume_epoch=resume["epoch"] if resume else None, prefix=prefix)
+    reduce = distributed.sum_all if distributed.world_size() > 1 else None
     n_params, macs = count_params(model), count_macs(model)
     log.info(
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs/img | {cfg.data.name}: "
@@ -179,10 +186,11 @@ def fit(
             clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
             limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
             on_log=logger.log_step if logger.tracks_steps else None, log_every=cfg.logger.log_every_n_steps,
+            reduce=reduce,
         )  # fmt: skip
         val, _ = engine.evaluate(
             eval_model, val_loader, device, cfg.data.num_classes,
-            autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress,
+            autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress, reduce=reduce,
         )  # fmt: skip
         metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
                    "val/acc5": val["acc5"]}  # fmt: skip
@@ -190,7 +198,7 @@ def fit(
         for name, view in {**extra, **(views(model) if views else {})}.items():
             view_val, _ = engine.evaluate(
                 view, val_loader, device, cfg.data.num_classes,
-                autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches,
+                autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, reduce=reduce,
             )  # fmt: skip
             metrics[name] = view_val["acc1"]
         # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
@@ -215,14 +223,20 @@ def fit(
             "version": __version__,
         }
         ckpt_dir = out / "checkpoints"
-        if is_best:
-            checkpoint.save(state, ckpt_dir / "best.pt")
-        if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
-            checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
-        checkpoint.save(state, ckpt_dir / "last.pt")
+        if distributed.is_main():
+            if is_best:
+                checkpoint.save(state, ckpt_dir / "best.pt")
+            if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
+                checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
+            checkpoint.save(state, ckpt_dir / "last.pt")
+
+    distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
 
     rows = read_metrics(out / "metrics.csv")
-    plots.learning_curves(rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}")
+    if distributed.is_main():
+        plots.learning_curves(
+            rows, out / "plots" / "learning_curves.png", f"{cfg.task.name} {cfg.model.name} {out.name}"
+        )
     results = {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -231,6 +245,8 @@ def fit(
         "best_val_acc1": best_acc,
         "val_acc1": rows[-1]["val/acc1"] if rows else None,
         "val_acc5": rows[-1]["val/acc5"] if rows else None,
+        "val_images": val["images"] if start_epoch <= cfg.trainer.max_epochs else None,
+        "processes": distributed.world_size(),
         "params": n_params,
         "macs": macs,
         "infer_img_per_s": inference_img_per_s(model, cfg.data.eval_batch_size, amp),
@@ -242,7 +258,7 @@ def fit(
         "status": "completed",
     }
     logger.log_results(results)
-    if cfg.logger.log_checkpoints and not prefix:
+    if cfg.logger.log_checkpoints and not prefix and distributed.is_main():
         best = checkpoint.load(out / "checkpoints" / "best.pt")
         logger.log_checkpoint(out / "checkpoints" / "best.pt", ["best", f"epoch-{best['epoch']}"],
                               {"epoch": best["epoch"], "val_acc1": best_acc, "arch": best["arch"]})  # fmt: skip
