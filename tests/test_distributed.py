@@ -152,3 +152,14 @@ def test_auto_resume_continues_a_requeued_job_in_its_folder(tmp_path):
     proc = vitexp(*TINY, f"hydra.run.dir={folder}", "trainer.max_epochs=2", "auto_resume=true", cwd=tmp_path)
     assert "resuming" in proc.stderr
     assert [r["epoch"] for r in rows(folder)] == [1, 2]
+
+
+@pytest.mark.parametrize("task", ["distill", "prune"])
+def test_distill_and_prune_run_under_torchrun(task, tmp_path):
+    torchrun(2, f"task={task}", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+    (run,) = (tmp_path / "outputs" / task / "baseline").iterdir()
+    assert [p.name for p in run.glob("*.log")] == [f"{task}_baseline.log"]
+    sub = run / ("teacher" if task == "distill" else "unpruned")
+    for folder in (run, sub):  # the sub-run (teacher / model to prune) trained with both processes too
+        results = json.loads((folder / "results.json").read_text())
+        assert results["status"] == "completed" and results["processes"] == 2
