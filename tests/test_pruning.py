@@ -109,7 +109,7 @@ def test_bad_prune_input_is_one_line(tmp_path):
     model = cnn("resnet10t", "resnet10t", 16, 1, 10, False)
     checkpoint.save({"model": model.state_dict(), "arch": model.vitexp_arch, "config": {}}, path)
     for args, fragment in (([f"ckpt_path={path}"], "takes a ViT checkpoint"),
-                           ([f"ckpt_path={path}", "task.ratio=1.0"], "task.ratio=1.0 must be in [0, 1)")):  # fmt: skip
+                           ([f"ckpt_path={path}", "task.ratio=1.0"], "task.ratio=1.0 is not valid: it must be a number in [0, 1)")):  # fmt: skip
         proc = vitexp(*TINY, "task=prune", *args, cwd=tmp_path, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert fragment in proc.stderr.strip().splitlines()[-1]

@@ -15,6 +15,7 @@ from vitexp import VitexpError, distributed
 from vitexp.logging import RunLogger, finish_wandb
 from vitexp.runtime import register_resolvers, resume_run_dir, run_dir
 from vitexp.tasks import benchmark, distill, evaluate, prune, train
+from vitexp.validation import validate
 
 log = logging.getLogger("vitexp")
 
@@ -39,6 +40,7 @@ def _main(cfg: DictConfig) -> float | None:
         logging.getLogger("vitexp").setLevel(logging.WARNING)  # rank 0 speaks for the run; others only warn
     failed = True
     try:
+        validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
         results = TASKS[cfg.task.name](cfg)
         failed = False
     except VitexpError as e:
@@ -76,6 +78,7 @@ def _preflight(argv: list[str]) -> None:
                for key in node if OmegaConf.is_missing(node, key)]  # fmt: skip
     if missing:
         raise VitexpError(f"{missing[0]} must be set: pass {missing[0]}=...")
+    validate(cfg)
     if cfg.task.name not in TASKS:
         raise VitexpError(f"task={cfg.task.name} is not available; choose one of: {', '.join(TASKS)}")
     if cfg.resume and not (resume_run_dir(cfg.resume) / "checkpoints" / "last.pt").is_file():

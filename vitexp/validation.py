@@ -1,0 +1,89 @@
+"""Range and type checks of the composed config, so that a bad value stops the run before anything is built,
+with one line naming the key, the value and what it must be."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp import VitexpError
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+POSITIVE = ("a number > 0", lambda v: _number(v) and v > 0)
+NON_NEGATIVE = ("a number >= 0", lambda v: _number(v) and v >= 0)
+COUNT = ("a whole number >= 1", lambda v: _integer(v) and v >= 1)
+NON_NEGATIVE_COUNT = ("a whole number >= 0", lambda v: _integer(v) and v >= 0)
+OPTIONAL_COUNT = ("null or a whole number >= 1", lambda v: v is None or (_integer(v) and v >= 1))
+OPTIONAL_POSITIVE = ("null or a number > 0", lambda v: v is None or (_number(v) and v > 0))
+FRACTION = ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+WEIGHT = ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+OPTIONAL_DECAY = ("null or a number in (0, 1)", lambda v: v is None or (_number(v) and 0 < v < 1))
+
+# key -> (what it must be, test); a key absent from the composed config (another task's) is skipped
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "seed": ("a whole number", _integer),
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "data.batch_size": COUNT,
+    "data.eval_batch_size": COUNT,
+    "data.num_workers": NON_NEGATIVE_COUNT,
+    "data.img_size": COUNT,
+    "data.num_classes": COUNT,
+    "data.train_subset": OPTIONAL_COUNT,
+    "data.mixup.prob": WEIGHT,
+    "trainer.max_epochs": COUNT,
+    "trainer.accumulate_grad_batches": COUNT,
+    "trainer.gradient_clip_val": OPTIONAL_POSITIVE,
+    "trainer.ckpt_every_n_epochs": NON_NEGATIVE_COUNT,
+    "trainer.limit_train_batches": OPTIONAL_COUNT,
+    "trainer.limit_val_batches": OPTIONAL_COUNT,
+    "trainer.ema_decay": OPTIONAL_DECAY,
+    "model.drop_path_rate": FRACTION,
+    "model.drop_rate": FRACTION,
+    "model.ratio": FRACTION,
+    "task.ratio": FRACTION,
+    "task.alpha": WEIGHT,
+    "task.tau": POSITIVE,
+    "task.steps": COUNT,
+    "task.warmup_steps": NON_NEGATIVE_COUNT,
+    "task.repeats": COUNT,
+    "task.finetune_epochs": NON_NEGATIVE_COUNT,
+    "task.teacher_epochs": COUNT,
+    "logger.log_every_n_steps": COUNT,
+    "logger.init_timeout": POSITIVE,
+}
+CHOICES = {
+    "trainer.precision": ("auto", "32", "bf16", "16"),
+    "trainer.compile": ("auto", True, False),
+    "optim.fused": ("auto", True, False),
+    "logger.mode": ("online", "offline", "disabled"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line VitexpError for the first value out of range or of the wrong type."""
+    for key, (must, ok) in RULES.items():
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise VitexpError(f"{key}={value!r} is not valid: it must be {must}")
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed and str(value) not in allowed:
+            raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
+    val_size = OmegaConf.select(cfg, "data.val_size")
+    if not _number(val_size) or val_size <= 0:
+        raise VitexpError(f"data.val_size={val_size!r} is not valid: it must be a count >= 1 or a fraction in (0, 1)")
