@@ -198,3 +198,22 @@ def test_truncated_and_wrong_architecture_checkpoints(trained, tmp_path):
     _fails_with_one_line(proc, "truncated or corrupt")
     proc = vitexp(*TINY, "model=patch8", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}", cwd=tmp_path, check=False)
     _fails_with_one_line(proc, "does not fit this model")
+
+
+def test_sigterm_stops_cleanly_with_a_resume_hint(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_epochs=30", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130
+    last_line = stderr.strip().splitlines()[-1]
+    assert "interrupted (SIGTERM)" in last_line and f"resume={run}" in last_line and "Traceback" not in stderr
+    epoch = _state(run / "checkpoints" / "last.pt")["epoch"]  # intact and loadable
+    vitexp(f"resume={run}", "trainer.max_epochs=30", cwd=tmp_path)
+    assert _state(run / "checkpoints" / "last.pt")["epoch"] == 30 > epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -49,12 +50,11 @@ def _main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the other jobs of the sweep go on; this one is marked failed in its results.json
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         where = run_dir()
-        hint = (
-            f"; continue with: python -m vitexp resume={where}" if (where / "checkpoints" / "last.pt").exists() else ""
-        )
-        log.error(f"interrupted{hint}")
+        last = where / "checkpoints" / "last.pt"
+        hint = f"; continue from its last finished epoch with: python -m vitexp resume={where}" if last.exists() else ""
+        log.error(f"interrupted ({e or 'SIGINT'}){hint}")
         sys.exit(130)
     finally:
         finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next job starts
@@ -117,8 +117,13 @@ def _share_run_dir(argv: list[str]) -> list[str]:
     return [f"{key}={folder}"] + ([] if distributed.is_main() else ["hydra.output_subdir=null"])
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # a polite kill (scheduler, torchrun) ends like Ctrl-C
+
+
 def main() -> None:
     """Console entry point (`vitexp`, `python -m vitexp`)."""
+    signal.signal(signal.SIGTERM, _terminate)
     register_resolvers()
     try:
         _preflight(sys.argv[1:])

@@ -116,8 +116,8 @@ def train_one_epoch(
     train_loss = loss_total / max(n_seen, 1)
     if not math.isfinite(train_loss):
         raise VitexpError(
-            f"train loss became {train_loss} at step {step}; lower optim.lr, set trainer.gradient_clip_val, "
-            f"or use trainer.precision=32"
+            f"train loss became {train_loss} in {desc} (by step {step}); the checkpoints of the last good epoch are "
+            f"kept: lower optim.lr, set trainer.gradient_clip_val, or use trainer.precision=32"
         )
     return {
         "train/loss": train_loss,
