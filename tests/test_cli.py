@@ -210,7 +210,7 @@ def test_sigterm_stops_cleanly_with_a_resume_hint(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
+        pytest.skip(f"the run finished before the signal arrived: {stderr[-2000:]}")
     assert proc.returncode == 130
     last_line = stderr.strip().splitlines()[-1]
     assert "interrupted (SIGTERM)" in last_line and f"resume={run}" in last_line and "Traceback" not in stderr

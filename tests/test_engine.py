@@ -7,7 +7,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vitexp import engine
+from vitexp import VitexpError, engine
 
 
 def _data(n=32, seed=0):
@@ -85,3 +85,19 @@ def test_per_step_logging_reports_interval_means_every_n_steps():
     # the three interval means of equal-sized intervals average to the epoch means
     assert abs(sum(m["train_loss"] for _, m in logged) / 3 - metrics["train/loss"]) < 1e-5
     assert abs(sum(m["grad_norm"] for _, m in logged) / 3 - metrics["grad_norm"]) < 1e-5
+
+
+def test_non_finite_loss_stops_with_the_epoch_named():
+    x, y = _data()
+    model, opt, sched = _setup()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def exploding(logits, targets):
+        return nn.functional.cross_entropy(logits, targets) * float("inf")
+
+    try:
+        engine.train_one_epoch(model, loader, exploding, opt, sched, torch.device("cpu"), 0, desc="epoch 7")
+    except VitexpError as e:
+        assert "in epoch 7" in str(e) and "optim.lr" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("a non-finite loss went unnoticed")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError, distributed
 from vitexp.logging import RunLogger, finish_wandb
-from vitexp.runtime import register_resolvers, resume_run_dir, run_dir
+from vitexp.runtime import register_resolvers, request_stop, resume_run_dir, run_dir
 from vitexp.tasks import benchmark, distill, evaluate, prune, train
 from vitexp.validation import validate
 
@@ -118,7 +118,10 @@ def _share_run_dir(argv: list[str]) -> list[str]:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)  # a polite kill (scheduler, torchrun) ends like Ctrl-C
+    # A polite kill (scheduler, torchrun) ends like Ctrl-C. Raised here, it can land inside a C call that
+    # swallows exceptions, so the request is also kept for the training loop to honour at its next epoch end.
+    request_stop(signal.Signals(signum).name)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> None:

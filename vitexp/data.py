@@ -74,6 +74,7 @@ def train_transform(
     random_erasing: float,
 ) -> transforms.Compose:
     """Resize, random shift (crop with padding), flip, rotation, timm RandAugment, normalise, timm RandomErasing."""
+    mean, std = _floats(mean), _floats(std)
     ops: list[Callable] = [transforms.Resize(img_size)]
     if crop_padding:
         ops.append(transforms.RandomCrop(img_size, padding=crop_padding))
@@ -92,7 +93,15 @@ def train_transform(
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
     """Resize and normalise."""
-    return transforms.Compose([transforms.Resize(img_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return transforms.Compose(
+        [transforms.Resize(img_size), transforms.ToTensor(), transforms.Normalize(_floats(mean), _floats(std))]
+    )
+
+
+def _floats(values: Sequence[float]) -> list[float]:
+    # Plain floats, not the config's ListConfig: Normalize would otherwise probe the ListConfig's attributes
+    # for every image, and each failed probe raises and formats an OmegaConf error.
+    return [float(v) for v in values]
 
 
 def split_indices(n: int, val_size: int | float, train_subset: int | None, seed: int) -> tuple[list[int], list[int]]:

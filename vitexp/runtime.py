@@ -40,6 +40,20 @@ def build(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
 
 
+_stop_requested: list[str] = []
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running training loop to stop after the current epoch (a termination signal arrived)."""
+    _stop_requested.append(reason)
+
+
+def check_stop() -> None:
+    """Stop with KeyboardInterrupt(reason) if a stop was requested; called where the run can resume from."""
+    if _stop_requested:
+        raise KeyboardInterrupt(_stop_requested[-1])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

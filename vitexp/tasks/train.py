@@ -24,6 +24,7 @@ from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
     build,
+    check_stop,
     derived_config,
     fused_option,
     load_weights,
@@ -229,6 +230,7 @@ def fit(
             if cfg.trainer.ckpt_every_n_epochs and epoch % cfg.trainer.ckpt_every_n_epochs == 0:
                 checkpoint.save(state, ckpt_dir / f"epoch_{epoch:04d}.pt")
             checkpoint.save(state, ckpt_dir / "last.pt")
+        check_stop()
 
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
 
