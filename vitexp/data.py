@@ -214,6 +214,15 @@ class ShardedSampler(Sampler[int]):
         return iter(order[: self.keep][self.rank :: self.world].tolist())
 
 
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """Each of `world` processes' share of the global `batch_size`."""
+    if batch_size % world:
+        raise VitexpError(
+            f"batch size {batch_size} does not split over {world} processes; make it a multiple of {world}"
+        )
+    return batch_size // world
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -226,15 +235,12 @@ def make_loader(
 ) -> DataLoader:
     """A loader of this rank's share (`batch_size` is the global batch); training ones shuffle with their own
     generator (see `set_epoch`) and drop the last partial batch."""
-    if batch_size % world:
-        raise VitexpError(
-            f"batch size {batch_size} does not split over {world} processes; make it a multiple of {world}"
-        )
+    per_rank = per_rank_batch(batch_size, world)
     generator = torch.Generator() if train else None
     return DataLoader(
         dataset,
-        batch_size=batch_size // world,
-        sampler=ShardedSampler(len(dataset), batch_size // world, rank, world, generator),
+        batch_size=per_rank,
+        sampler=ShardedSampler(len(dataset), per_rank, rank, world, generator),
         drop_last=train,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
@@ -266,14 +272,11 @@ class DeviceLoader:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        if batch_size % world:
-            raise VitexpError(
-                f"batch size {batch_size} does not split over {world} processes; make it a multiple of {world}"
-            )
         self.images, self.labels = images, labels  # uint8 [N, C, H, W] and int64 [N], on the device
-        self.batch_size, self.train, self.crop_padding, self.hflip = batch_size // world, train, crop_padding, hflip
+        self.batch_size = per_rank_batch(batch_size, world)
+        self.train, self.crop_padding, self.hflip = train, crop_padding, hflip
         self.generator = torch.Generator()
-        self.shard = ShardedSampler(len(images), batch_size // world, rank, world, self.generator if train else None)
+        self.shard = ShardedSampler(len(images), self.batch_size, rank, world, self.generator if train else None)
         device = images.device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
