@@ -14,6 +14,14 @@ from tqdm import tqdm
 from vitexp import VitexpError
 
 
+def out_of_memory(e: BaseException, device: torch.device, batch: int, fix: str) -> VitexpError | None:
+    """The one-line error for a failed allocation (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
+    Python's MemoryError), or None when `e` is something else."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+        return VitexpError(f"out of memory on {device} with batches of {batch} images; {fix}")
+    return None
+
+
 def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
     total = len(loader)
     n = total if limit is None else min(limit, total)
@@ -41,6 +49,7 @@ def train_one_epoch(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 50,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Train for one pass over `loader`; returns epoch metrics and the new optimizer-step count.
 
@@ -49,81 +58,121 @@ def train_one_epoch(
     means over that interval) and once at the end, so the step does not wait for the host. Under DDP,
     accumulation micro-steps skip the gradient all-reduce (`no_sync`), and `reduce` sums the epoch's loss and
     image counts over the ranks (per-step figures are this rank's).
+
+    A non-finite epoch loss is an error naming the epoch. With `skip_nonfinite`, an optimizer step whose
+    gradient norm is not finite (a NaN/inf loss in one of its batches) is skipped instead, its batches are
+    left out of the loss, and `skipped_steps` counts them (the norm is then read every step). Running out of
+    memory is an error suggesting a smaller batch with gradient accumulation.
     """
     model.train()
     batches, n_batches = _limited(loader, limit_batches)
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
-    n_seen, n_steps = 0, 0
+    n_seen, n_steps, skipped = 0, 0, 0
+    counted = torch.zeros((), device=device)  # with skip_nonfinite: images whose loss is in loss_sum
+    pending = torch.zeros(2, device=device)  # with skip_nonfinite: loss * images, images of the step being built
     interval = torch.zeros(3, device=device)  # loss * images, images, grad norm since the last on_log
     interval_steps = 0
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.perf_counter()
     bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for i, (images, targets) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        stepping = (i + 1) % accumulate == 0 or i + 1 == n_batches
-        with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = loss_fn(model(images), targets)
-            micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
-            (scaler.scale(loss / micro) if scaler else loss / micro).backward()
-        loss_sum += loss.detach() * images.shape[0]
-        n_seen += images.shape[0]
-        if on_log is not None:
-            interval[0] += loss.detach() * images.shape[0]
-            interval[1] += images.shape[0]
-        if not stepping:
-            continue
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = (
-            nn.utils.clip_grad_norm_(params, clip_norm)
-            if clip_norm is not None
-            else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
-        )
-        norm_sum += norm.detach()
-        if on_log is not None:
-            interval[2] += norm.detach()
-            interval_steps += 1
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        n_steps += 1
-        scheduler.step_update(step)
-        if ema is not None:
-            ema.update(model, step=step)
-        if on_log is not None and step % log_every == 0:
-            loss_images, images_seen, norms = interval.tolist()
-            on_log(step, {"train_loss": loss_images / images_seen, "lr": optimizer.param_groups[0]["lr"],
-                          "grad_norm": norms / interval_steps})  # fmt: skip
-            interval.zero_()
-            interval_steps = 0
-        if progress and n_steps % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    batch = 0
+    try:
+        for i, (images, targets) in enumerate(bar):
+            batch = images.shape[0]
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            stepping = (i + 1) % accumulate == 0 or i + 1 == n_batches
+            with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    loss = loss_fn(model(images), targets)
+                micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
+                (scaler.scale(loss / micro) if scaler else loss / micro).backward()
+            if skip_nonfinite:
+                pending += torch.stack([loss.detach() * batch, torch.tensor(float(batch), device=device)])
+            else:
+                loss_sum += loss.detach() * batch
+            n_seen += batch
+            if on_log is not None:
+                interval[0] += loss.detach() * batch
+                interval[1] += batch
+            if not stepping:
+                continue
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = (
+                nn.utils.clip_grad_norm_(params, clip_norm)
+                if clip_norm is not None
+                else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
+            )
+            if skip_nonfinite:
+                if not torch.isfinite(norm):  # one host read per step: the price of skipping
+                    optimizer.zero_grad(set_to_none=True)
+                    pending.zero_()
+                    skipped += 1
+                    step += 1
+                    scheduler.step_update(step)
+                    continue
+                loss_sum += pending[0]
+                counted += pending[1]
+                pending.zero_()
+            norm_sum += norm.detach()
+            if on_log is not None:
+                interval[2] += norm.detach()
+                interval_steps += 1
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_steps += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            if on_log is not None and step % log_every == 0:
+                loss_images, images_seen, norms = interval.tolist()
+                on_log(step, {"train_loss": loss_images / images_seen, "lr": optimizer.param_groups[0]["lr"],
+                              "grad_norm": norms / interval_steps})  # fmt: skip
+                interval.zero_()
+                interval_steps = 0
+            if progress and n_steps % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / max(counted.item() if skip_nonfinite else n_seen, 1):.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                )
+    except (RuntimeError, MemoryError) as e:
+        fix = (f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
+               f"trainer.accumulate_grad_batches={accumulate * 2} to keep the effective batch")  # fmt: skip
+        error = out_of_memory(e, device, batch, fix)
+        if error is None:
+            raise
+        raise error from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    totals = torch.stack([loss_sum, torch.tensor(float(n_seen), device=device)])
-    loss_total, n_seen = (reduce(totals) if reduce else totals).tolist()
-    train_loss = loss_total / max(n_seen, 1)
+    if not skip_nonfinite:
+        counted = torch.tensor(float(n_seen), device=device)
+    totals = torch.stack([loss_sum, counted, torch.tensor(float(n_seen), device=device)])
+    loss_total, n_counted, n_seen = (reduce(totals) if reduce else totals).tolist()
+    train_loss = loss_total / n_counted if n_counted else math.nan
     if not math.isfinite(train_loss):
         raise VitexpError(
             f"train loss became {train_loss} in {desc} (by step {step}); the checkpoints of the last good epoch are "
             f"kept: lower optim.lr, set trainer.gradient_clip_val, or use trainer.precision=32"
+            + ("" if skip_nonfinite else " (or skip such steps with trainer.skip_nonfinite=true)")
         )
     return {
         "train/loss": train_loss,
         "grad_norm": norm_sum.item() / max(n_steps, 1),
         "lr": optimizer.param_groups[0]["lr"],
         "throughput/img_s": n_seen / elapsed,
+        **({"skipped_steps": skipped} if skip_nonfinite else {}),
     }, step
 
 
@@ -150,18 +199,26 @@ def evaluate(
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     n = 0
     k = min(5, num_classes)
-    for images, targets in tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == targets).sum()
-        top5 += (topk == targets[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
-        n += targets.shape[0]
+    batch = 0
+    try:
+        for images, targets in tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress):
+            batch = images.shape[0]
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+            topk = logits.topk(k, dim=1).indices
+            top1 += (topk[:, 0] == targets).sum()
+            top5 += (topk == targets[:, None]).any(dim=1).sum()
+            confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
+            n += targets.shape[0]
+    except (RuntimeError, MemoryError) as e:
+        error = out_of_memory(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
+        if error is None:
+            raise
+        raise error from None
     totals = torch.cat([torch.stack([loss_sum, top1.double(), top5.double(), torch.tensor(float(n), device=device,
                                                                                           dtype=torch.float64)]),
                         confusion.double()])  # fmt: skip

@@ -68,6 +68,7 @@ CHOICES = {
     "trainer.precision": ("auto", "32", "bf16", "16"),
     "trainer.compile": ("auto", True, False),
     "optim.fused": ("auto", True, False),
+    "trainer.skip_nonfinite": (True, False),
     "logger.mode": ("online", "offline", "disabled"),
 }
 

@@ -187,8 +187,10 @@ def fit(
             clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup, ema=ema,
             limit_batches=cfg.trainer.limit_train_batches, progress=progress, desc=f"epoch {epoch}",
             on_log=logger.log_step if logger.tracks_steps else None, log_every=cfg.logger.log_every_n_steps,
-            reduce=reduce,
+            reduce=reduce, skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
         )  # fmt: skip
+        if skipped := train_metrics.pop("skipped_steps", 0):
+            log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
         val, _ = engine.evaluate(
             eval_model, val_loader, device, cfg.data.num_classes,
             autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress, reduce=reduce,
