@@ -163,6 +163,8 @@ def _fails_with_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> 
         (["task=prune", "task.ratio=1.0"], ["task.ratio=1.0", "[0, 1)"]),
         (["trainer.precision=8"], ["trainer.precision=8", "auto, 32, bf16, 16"]),
         (["data.val_size=0"], ["data.val_size=0", "count >= 1"]),
+        (["optim.lr=[1e-3"], ["optim.lr=[1e-3"]),
+        (["data=imagefolder"], ["data.root must be set"]),
     ],
     ids=[
         "model",
@@ -179,10 +181,22 @@ def _fails_with_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> 
         "ratio-1",
         "precision",
         "val-size-0",
+        "malformed",
+        "missing-value",
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, fragments, tmp_path):
     _fails_with_one_line(vitexp(*TINY, *args, cwd=tmp_path, check=False), *fragments)
+
+
+def test_a_new_run_never_writes_into_an_existing_run_and_resume_keeps_its_model(trained, tmp_path):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    proc = vitexp(*TINY, f"hydra.run.dir={trained}", cwd=tmp_path, check=False)
+    _fails_with_one_line(proc, f"{trained} already holds a run", f"resume={trained}")
+    proc = vitexp(f"resume={trained}", "model=patch8", cwd=tmp_path, check=False)
+    _fails_with_one_line(proc, "model=patch8 cannot change on resume")
+    changed = [p for p, b in before.items() if p.read_bytes() != b and p.suffix != ".log"]  # logs say it was refused
+    assert not changed
 
 
 def test_empty_data_folder(tmp_path):
@@ -200,20 +214,21 @@ def test_truncated_and_wrong_architecture_checkpoints(trained, tmp_path):
     _fails_with_one_line(proc, "does not fit this model")
 
 
-def test_sigterm_stops_cleanly_with_a_resume_hint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_stop_cleanly_with_a_resume_hint(signum, tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=30", f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip(f"the run finished before the signal arrived: {stderr[-2000:]}")
     assert proc.returncode == 130
     last_line = stderr.strip().splitlines()[-1]
-    assert "interrupted (SIGTERM)" in last_line and f"resume={run}" in last_line and "Traceback" not in stderr
+    assert f"interrupted ({signum.name})" in last_line and f"resume={run}" in last_line and "Traceback" not in stderr
     epoch = _state(run / "checkpoints" / "last.pt")["epoch"]  # intact and loadable
     vitexp(f"resume={run}", "trainer.max_epochs=30", cwd=tmp_path)
     assert _state(run / "checkpoints" / "last.pt")["epoch"] == 30 > epoch

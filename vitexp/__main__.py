@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError, distributed
 from vitexp.logging import RunLogger, finish_wandb
-from vitexp.runtime import register_resolvers, request_stop, resume_run_dir, run_dir
+from vitexp.runtime import (
+    ensure_new_run_dir,
+    register_resolvers,
+    request_stop,
+    resumable,
+    resume_run_dir,
+    resumed_task,
+    run_dir,
+)
 from vitexp.tasks import benchmark, distill, evaluate, prune, train
 from vitexp.validation import validate
 
@@ -40,25 +48,31 @@ def _main(cfg: DictConfig) -> float | None:
     if not distributed.is_main():
         logging.getLogger("vitexp").setLevel(logging.WARNING)  # rank 0 speaks for the run; others only warn
     failed = True
+    task = cfg.task.name
     try:
         validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
-        results = TASKS[cfg.task.name](cfg)
+        task = resumed_task(cfg.resume) if cfg.resume else task
+        results = TASKS[task](cfg)
         failed = False
     except VitexpError as e:
-        log.error(f"error: {e}")
-        RunLogger(run_dir()).log_results({"task": cfg.task.name, "status": "failed", "error": str(e)})
+        # raised in a DataLoader worker, it comes back with the worker's traceback: keep the message alone
+        message = str(e).rsplit("VitexpError: ", 1)[-1].strip() if "Original Traceback" in str(e) else str(e)
+        log.error(f"error: {message}")
+        results_json = run_dir() / "results.json"
+        if not (results_json.is_file() and '"status": "completed"' in results_json.read_text()):
+            # a finished run's results stand (a refused resume of it changes nothing)
+            RunLogger(run_dir()).log_results({"task": task, "status": "failed", "error": message})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the other jobs of the sweep go on; this one is marked failed in its results.json
         sys.exit(2)
     except KeyboardInterrupt as e:
         where = run_dir()
-        last = where / "checkpoints" / "last.pt"
-        hint = f"; continue from its last finished epoch with: python -m vitexp resume={where}" if last.exists() else ""
-        log.error(f"interrupted ({e or 'SIGINT'}){hint}")
+        since = "its last finished epoch" if (where / "checkpoints" / "last.pt").exists() else "where it stopped"
+        log.error(f"interrupted ({str(e) or 'SIGINT'}); continue from {since} with: python -m vitexp resume={where}")
         sys.exit(130)
     finally:
         finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next job starts
-    return results.get(SWEEP_METRIC[cfg.task.name], results.get("val_acc1"))
+    return results.get(SWEEP_METRIC[task], results.get("val_acc1"))
 
 
 def _preflight(argv: list[str]) -> None:
@@ -66,12 +80,14 @@ def _preflight(argv: list[str]) -> None:
     if any(arg.startswith("-") for arg in argv):
         return  # --multirun, --cfg, --help, ...: Hydra's own handling
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=argv)
+    except OverrideParseException as e:
+        raise VitexpError(f"cannot parse {_unparsable(argv)}: {_one_line(e)}") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise VitexpError(_one_line(e)) from None
     missing = [f"{group}.{key}" for group, node in cfg.items() if isinstance(node, DictConfig)
@@ -81,8 +97,32 @@ def _preflight(argv: list[str]) -> None:
     validate(cfg)
     if cfg.task.name not in TASKS:
         raise VitexpError(f"task={cfg.task.name} is not available; choose one of: {', '.join(TASKS)}")
-    if cfg.resume and not (resume_run_dir(cfg.resume) / "checkpoints" / "last.pt").is_file():
-        raise VitexpError(f"resume={cfg.resume}: no checkpoints/last.pt there; pass a run folder vitexp wrote")
+    explicit = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    folder = Path(explicit[-1] if explicit else "outputs")  # a new run goes there (Hydra would create it next)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitexpError(f"cannot create {folder} ({e.strerror}); run from a writable folder or pick a writable "
+                          f"hydra.run.dir") from None  # fmt: skip
+    if explicit and not (cfg.resume or cfg.auto_resume):
+        ensure_new_run_dir(folder, before_hydra=True)
+    if cfg.resume and not resumable(resume_run_dir(cfg.resume)):
+        raise VitexpError(f"resume={cfg.resume}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); "
+                          f"pass a run folder vitexp wrote")  # fmt: skip
+
+
+def _unparsable(argv: list[str]) -> str:
+    """The first command-line override Hydra's grammar rejects."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            return arg
+    return " ".join(argv)
 
 
 def _one_line(e: Exception) -> str:

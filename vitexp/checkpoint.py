@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,20 +22,37 @@ FORMAT_VERSION = 1
 def save(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write `checkpoint` to `path` through a temp file in the same folder, fsync, then rename.
 
-    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    A crash at any moment leaves either the previous file or the new one, never a partial file; the temp
+    file a killed writer left behind is removed by the next save of the same file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise VitexpError(f"cannot write {path} ({e.strerror}); make {path.parent} writable") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a failed write as RuntimeError
+            kept = f"; the previous {path.name} is kept" if path.exists() else ""
+            raise VitexpError(f"cannot write {path} ({_why(e, path.parent)}): free disk space or pick another "
+                              f"hydra.run.dir{kept}") from None  # fmt: skip
         raise
+
+
+def _why(e: BaseException, folder: Path) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    free = shutil.disk_usage(folder).free
+    return "no space left on device" if free < 1 << 20 else "the write failed"
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

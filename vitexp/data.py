@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import urllib.error
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from vitexp import VitexpError
+
+log = logging.getLogger("vitexp")
 
 TORCHVISION_SETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
@@ -132,11 +135,40 @@ def digits_splits(
     )
 
 
-def _image_folder(path: Path) -> datasets.ImageFolder:
+def _load_image(path: str) -> Image.Image:
+    """torchvision's PIL loader, with a file that fails to decode (say, truncated after its header) named."""
     try:
-        return datasets.ImageFolder(path)
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VitexpError(f"cannot decode {path} ({e}); delete or replace the file") from None
+
+
+def _image_folder(path: Path, check: bool = True) -> datasets.ImageFolder:
+    """The class folders under `path`; files that are not images (by extension or, with `check`, by their
+    header) are skipped and counted in the log, so one stray file does not stop a run hours in."""
+    skipped: list[str] = []
+
+    def readable(file: str) -> bool:
+        if not file.lower().endswith(datasets.folder.IMG_EXTENSIONS):
+            skipped.append(f"{file} (not an image file name)")
+            return False
+        if not check:
+            return True
+        try:
+            with Image.open(file):  # reads the header only
+                return True
+        except (OSError, SyntaxError, ValueError) as e:
+            skipped.append(f"{file} ({type(e).__name__}: {e})")
+            return False
+
+    try:
+        folder = datasets.ImageFolder(path, loader=_load_image, is_valid_file=readable)
     except FileNotFoundError as e:
         raise VitexpError(f"no images in {path}: put them in class folders {path}/<class>/*.jpg ({e})") from None
+    if skipped:
+        log.warning(f"skipped {len(skipped)} files under {path} that are not readable images, e.g. {skipped[0]}")
+    return folder
 
 
 def _torchvision_set(source: str, root: Path, download: bool) -> tuple[Dataset, Dataset]:
@@ -159,20 +191,21 @@ def image_splits(
     seed: int,
     train_transform: Callable,
     eval_transform: Callable,
+    check_images: bool = True,
 ) -> Splits:
     """ImageFolder tree under `root` (train/, optional val/ and test/), else torchvision's files for `source`."""
     path = Path(root).expanduser()
     if (path / "train").is_dir():
-        train_base = _image_folder(path / "train")
+        train_base = _image_folder(path / "train", check_images)
         classes = train_base.classes
         if (path / "val").is_dir():
-            val_base = _image_folder(path / "val")
+            val_base = _image_folder(path / "val", check_images)
             train_idx = list(range(len(train_base)))[:train_subset]
             val_idx = list(range(len(val_base)))
         else:
             val_base = train_base
             train_idx, val_idx = split_indices(len(train_base), val_size, train_subset, seed)
-        test_base = _image_folder(path / "test") if (path / "test").is_dir() else None
+        test_base = _image_folder(path / "test", check_images) if (path / "test").is_dir() else None
     elif source in TORCHVISION_SETS:
         if not download and not path.is_dir():
             raise VitexpError(

@@ -163,28 +163,65 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("vitexp_fresh_dir", fresh_dir, replace=True, use_cache=True)
 
 
-def ensure_new_run_dir(path: Path) -> None:
-    """A new run never writes over an existing one."""
-    if (path / "checkpoints").exists():
+def ensure_new_run_dir(path: Path, *, before_hydra: bool = False) -> None:
+    """A new run never writes over an existing one (checked again `before_hydra` writes its .hydra/ there)."""
+    if resumable(path) if before_hydra else (path / "checkpoints").exists():
         raise VitexpError(f"{path} already holds a run; continue it with resume={path} or pick a new hydra.run.dir")
 
 
+def resumable(folder: Path) -> bool:
+    """Whether `folder` holds a run that `resume=` can continue: one with checkpoints/last.pt, or one stopped
+    before its first checkpoint (its first start's .hydra/config.yaml is there; a distill or prune run may be
+    inside its teacher or unpruned sub-run)."""
+    return (folder / "checkpoints" / "last.pt").is_file() or (folder / ".hydra" / "config.yaml").is_file()
+
+
+def resumed_task(resume: str) -> str:
+    """The task of the run that `resume=` names (`python -m vitexp resume=<distill run>` goes on distilling)."""
+    from vitexp import checkpoint
+
+    folder = resume_run_dir(resume)
+    try:
+        return OmegaConf.load(folder / ".hydra" / "config.yaml").task.name
+    except Exception:  # noqa: BLE001 - no or unreadable .hydra/: the checkpoint has the config too
+        return checkpoint.load(folder / "checkpoints" / "last.pt")["config"]["task"]["name"]
+
+
+def _sub_run_checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*/checkpoints/last.pt"))
+
+
 def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
-    """The run's config, folder and, with `resume=`, its loaded last.pt; a new run gets a fresh folder."""
+    """The run's config, folder and, with `resume=`, its loaded last.pt; a new run gets a fresh folder.
+
+    A run stopped before its own first checkpoint resumes from its first start's config and no last.pt: its
+    sub-runs (a teacher, an unpruned model) continue from their own last.pt, and its epochs start over."""
     from vitexp import checkpoint
 
     out = run_dir()
-    if not cfg.resume and cfg.auto_resume and (out / "checkpoints" / "last.pt").is_file():
+    started = (out / "checkpoints" / "last.pt").is_file() or _sub_run_checkpoints(out)
+    if not cfg.resume and cfg.auto_resume and started:
         with open_dict(cfg):
             cfg.resume = str(out)  # a requeued job: continue where the previous allocation stopped
     if not cfg.resume:
         ensure_new_run_dir(out)
         start_tracking(cfg, out)
         return cfg, out, None
-    resume = checkpoint.load(resume_run_dir(cfg.resume) / "checkpoints" / "last.pt")
-    cfg = resumed_config(cfg, resume["config"])
-    start_tracking(cfg, out, resume["wandb_run_id"])
-    return cfg, out, resume
+    folder = resume_run_dir(cfg.resume)
+    if (folder / "checkpoints" / "last.pt").is_file():
+        resume = checkpoint.load(folder / "checkpoints" / "last.pt")
+        cfg = resumed_config(cfg, resume["config"])
+        start_tracking(cfg, out, resume["wandb_run_id"])
+        return cfg, out, resume
+    try:
+        first = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    except Exception as e:  # noqa: BLE001 - cut short while Hydra wrote it: nothing ran yet
+        raise VitexpError(f"resume={cfg.resume}: its .hydra/config.yaml is unreadable ({type(e).__name__}); "
+                          f"start the run again instead") from None  # fmt: skip
+    subs = _sub_run_checkpoints(folder)
+    cfg = resumed_config(cfg, first)
+    start_tracking(cfg, out, checkpoint.load(subs[-1])["wandb_run_id"] if subs else None)
+    return cfg, out, None
 
 
 def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> None:
@@ -256,6 +293,12 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    heads = [k for k in shapes if k.startswith(("head.", "fc.", "classifier."))]
+    if heads and heads == shapes and not (missing or unexpected):
+        raise VitexpError(
+            f"{source} predicts {state_dict[heads[0]].shape[0]} classes but this model has {own[heads[0]].shape[0]} "
+            f"(data.num_classes); pick the data= it was trained on"
+        )
     if missing or unexpected or shapes:
         detail = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched tensors" + (
             f", e.g. {shapes[0]} {tuple(state_dict[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}"

@@ -170,7 +170,8 @@ def fit(
         checkpoint.set_rng_state(resume["rng"])
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(out, resume_epoch=resume["epoch"] if resume else None, prefix=prefix)
+    # rows past the resumed epoch (all of them when starting over in a stopped run's folder) are written again
+    logger = RunLogger(out, resume_epoch=resume["epoch"] if resume else 0, prefix=prefix)
     reduce = distributed.sum_all if distributed.world_size() > 1 else None
     n_params, macs = count_params(model), count_macs(model)
     log.info(

@@ -1,0 +1,141 @@
+"""SIGKILL train, distill and prune runs at random points (an optimizer step, an evaluation, half-way through a
+checkpoint write, or a random moment), resume them with `resume=`, and compare with the uninterrupted run.
+
+The default suite runs one chosen trial per task; `pytest -m slow tests/reliability` runs VITEXP_TRIALS
+(default 12) random trials per task.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import vitexp
+from vitexp import checkpoint
+from vitexp.runtime import resumable
+
+INJECT = Path(__file__).with_name("inject.py")
+BASE = ["debug=fast", "trainer.device=cpu", "logger=none", "trainer.limit_train_batches=4"]
+TASKS = {
+    "train": [*BASE, "trainer.max_epochs=3"],
+    "distill": [*BASE, "task=distill", "task.teacher_epochs=2", "trainer.max_epochs=2"],
+    "prune": [*BASE, "task=prune", "task.train_epochs=2", "task.finetune_epochs=2"],
+}
+# every checkpoint a finished run of each task holds, sub-runs included
+CHECKPOINTS = {
+    "train": ["checkpoints/last.pt", "checkpoints/best.pt"],
+    "distill": ["teacher/checkpoints/last.pt", "teacher/checkpoints/best.pt", "checkpoints/last.pt",
+                "checkpoints/best.pt"],
+    "prune": ["unpruned/checkpoints/last.pt", "unpruned/checkpoints/best.pt", "checkpoints/pruned.pt",
+              "checkpoints/last.pt", "checkpoints/best.pt"],
+}  # fmt: skip
+FAULTS = ("step", "eval", "save", "time")
+TRIALS = int(os.environ.get("VITEXP_TRIALS", "12"))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(INJECT.parents[2])}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Each task run once without a fault: its folder, how many steps/evaluations/saves it made, its wall time."""
+    found = {}
+
+    def get(task: str) -> tuple[Path, dict[str, int], float]:
+        if task not in found:
+            root = tmp_path_factory.mktemp(f"reference_{task}")
+            counts = root / "counts.json"
+            started = time.perf_counter()
+            subprocess.run([sys.executable, str(INJECT), "count", str(counts), *TASKS[task],
+                            f"hydra.run.dir={root / 'run'}"], cwd=root, env=_env(), check=True,
+                           capture_output=True)  # fmt: skip
+            found[task] = (root / "run", json.loads(counts.read_text()), time.perf_counter() - started)
+        return found[task]
+
+    return get
+
+
+def _rows(run: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
+    with (run / name).open() as f:
+        return [
+            {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in csv.DictReader(f)
+        ]
+
+
+def _trial(task: str, fault: str, n: float, reference, tmp_path: Path) -> None:
+    ref, _, _ = reference(task)
+    run = tmp_path / "run"
+    args = [*TASKS[task], f"hydra.run.dir={run}"]
+    if fault == "time":
+        proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            proc.wait(timeout=n)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        killed = proc.wait() == -signal.SIGKILL
+    else:
+        proc = subprocess.run([sys.executable, str(INJECT), fault, str(int(n)), *args], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, f"{fault} {n} was not reached:\n{proc.stderr[-3000:]}"
+        killed = True
+
+    # whatever the kill left, no checkpoint is unreadable
+    for path in run.rglob("*.pt"):
+        checkpoint.load(path)
+    if killed:
+        if resumable(run):
+            vitexp(f"resume={run}", cwd=tmp_path)
+        else:  # killed before Hydra made the run folder: nothing ran, start again
+            vitexp(*args, cwd=tmp_path)
+
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    assert not list(run.rglob("*.tmp")), "a killed checkpoint write left its temp file behind"
+    for name in CHECKPOINTS[task]:
+        want, got = checkpoint.load(ref / name), checkpoint.load(run / name)
+        assert want["epoch"] == got["epoch"] and want["step"] == got["step"], name
+        for key, tensor in want["model"].items():
+            assert torch.equal(tensor, got["model"][key]), f"{name}: {key} differs from the uninterrupted run"
+        for a, b in zip(want.get("optimizer", {}).get("state", {}).values(),
+                        got.get("optimizer", {}).get("state", {}).values()):  # fmt: skip
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: optimizer state differs"
+    assert _rows(run) == _rows(ref)
+    for sub in {"distill": ["teacher"], "prune": ["unpruned"]}.get(task, []):
+        assert _rows(run / sub) == _rows(ref / sub)
+
+
+# the default suite: one trial per task, each at a point that once went wrong or is easy to get wrong
+@pytest.mark.parametrize(
+    "task, fault, n",
+    [
+        ("train", "save", 3),  # half-way through epoch 2's best.pt
+        ("distill", "step", 6),  # inside the teacher's second epoch: the run folder has no last.pt yet
+        ("distill", "eval", 5),  # the student's second evaluation: resume= must go on distilling, not training
+        ("prune", "save", 6),  # inside the fine-tuning's first last.pt, after pruned.pt
+    ],
+)
+def test_a_killed_run_resumes_to_the_uninterrupted_result(task, fault, n, reference, tmp_path):
+    _trial(task, fault, n, reference, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_random_kills_resume_to_the_uninterrupted_result(task, trial, reference, tmp_path):
+    _, counts, wall = reference(task)
+    rng = random.Random(f"{task}-{trial}")
+    fault = FAULTS[trial % len(FAULTS)]
+    n = rng.uniform(0.5, wall) if fault == "time" else rng.randint(1, counts[fault])
+    print(f"{task}: SIGKILL at {fault} {n}")
+    _trial(task, fault, n, reference, tmp_path)
