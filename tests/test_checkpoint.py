@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import TINY, vitexp
 from vitexp import VitexpError, checkpoint
 
 STATE = {"model": {"w": torch.arange(6.0)}, "arch": {"builder": "vit", "name": "x", "kwargs": {}}, "epoch": 3}
@@ -71,6 +72,15 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path):
     assert not Path(MARKER).exists()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(evil, weights_only=True)
+    for args in (["task=evaluate", f"ckpt_path={evil}"], [*TINY, f"ckpt_path={evil}"], [f"resume={tmp_path}"]):
+        if args[0].startswith("resume"):
+            (tmp_path / "checkpoints").mkdir(exist_ok=True)
+            (tmp_path / "checkpoints" / "last.pt").write_bytes(evil.read_bytes())
+        proc = vitexp(*args, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "refused to load" in proc.stderr.strip().splitlines()[-1], proc.stderr
+        assert not Path(MARKER).exists()
+    torch.load(evil, weights_only=False)  # the payload is live: an unguarded load runs it
+    assert Path(MARKER).exists()
 
 
 def test_rng_state_round_trips_through_a_file(tmp_path):
