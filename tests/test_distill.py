@@ -53,6 +53,13 @@ def test_token_loss_uses_class_head_for_labels_and_distillation_head_for_teacher
     assert loss.item() == pytest.approx(0.5 * base + 0.5 * math.log(3), rel=1e-6)
 
 
+def test_the_teachers_preprocessing_lives_on_the_teachers_device():
+    # on a GPU the teacher's re-normalisation must be there too (it was left on the CPU once)
+    teacher = nn.Linear(3, 2, device="meta")
+    distiller = Distiller(nn.Identity(), teacher, [0.5] * 3, [0.2] * 3, [0.4] * 3, [0.3] * 3, 8)
+    assert distiller.scale.device.type == distiller.shift.device.type == "meta"
+
+
 def test_teacher_is_frozen_in_eval_mode_and_sees_its_own_preprocessing():
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
     seen = {}

@@ -30,9 +30,10 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
-        # x_teacher = (x * s_std + s_mean - t_mean) / t_std = x * scale + shift
-        s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
-        t_mean, t_std = torch.tensor(teacher_mean), torch.tensor(teacher_std)
+        # x_teacher = (x * s_std + s_mean - t_mean) / t_std = x * scale + shift, on the teacher's device
+        device = next(teacher.parameters(), torch.empty(0)).device
+        s_mean, s_std = torch.tensor(student_mean, device=device), torch.tensor(student_std, device=device)
+        t_mean, t_std = torch.tensor(teacher_mean, device=device), torch.tensor(teacher_std, device=device)
         self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
         self.teacher_img_size = teacher_img_size
