@@ -156,7 +156,7 @@ def fit(
         else (train_model, model)
     )
 
-    start_epoch, step, best_acc = 1, 0, -1.0
+    start_epoch, step, best_acc, val_images = 1, 0, -1.0, None
     if resume is not None:
         load_weights(model, resume["model"], f"{out}/checkpoints/last.pt")
         optimizer.load_state_dict(resume["optimizer"])
@@ -167,6 +167,7 @@ def fit(
             ema.load_state_dict(resume["ema"])
         start_epoch, step = resume["epoch"] + 1, resume["step"]
         best_acc = resume["metrics"]["best_val_acc1"]
+        val_images = resume.get("val_images")
         checkpoint.set_rng_state(resume["rng"])
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -196,6 +197,7 @@ def fit(
             eval_model, val_loader, device, cfg.data.num_classes,
             autocast_dtype=amp, limit_batches=cfg.trainer.limit_val_batches, progress=progress, reduce=reduce,
         )  # fmt: skip
+        val_images = val["images"]
         metrics = {"epoch": epoch, **train_metrics, "val/loss": val["loss"], "val/acc1": val["acc1"],
                    "val/acc5": val["acc5"]}  # fmt: skip
         extra = {"val_ema/acc1": ema.module} if ema is not None else {}
@@ -223,6 +225,7 @@ def fit(
             "rng": checkpoint.rng_state(),
             "config": config,
             "metrics": {**metrics, "best_val_acc1": best_acc},
+            "val_images": val_images,
             "wandb_run_id": wandb_run_id(),
             "version": __version__,
         }
@@ -250,7 +253,7 @@ def fit(
         "best_val_acc1": best_acc,
         "val_acc1": rows[-1]["val/acc1"] if rows else None,
         "val_acc5": rows[-1]["val/acc5"] if rows else None,
-        "val_images": val["images"] if start_epoch <= cfg.trainer.max_epochs else None,
+        "val_images": val_images,  # a run killed after its last checkpoint has it from there
         "processes": distributed.world_size(),
         "params": n_params,
         "macs": macs,
