@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError, distributed
-from vitexp.logging import RunLogger, finish_wandb
+from vitexp.logging import RunLogger, completed, finish_wandb
 from vitexp.runtime import (
     ensure_new_run_dir,
     register_resolvers,
@@ -58,9 +58,7 @@ def _main(cfg: DictConfig) -> float | None:
         # raised in a DataLoader worker, it comes back with the worker's traceback: keep the message alone
         message = str(e).rsplit("VitexpError: ", 1)[-1].strip() if "Original Traceback" in str(e) else str(e)
         log.error(f"error: {message}")
-        results_json = run_dir() / "results.json"
-        if not (results_json.is_file() and '"status": "completed"' in results_json.read_text()):
-            # a finished run's results stand (a refused resume of it changes nothing)
+        if not completed(run_dir()):  # a finished run's results stand (a refused resume of it changes nothing)
             RunLogger(run_dir()).log_results({"task": task, "status": "failed", "error": message})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the other jobs of the sweep go on; this one is marked failed in its results.json

@@ -89,6 +89,15 @@ def finish_wandb(failed: bool) -> None:
         _wandb_run = None
 
 
+def completed(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` finished (its results.json says so)."""
+    path = Path(run_dir) / "results.json"
+    try:
+        return json.loads(path.read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
 class RunLogger:
     """Writes one run's metrics to its folder and to the job's W&B run, if one is open.
 

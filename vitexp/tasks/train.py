@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots
 from vitexp.data import DeviceLoader, Splits, make_loader, set_epoch, to_device
-from vitexp.logging import RunLogger, read_metrics, wandb_run_id
+from vitexp.logging import RunLogger, completed, read_metrics, wandb_run_id
 from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
 from vitexp.runtime import (
     autocast_dtype,
@@ -50,8 +49,7 @@ def train_in(cfg: DictConfig, folder: Path, model: DictConfig, epochs: int) -> P
     teacher to distil or a model to prune); resumes or skips it when an earlier attempt got that far.
     Returns its best.pt."""
     best = folder / "checkpoints" / "best.pt"
-    results = folder / "results.json"
-    if results.exists() and json.loads(results.read_text())["status"] == "completed":
+    if completed(folder):
         return best
     sub_cfg = derived_config(cfg, {
         "model": model,
