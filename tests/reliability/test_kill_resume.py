@@ -77,10 +77,12 @@ def _rows(run: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
         ]
 
 
-def _trial(task: str, fault: str, n: float, reference, tmp_path: Path) -> None:
+def _trial(task: str, fault: str, n: float, reference, tmp_path: Path, requeue: bool = False) -> None:
+    """Kill a run at `fault` number `n`, then continue it with `resume=` (or, `requeue`, as a cluster does: the
+    same command again, with `auto_resume=true`) and compare with the uninterrupted run."""
     ref, _, _ = reference(task)
     run = tmp_path / "run"
-    args = [*TASKS[task], f"hydra.run.dir={run}"]
+    args = [*TASKS[task], f"hydra.run.dir={run}", *(["auto_resume=true"] if requeue else [])]
     if fault == "time":
         proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -99,7 +101,9 @@ def _trial(task: str, fault: str, n: float, reference, tmp_path: Path) -> None:
     for path in run.rglob("*.pt"):
         checkpoint.load(path)
     if killed:
-        if resumable(run):
+        if requeue:
+            vitexp(*args, cwd=tmp_path)
+        elif resumable(run):
             vitexp(f"resume={run}", cwd=tmp_path)
         else:  # killed before Hydra made the run folder: nothing ran, start again
             vitexp(*args, cwd=tmp_path)
@@ -136,6 +140,10 @@ def _trial(task: str, fault: str, n: float, reference, tmp_path: Path) -> None:
 )
 def test_a_killed_run_resumes_to_the_uninterrupted_result(task, fault, n, reference, tmp_path):
     _trial(task, fault, n, reference, tmp_path)
+
+
+def test_a_requeued_job_killed_inside_its_teacher_continues_it(reference, tmp_path):
+    _trial("distill", "step", 6, reference, tmp_path, requeue=True)
 
 
 @pytest.mark.slow
