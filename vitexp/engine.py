@@ -6,6 +6,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -14,12 +15,12 @@ from tqdm import tqdm
 from vitexp import VitexpError
 
 
-def out_of_memory(e: BaseException, device: torch.device, batch: int, fix: str) -> VitexpError | None:
-    """The one-line error for a failed allocation (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
-    Python's MemoryError), or None when `e` is something else."""
+def _reraise(e: BaseException, device: torch.device, batch: int, fix: str) -> NoReturn:
+    """Raise `e`, as a one-line error naming the batch size and `fix` when it is a failed allocation (CUDA's
+    OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError)."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
-        return VitexpError(f"out of memory on {device} with batches of {batch} images; {fix}")
-    return None
+        raise VitexpError(f"out of memory on {device} with batches of {batch} images; {fix}") from None
+    raise e
 
 
 def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
@@ -93,7 +94,8 @@ def train_one_epoch(
                 micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
                 (scaler.scale(loss / micro) if scaler else loss / micro).backward()
             if skip_nonfinite:
-                pending += torch.stack([loss.detach() * batch, torch.tensor(float(batch), device=device)])
+                pending[0] += loss.detach() * batch
+                pending[1] += batch
             else:
                 loss_sum += loss.detach() * batch
             n_seen += batch
@@ -147,12 +149,8 @@ def train_one_epoch(
                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                 )
     except (RuntimeError, MemoryError) as e:
-        fix = (f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
-               f"trainer.accumulate_grad_batches={accumulate * 2} to keep the effective batch")  # fmt: skip
-        error = out_of_memory(e, device, batch, fix)
-        if error is None:
-            raise
-        raise error from None
+        _reraise(e, device, batch, f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
+                                   f"trainer.accumulate_grad_batches={accumulate * 2} to keep the effective batch")  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
@@ -215,10 +213,7 @@ def evaluate(
             confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
             n += targets.shape[0]
     except (RuntimeError, MemoryError) as e:
-        error = out_of_memory(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
-        if error is None:
-            raise
-        raise error from None
+        _reraise(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
     totals = torch.cat([torch.stack([loss_sum, top1.double(), top5.double(), torch.tensor(float(n), device=device,
                                                                                           dtype=torch.float64)]),
                         confusion.double()])  # fmt: skip

@@ -208,20 +208,20 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict[str, Any] | None]:
         start_tracking(cfg, out)
         return cfg, out, None
     folder = resume_run_dir(cfg.resume)
-    if (folder / "checkpoints" / "last.pt").is_file():
-        resume = checkpoint.load(folder / "checkpoints" / "last.pt")
-        cfg = resumed_config(cfg, resume["config"])
-        start_tracking(cfg, out, resume["wandb_run_id"])
-        return cfg, out, resume
-    try:
-        first = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"))
-    except Exception as e:  # noqa: BLE001 - cut short while Hydra wrote it: nothing ran yet
-        raise VitexpError(f"resume={cfg.resume}: its .hydra/config.yaml is unreadable ({type(e).__name__}); "
-                          f"start the run again instead") from None  # fmt: skip
-    subs = _sub_run_checkpoints(folder)
-    cfg = resumed_config(cfg, first)
-    start_tracking(cfg, out, checkpoint.load(subs[-1])["wandb_run_id"] if subs else None)
-    return cfg, out, None
+    last, subs = folder / "checkpoints" / "last.pt", _sub_run_checkpoints(folder)
+    resume = checkpoint.load(last) if last.is_file() else None
+    if resume is not None:
+        saved, run_id = resume["config"], resume["wandb_run_id"]
+    else:
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+        except Exception as e:  # noqa: BLE001 - cut short while Hydra wrote it: nothing ran yet
+            raise VitexpError(f"resume={cfg.resume}: its .hydra/config.yaml is unreadable ({type(e).__name__}); "
+                              f"start the run again instead") from None  # fmt: skip
+        run_id = checkpoint.load(subs[-1])["wandb_run_id"] if subs else None  # the sub-run logged to the job's run
+    cfg = resumed_config(cfg, saved)
+    start_tracking(cfg, out, run_id)
+    return cfg, out, resume
 
 
 def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> None:

@@ -148,9 +148,10 @@ def fit(
     train_model = wrap(model) if wrap else model
     if distributed.world_size() > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = use_compile(cfg.trainer.compile, device)
     train_model, eval_model = (
         (torch.compile(train_model, mode=cfg.trainer.compile_mode), torch.compile(model, mode=cfg.trainer.compile_mode))
-        if use_compile(cfg.trainer.compile, device)
+        if compiled
         else (train_model, model)
     )
 
@@ -176,7 +177,7 @@ def fit(
     log.info(
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs/img | {cfg.data.name}: "
         f"{len(splits.train)} train, {len(splits.val)} val | {device}, {precision_name(amp)}"
-        f"{', compiled' if use_compile(cfg.trainer.compile, device) else ''}{', data on device' if cfg.data.on_device else ''} | {out}"
+        f"{', compiled' if compiled else ''}{', data on device' if cfg.data.on_device else ''} | {out}"
     )
     for epoch in range(start_epoch, cfg.trainer.max_epochs + 1):
         epoch_start = time.perf_counter()
