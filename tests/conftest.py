@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vitexp.__main__ import config_dir
-from vitexp.runtime import register_resolvers
+from vitexp.config import config_dir, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"

@@ -8,8 +8,8 @@ from PIL import Image
 
 from tests.conftest import compose_config
 from vitexp import VitexpError
+from vitexp.config import build
 from vitexp.data import make_loader, set_epoch, split_indices
-from vitexp.runtime import build
 
 
 def test_split_is_seeded_disjoint_and_complete():

@@ -162,5 +162,5 @@ def test_bad_teachers_are_one_line_errors(pipeline, tmp_path):
                    f"data.root={tmp_path / 'three'}", "data.in_chans=1", "data.val_size=3", cwd=tmp_path, check=False)  # fmt: skip
     assert "predicts 10 classes" in _one_line_error(wrong)
     cnn_student = vitexp(*TINY, "task=distill", "task.distill_type=token", f"task.teacher_ckpt={teacher}",
-                         "model._target_=vitexp.models.cnn", cwd=tmp_path, check=False)  # fmt: skip
+                         "model.builder=cnn", cwd=tmp_path, check=False)  # fmt: skip
     assert "needs a ViT student" in _one_line_error(cnn_student)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -15,6 +17,13 @@ def _data(n=32, seed=0):
     return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+CPU = engine.StepSettings(torch.device("cpu"))
+
+
+def _opt(optimizer, scheduler):
+    return engine.Optimization(optimizer, scheduler)
+
+
 def _setup(lr=0.1):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -26,9 +35,9 @@ def test_train_one_epoch_learns_and_counts_steps():
     x, y = _data()
     model, opt, sched = _setup()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    first, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0)
+    first, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, CPU)
     for _ in range(20):
-        last, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), step)
+        last, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), step, CPU)
     assert step == 21 * 4
     assert last["train/loss"] < 0.7 * first["train/loss"]
     assert last["grad_norm"] > 0 and last["throughput/img_s"] > 0
@@ -38,11 +47,12 @@ def test_accumulating_two_half_batches_equals_one_full_batch():
     x, y = _data(16)
     full, opt_full, sched_full = _setup()
     half, opt_half, sched_half = _setup()
-    cpu, loss = torch.device("cpu"), nn.CrossEntropyLoss()
-    engine.train_one_epoch(full, DataLoader(TensorDataset(x, y), batch_size=16), loss, opt_full, sched_full, cpu, 0)
-    _, steps = engine.train_one_epoch(
-        half, DataLoader(TensorDataset(x, y), batch_size=8), loss, opt_half, sched_half, cpu, 0, accumulate=2
+    loss = nn.CrossEntropyLoss()
+    engine.train_one_epoch(
+        full, DataLoader(TensorDataset(x, y), batch_size=16), loss, _opt(opt_full, sched_full), 0, CPU
     )
+    _, steps = engine.train_one_epoch(half, DataLoader(TensorDataset(x, y), batch_size=8), loss,
+                                      _opt(opt_half, sched_half), 0, replace(CPU, accumulate=2))  # fmt: skip
     assert steps == 1
     for a, b in zip(full.parameters(), half.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -53,9 +63,8 @@ def test_gradient_clipping_bounds_the_update():
     model, opt, sched = _setup(lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     loader = DataLoader(TensorDataset(x * 100, y), batch_size=32)
-    metrics, _ = engine.train_one_epoch(
-        model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0, clip_norm=0.01
-    )
+    metrics, _ = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0,
+                                        replace(CPU, clip_norm=0.01))  # fmt: skip
     moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert metrics["grad_norm"] > 0.01  # the logged norm is the one before clipping
     assert moved <= 0.01 * 1.01  # SGD, lr 1: the step is the clipped gradient
@@ -78,8 +87,9 @@ def test_per_step_logging_reports_interval_means_every_n_steps():
     model, opt, sched = _setup()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 6 steps
     logged = []
-    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0,
-                                           on_log=lambda s, m: logged.append((s, m)), log_every=2)  # fmt: skip
+    monitor = engine.Monitor(on_log=lambda s, m: logged.append((s, m)), log_every=2)
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, CPU,
+                                           monitor=monitor)  # fmt: skip
     assert [s for s, _ in logged] == [2, 4, 6]
     assert all(m.keys() == {"train_loss", "lr", "grad_norm"} for _, m in logged)
     # the three interval means of equal-sized intervals average to the epoch means
@@ -96,7 +106,9 @@ def test_non_finite_loss_stops_with_the_epoch_named():
         return nn.functional.cross_entropy(logits, targets) * float("inf")
 
     try:
-        engine.train_one_epoch(model, loader, exploding, opt, sched, torch.device("cpu"), 0, desc="epoch 7")
+        engine.train_one_epoch(
+            model, loader, exploding, _opt(opt, sched), 0, CPU, monitor=engine.Monitor(desc="epoch 7")
+        )
     except VitexpError as e:
         assert "in epoch 7" in str(e) and "optim.lr" in str(e) and "\n" not in str(e)
     else:

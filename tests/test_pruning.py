@@ -78,7 +78,7 @@ def test_model_pruned_is_uniform_and_trainable():
 def pipeline(tmp_path_factory):
     """One command: train the tiny baseline, prune half of it, fine-tune."""
     cwd = tmp_path_factory.mktemp("prune")
-    vitexp(*TINY, "task=prune", "task.ratio=0.5", "task.importance=taylor", "task.steps=2", cwd=cwd)
+    vitexp(*TINY, "task=prune", "task.ratio=0.5", "task.importance=taylor", "task.rounds=2", cwd=cwd)
     (run,) = (cwd / "outputs" / "prune" / "baseline").iterdir()
     return run
 

@@ -17,7 +17,8 @@ import yaml
 
 from tests.conftest import TINY, vitexp
 from vitexp.report import pareto_front
-from vitexp.runtime import fresh_dir, run_name
+from vitexp.rundir import fresh_dir
+from vitexp.tracking import run_name
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "logger.log_every_n_steps=1"]
 TINY_WANDB = [*TINY[:-1], *OFFLINE]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
@@ -12,33 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp import VitexpError, distributed
-from vitexp.logging import RunLogger, completed, finish_wandb
-from vitexp.runtime import (
-    ensure_new_run_dir,
-    register_resolvers,
-    request_stop,
-    resumable,
-    resume_run_dir,
-    resumed_task,
-    run_dir,
-)
-from vitexp.tasks import benchmark, distill, evaluate, prune, train
-from vitexp.validation import validate
+from vitexp import VitexpError, distributed, tracking
+from vitexp.config import config_dir, register_resolvers, resume_overrides, run_dir, validate
+from vitexp.records import completed, write_results
+from vitexp.rundir import ensure_new_run_dir
+from vitexp.stop import request_stop
 
 log = logging.getLogger("vitexp")
-
-TASKS = {"train": train.run, "distill": distill.run, "prune": prune.run, "evaluate": evaluate.run,
-         "benchmark": benchmark.run}  # fmt: skip
-SWEEP_METRIC = {"train": "best_val_acc1", "distill": "best_val_acc1", "prune": "best_val_acc1", "evaluate": "test_acc1",
-                "benchmark": "img_per_s"}  # fmt: skip
-
-
-def config_dir() -> str:
-    """The top-level conf/ in a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent
-    source = here.parent / "conf"
-    return str(source if (source / "config.yaml").is_file() else here / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -48,18 +29,18 @@ def _main(cfg: DictConfig) -> float | None:
     if not distributed.is_main():
         logging.getLogger("vitexp").setLevel(logging.WARNING)  # rank 0 speaks for the run; others only warn
     failed = True
-    task = cfg.task.name
+    name = HydraConfig.get().runtime.choices["task"]  # one of conf/task/*.yaml: the module of that name runs
+    task = importlib.import_module(f"vitexp.tasks.{name}")
     try:
         validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
-        task = resumed_task(cfg.resume) if cfg.resume else task
-        results = TASKS[task](cfg)
+        results = task.run(cfg)
         failed = False
     except VitexpError as e:
         # raised in a DataLoader worker, it comes back with the worker's traceback: keep the message alone
         message = str(e).rsplit("VitexpError: ", 1)[-1].strip() if "Original Traceback" in str(e) else str(e)
         log.error(f"error: {message}")
         if not completed(run_dir()):  # a finished run's results stand (a refused resume of it changes nothing)
-            RunLogger(run_dir()).log_results({"task": task, "status": "failed", "error": message})
+            write_results(run_dir(), {"task": name, "status": "failed", "error": message})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the other jobs of the sweep go on; this one is marked failed in its results.json
         sys.exit(2)
@@ -69,8 +50,8 @@ def _main(cfg: DictConfig) -> float | None:
         log.error(f"interrupted ({str(e) or 'SIGINT'}); continue from {since} with: python -m vitexp resume={where}")
         sys.exit(130)
     finally:
-        finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next job starts
-    return results.get(SWEEP_METRIC[task], results.get("val_acc1"))
+        tracking.finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next starts
+    return results.get(task.SWEEP_METRIC, results.get("val_acc1"))
 
 
 def _preflight(argv: list[str]) -> None:
@@ -93,8 +74,6 @@ def _preflight(argv: list[str]) -> None:
     if missing:
         raise VitexpError(f"{missing[0]} must be set: pass {missing[0]}=...")
     validate(cfg)
-    if cfg.task.name not in TASKS:
-        raise VitexpError(f"task={cfg.task.name} is not available; choose one of: {', '.join(TASKS)}")
     explicit = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     folder = Path(explicit[-1] if explicit else "outputs")  # a new run goes there (Hydra would create it next)
     try:
@@ -104,9 +83,6 @@ def _preflight(argv: list[str]) -> None:
                           f"hydra.run.dir") from None  # fmt: skip
     if explicit and not (cfg.resume or cfg.auto_resume):
         ensure_new_run_dir(folder, before_hydra=True)
-    if cfg.resume and not resumable(resume_run_dir(cfg.resume)):
-        raise VitexpError(f"resume={cfg.resume}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); "
-                          f"pass a run folder vitexp wrote")  # fmt: skip
 
 
 def _unparsable(argv: list[str]) -> str:
@@ -167,6 +143,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     register_resolvers()
     try:
+        sys.argv[1:] = resume_overrides(
+            sys.argv[1:]
+        )  # a resumed run is composed with the group choices it started with
         _preflight(sys.argv[1:])
     except VitexpError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Save a checkpoint atomically and load one without executing anything from the file."""
+"""Checkpoints: written atomically, read without executing anything from the file, loaded into a model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from vitexp import VitexpError
 
+# The layout of the checkpoint dict; a file of a newer layout is refused with a clear error, not misread.
 FORMAT_VERSION = 1
 
 
@@ -73,7 +75,42 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
         raise VitexpError(f"{path} is not a vitexp checkpoint (no 'model' and 'arch' entries)")
+    if checkpoint.get("format", 1) != FORMAT_VERSION:
+        raise VitexpError(f"{path} has checkpoint format {checkpoint.get('format')!r}, this vitexp reads format "
+                          f"{FORMAT_VERSION}; use the vitexp version that wrote it ({checkpoint.get('version')})")  # fmt: skip
     return checkpoint
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state_dict` into `model` strictly; a mismatch is a one-line error that says what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    heads = [k for k in shapes if k.startswith(("head.", "fc.", "classifier."))]
+    if heads and heads == shapes and not (missing or unexpected):
+        raise VitexpError(
+            f"{source} predicts {state_dict[heads[0]].shape[0]} classes but this model has {own[heads[0]].shape[0]} "
+            f"(data.num_classes); pick the data= it was trained on"
+        )
+    if missing or unexpected or shapes:
+        detail = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mismatched tensors" + (
+            f", e.g. {shapes[0]} {tuple(state_dict[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}"
+            if shapes
+            else ""
+        )
+        raise VitexpError(f"{source} does not fit this model ({detail}); pick the model= it was trained with")
+    model.load_state_dict(state_dict)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The module a checkpoint holds, rebuilt from its `arch` with its weights (on the CPU), and the checkpoint."""
+    from vitexp.models import build_from_arch
+
+    checkpoint = load(path)
+    model = build_from_arch(checkpoint["arch"])
+    load_weights(model, checkpoint["model"], str(path))
+    return model, checkpoint
 
 
 def rng_state() -> dict[str, Any]:

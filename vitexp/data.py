@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import urllib.error
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from vitexp import VitexpError
+from vitexp import VitexpError, distributed
 
 log = logging.getLogger("vitexp")
 
@@ -369,3 +369,43 @@ def set_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int) -> None:
     This is what lets a resumed run see exactly the batches an uninterrupted one would have seen.
     """
     loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How splits become batches: the `data.*` settings the loaders read (batch sizes are global under torchrun)."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    persistent_workers: bool
+    on_device: bool
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    hflip: float
+    worker_only: tuple[str, ...] = ()  # augmentations switched on that only the worker path runs
+
+
+def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
+    """Train and val loaders of this rank's share: worker processes over the transforms, or with `on_device` the
+    splits held on the device as uint8 and cropped, flipped and normalised there."""
+    s, rank, world = settings, distributed.rank(), distributed.world_size()
+    if len(splits.train) < s.batch_size:
+        raise VitexpError(
+            f"{len(splits.train)} train images make no full batch of {s.batch_size}; lower data.batch_size"
+        )
+    if not s.on_device:
+        pin = device.type == "cuda"
+        return (make_loader(splits.train, s.batch_size, s.num_workers, s.persistent_workers, True, pin, rank, world),
+                make_loader(splits.val, s.eval_batch_size, s.num_workers, s.persistent_workers, False, pin, rank,
+                            world))  # fmt: skip
+    if s.worker_only:
+        raise VitexpError(f"data.on_device=true augments with crop and flip only; set data.splits.train_transform."
+                          f"{s.worker_only[0]}=0 (or null), or data.on_device=false")  # fmt: skip
+    train = DeviceLoader(*to_device(splits.train, s.img_size, device, s.num_workers), s.batch_size, True, s.mean,
+                         s.std, s.crop_padding, s.hflip, rank, world)  # fmt: skip
+    val = DeviceLoader(*to_device(splits.val, s.img_size, device, s.num_workers), s.eval_batch_size, False, s.mean,
+                       s.std, rank=rank, world=world)  # fmt: skip
+    return train, val

@@ -6,13 +6,60 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from vitexp import VitexpError
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each batch is computed and each optimizer step taken.
+
+    `accumulate` batches make one optimizer step (DDP's all-reduce runs on the last one only); `clip_norm` caps
+    the gradient norm (null: logged, not applied); with `skip_nonfinite` a step whose gradient norm is not finite
+    is skipped instead of ending the epoch with an error; `reduce` sums the epoch's figures over the ranks.
+    """
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    accumulate: int = 1
+    clip_norm: float | None = None
+    skip_nonfinite: bool = False
+    reduce: Reduce | None = None
+
+
+@dataclass
+class Optimization:
+    """What a training step updates: the optimizer, its per-step timm schedule, the fp16 GradScaler, the weight
+    EMA, and the batch mixer (timm's Mixup) applied before the forward pass."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None = None
+    ema: Any = None
+    mixup: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """What the loop shows while it runs: a progress bar, and `on_log(step, {train_loss, lr, grad_norm})` every
+    `log_every` optimizer steps (means over that interval)."""
+
+    progress: bool = False
+    desc: str = "train"
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    log_every: int = 50
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _reraise(e: BaseException, device: torch.device, batch: int, fix: str) -> NoReturn:
@@ -29,149 +76,172 @@ def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
     return (batch for i, batch in zip(range(n), loader)), n
 
 
+class _Sums:
+    """An epoch's running figures, kept on the device so that the step never waits for the host.
+
+    With `skip_nonfinite` a step's batch losses wait in `pending` until its gradient norm is known to be finite.
+    `interval` holds loss * images, images and the summed norm since the last per-step log.
+    """
+
+    def __init__(self, device: torch.device, skip_nonfinite: bool) -> None:
+        self.device, self.skip_nonfinite = device, skip_nonfinite
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.counted = torch.zeros((), device=device)
+        self.pending = torch.zeros(2, device=device)
+        self.interval = torch.zeros(3, device=device)
+        self.seen = self.steps = self.skipped = self.interval_steps = 0
+
+    def add_batch(self, loss: torch.Tensor, images: int, logging: bool) -> None:
+        if self.skip_nonfinite:
+            self.pending[0] += loss * images
+            self.pending[1] += images
+        else:
+            self.loss += loss * images
+        self.seen += images
+        if logging:
+            self.interval[0] += loss * images
+            self.interval[1] += images
+
+    def drop_step(self) -> None:
+        self.pending.zero_()
+        self.skipped += 1
+
+    def add_step(self, norm: torch.Tensor, logging: bool) -> None:
+        if self.skip_nonfinite:
+            self.loss += self.pending[0]
+            self.counted += self.pending[1]
+            self.pending.zero_()
+        self.norm += norm
+        if logging:
+            self.interval[2] += norm
+            self.interval_steps += 1
+
+    def interval_means(self) -> tuple[float, float]:
+        """Mean train loss and gradient norm since the last call."""
+        loss_images, images, norms = self.interval.tolist()
+        means = loss_images / images, norms / self.interval_steps
+        self.interval.zero_()
+        self.interval_steps = 0
+        return means
+
+    def running_loss(self) -> float:
+        return self.loss.item() / max(self.counted.item() if self.skip_nonfinite else self.seen, 1)
+
+    def totals(self, reduce: Reduce | None) -> tuple[float, float, float]:
+        """Summed loss, images counted in it and images seen, over every rank."""
+        counted = self.counted if self.skip_nonfinite else torch.tensor(float(self.seen), device=self.device)
+        totals = torch.stack([self.loss, counted, torch.tensor(float(self.seen), device=self.device)])
+        return tuple((reduce(totals) if reduce else totals).tolist())
+
+
+def _optimizer_step(params: list[nn.Parameter], opt: Optimization, s: StepSettings, sums: _Sums, logging: bool) -> bool:
+    """Unscale, measure (and clip) the gradient norm and step the optimizer; False when the step was skipped for a
+    non-finite gradient. The schedule, the EMA and the step count are the caller's."""
+    if opt.scaler:
+        opt.scaler.unscale_(opt.optimizer)
+    norm = (
+        nn.utils.clip_grad_norm_(params, s.clip_norm)
+        if s.clip_norm is not None
+        else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
+    )
+    if s.skip_nonfinite and not torch.isfinite(norm):  # one host read per step: the price of skipping
+        opt.optimizer.zero_grad(set_to_none=True)
+        sums.drop_step()
+        return False
+    sums.add_step(norm.detach(), logging)
+    if opt.scaler:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def _micro_step(model: nn.Module, images, targets, loss_fn, micro: int, sync: bool, opt, s) -> torch.Tensor:
+    """Forward and backward of one batch, its loss scaled for `micro` accumulated batches; returns the loss."""
+    images = images.to(s.device, non_blocking=True)
+    targets = targets.to(s.device, non_blocking=True)
+    if opt.mixup is not None:
+        images, targets = opt.mixup(images, targets)
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with _autocast(s.device, s.autocast_dtype):
+            loss = loss_fn(model(images), targets)
+        (opt.scaler.scale(loss / micro) if opt.scaler else loss / micro).backward()
+    return loss.detach()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    opt: Optimization,
     step: int,
+    settings: StepSettings,
     *,
-    autocast_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accumulate: int = 1,
-    clip_norm: float | None = None,
-    mixup: Callable | None = None,
-    ema=None,
     limit_batches: int | None = None,
-    progress: bool = False,
-    desc: str = "train",
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
-    log_every: int = 50,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    skip_nonfinite: bool = False,
+    monitor: Monitor = Monitor(),
 ) -> tuple[dict[str, float], int]:
-    """Train for one pass over `loader`; returns epoch metrics and the new optimizer-step count.
+    """Train for one pass over `loader`; returns the epoch's figures and the new optimizer-step count.
 
-    `scheduler` is a timm scheduler stepped per optimizer step (`step_update`). Sums stay on the device
-    and are read once per `log_every` optimizer steps (for `on_log(step, {train_loss, lr, grad_norm})`, the
-    means over that interval) and once at the end, so the step does not wait for the host. Under DDP,
-    accumulation micro-steps skip the gradient all-reduce (`no_sync`), and `reduce` sums the epoch's loss and
-    image counts over the ranks (per-step figures are this rank's).
-
-    A non-finite epoch loss is an error naming the epoch. With `skip_nonfinite`, an optimizer step whose
-    gradient norm is not finite (a NaN/inf loss in one of its batches) is skipped instead, its batches are
-    left out of the loss, and `skipped_steps` counts them (the norm is then read every step). Running out of
-    memory is an error suggesting a smaller batch with gradient accumulation.
+    The schedule is stepped per optimizer step (`step_update`). A non-finite epoch loss is an error naming the
+    epoch; running out of memory is an error suggesting a smaller batch with gradient accumulation.
     """
     model.train()
     batches, n_batches = _limited(loader, limit_batches)
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    n_seen, n_steps, skipped = 0, 0, 0
-    counted = torch.zeros((), device=device)  # with skip_nonfinite: images whose loss is in loss_sum
-    pending = torch.zeros(2, device=device)  # with skip_nonfinite: loss * images, images of the step being built
-    interval = torch.zeros(3, device=device)  # loss * images, images, grad norm since the last on_log
-    interval_steps = 0
+    s, sums, logging = settings, _Sums(settings.device, settings.skip_nonfinite), monitor.on_log is not None
     params = [p for p in model.parameters() if p.requires_grad]
-    start = time.perf_counter()
-    bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    batch = 0
+    start, batch = time.perf_counter(), 0
+    bar = tqdm(batches, total=n_batches, desc=monitor.desc, leave=False, disable=not monitor.progress,
+               dynamic_ncols=True)  # fmt: skip
     try:
         for i, (images, targets) in enumerate(bar):
             batch = images.shape[0]
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            stepping = (i + 1) % accumulate == 0 or i + 1 == n_batches
-            with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    loss = loss_fn(model(images), targets)
-                micro = min(accumulate, n_batches - (i // accumulate) * accumulate)
-                (scaler.scale(loss / micro) if scaler else loss / micro).backward()
-            if skip_nonfinite:
-                pending[0] += loss.detach() * batch
-                pending[1] += batch
-            else:
-                loss_sum += loss.detach() * batch
-            n_seen += batch
-            if on_log is not None:
-                interval[0] += loss.detach() * batch
-                interval[1] += batch
+            stepping = (i + 1) % s.accumulate == 0 or i + 1 == n_batches
+            micro = min(s.accumulate, n_batches - (i // s.accumulate) * s.accumulate)
+            sums.add_batch(_micro_step(model, images, targets, loss_fn, micro, stepping, opt, s), batch, logging)
             if not stepping:
                 continue
-            if scaler:
-                scaler.unscale_(optimizer)
-            norm = (
-                nn.utils.clip_grad_norm_(params, clip_norm)
-                if clip_norm is not None
-                else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
-            )
-            if skip_nonfinite:
-                if not torch.isfinite(norm):  # one host read per step: the price of skipping
-                    optimizer.zero_grad(set_to_none=True)
-                    pending.zero_()
-                    skipped += 1
-                    step += 1
-                    scheduler.step_update(step)
-                    continue
-                loss_sum += pending[0]
-                counted += pending[1]
-                pending.zero_()
-            norm_sum += norm.detach()
-            if on_log is not None:
-                interval[2] += norm.detach()
-                interval_steps += 1
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepped = _optimizer_step(params, opt, s, sums, logging)
             step += 1
-            n_steps += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            if on_log is not None and step % log_every == 0:
-                loss_images, images_seen, norms = interval.tolist()
-                on_log(step, {"train_loss": loss_images / images_seen, "lr": optimizer.param_groups[0]["lr"],
-                              "grad_norm": norms / interval_steps})  # fmt: skip
-                interval.zero_()
-                interval_steps = 0
-            if progress and n_steps % 10 == 0:
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / max(counted.item() if skip_nonfinite else n_seen, 1):.4f}",
-                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                )
+            opt.scheduler.step_update(step)
+            if not stepped:
+                continue
+            sums.steps += 1
+            if opt.ema is not None:
+                opt.ema.update(model, step=step)
+            lr = opt.optimizer.param_groups[0]["lr"]
+            if logging and step % monitor.log_every == 0:
+                loss, norm = sums.interval_means()
+                monitor.on_log(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
+            if monitor.progress and sums.steps % 10 == 0:
+                bar.set_postfix(loss=f"{sums.running_loss():.4f}", lr=f"{lr:.2e}")
     except (RuntimeError, MemoryError) as e:
-        _reraise(e, device, batch, f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
-                                   f"trainer.accumulate_grad_batches={accumulate * 2} to keep the effective batch")  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        _reraise(e, s.device, batch, f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
+                                     f"trainer.accumulate_grad_batches={s.accumulate * 2} to keep the effective batch")  # fmt: skip
+    return _epoch_figures(sums, opt, s, start, monitor.desc, step), step
+
+
+def _epoch_figures(sums: _Sums, opt: Optimization, s: StepSettings, start: float, desc: str, step: int) -> dict:
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
     elapsed = time.perf_counter() - start
-    if not skip_nonfinite:
-        counted = torch.tensor(float(n_seen), device=device)
-    totals = torch.stack([loss_sum, counted, torch.tensor(float(n_seen), device=device)])
-    loss_total, n_counted, n_seen = (reduce(totals) if reduce else totals).tolist()
+    loss_total, n_counted, n_seen = sums.totals(s.reduce)
     train_loss = loss_total / n_counted if n_counted else math.nan
     if not math.isfinite(train_loss):
         raise VitexpError(
             f"train loss became {train_loss} in {desc} (by step {step}); the checkpoints of the last good epoch are "
             f"kept: lower optim.lr, set trainer.gradient_clip_val, or use trainer.precision=32"
-            + ("" if skip_nonfinite else " (or skip such steps with trainer.skip_nonfinite=true)")
+            + ("" if s.skip_nonfinite else " (or skip such steps with trainer.skip_nonfinite=true)")
         )
     return {
         "train/loss": train_loss,
-        "grad_norm": norm_sum.item() / max(n_steps, 1),
-        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": sums.norm.item() / max(sums.steps, 1),
+        "lr": opt.optimizer.param_groups[0]["lr"],
         "throughput/img_s": n_seen / elapsed,
-        **({"skipped_steps": skipped} if skip_nonfinite else {}),
-    }, step
+        **({"skipped_steps": sums.skipped} if s.skip_nonfinite else {}),
+    }
 
 
 @torch.no_grad()
@@ -185,40 +255,32 @@ def evaluate(
     limit_batches: int | None = None,
     progress: bool = False,
     desc: str = "val",
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Mean cross-entropy, top-1 and top-5 accuracy over `loader` and the number of images, and the confusion
     matrix (rows: true class); with `reduce`, over every rank's share of the split."""
     model.eval()
     batches, n_batches = _limited(loader, limit_batches)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    n = 0
-    k = min(5, num_classes)
-    batch = 0
+    # loss, top-1, top-5, images, then the confusion matrix: one tensor, so that one reduce sums them all
+    totals = torch.zeros(4 + num_classes * num_classes, device=device, dtype=torch.float64)
+    k, batch = min(5, num_classes), 0
     try:
         for images, targets in tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress):
             batch = images.shape[0]
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits = model(images)
-            logits = logits.float()
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+            with _autocast(device, autocast_dtype):
+                logits = model(images).float()
             topk = logits.topk(k, dim=1).indices
-            top1 += (topk[:, 0] == targets).sum()
-            top5 += (topk == targets[:, None]).any(dim=1).sum()
-            confusion += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
-            n += targets.shape[0]
+            totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
+            totals[1] += (topk[:, 0] == targets).sum()
+            totals[2] += (topk == targets[:, None]).any(dim=1).sum()
+            totals[3] += targets.shape[0]
+            totals[4:] += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
     except (RuntimeError, MemoryError) as e:
         _reraise(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
-    totals = torch.cat([torch.stack([loss_sum, top1.double(), top5.double(), torch.tensor(float(n), device=device,
-                                                                                          dtype=torch.float64)]),
-                        confusion.double()])  # fmt: skip
     totals = reduce(totals) if reduce else totals
-    loss_total, top1_total, top5_total, n_total = totals[:4].tolist()
+    loss_total, top1, top5, n_total = totals[:4].tolist()
     n = max(n_total, 1)
-    metrics = {"loss": loss_total / n, "acc1": top1_total / n, "acc5": top5_total / n, "images": int(n_total)}
+    metrics = {"loss": loss_total / n, "acc1": top1 / n, "acc5": top5 / n, "images": int(n_total)}
     return metrics, totals[4:].round().long().view(num_classes, num_classes).cpu()

@@ -1,4 +1,4 @@
-"""Model builders over timm, a rebuild from a checkpoint's `arch`, and model statistics."""
+"""Model builders over timm, one registry of them (`BUILDERS`) for configs and checkpoints, and model statistics."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def cnn(name: str, model_name: str, img_size: int, in_chans: int, num_classes: i
     `small_input` adapts ResNet-style stems to 32x32 images as CIFAR ResNets do: a 3x3 stride-1 first
     convolution and no max-pool, so the last stage still sees 4x4 feature maps.
     """
+    if not timm.is_model(model_name):
+        raise VitexpError(f"{model_name!r} is not a timm model name; pick one of timm.list_models()")
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if small_input and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
@@ -87,12 +89,33 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     return arch
 
 
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """Rebuild the exact module a checkpoint was saved from."""
+    """Rebuild the exact module an `arch` dict describes (a checkpoint's, or `arch_from_config`'s): one of
+    `BUILDERS`, a name, and keyword arguments that are plain values, never objects or code to run."""
     builder = BUILDERS.get(arch.get("builder")) if isinstance(arch, dict) else None
     if builder is None:
         raise VitexpError(f"checkpoint names an unknown architecture {arch!r}; known builders: {', '.join(BUILDERS)}")
-    return builder(name=arch["name"], **arch["kwargs"])
+    kwargs = arch.get("kwargs")
+    if not isinstance(arch.get("name"), str) or not isinstance(kwargs, dict) or not _plain(list(kwargs.values())):
+        raise VitexpError(f"architecture {arch.get('name')!r} has arguments that are not plain values; refused")
+    return builder(name=arch["name"], **kwargs)
+
+
+def arch_from_config(node: dict[str, Any]) -> dict[str, Any]:
+    """The `arch` dict of a model config node (`builder`, `name` and the builder's arguments)."""
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in ("builder", "name")}
+    return {"builder": node["builder"], "name": node["name"], "kwargs": kwargs}
+
+
+def build(builder: str, name: str, **kwargs: Any) -> nn.Module:
+    """The `_target_` of every model config: `builder` names one of `BUILDERS`, as a checkpoint's `arch` does."""
+    return build_from_arch({"builder": builder, "name": name, "kwargs": kwargs})
 
 
 def count_params(model: nn.Module) -> int:
@@ -127,7 +150,9 @@ def inference_img_per_s(
 ) -> float:
     """Measured forward throughput in images/s on the model's device, warm-up excluded."""
     device = next(model.parameters()).device
-    x = torch.randn(batch_size, *input_shape(model), device=device)
+    # a generator of its own: a measurement never moves the random state that later steps (augmentation, random
+    # or Taylor pruning) draw from
+    x = torch.randn(batch_size, *input_shape(model), generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
     model.eval()
 

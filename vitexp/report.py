@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from vitexp.logging import read_metrics
+from vitexp.records import read_metrics
 
 COLUMNS = ["run", "task", "model", "overrides", "status", "best_val_acc1", "epochs", "params", "macs",
            "train_img_per_s", "infer_img_per_s", "wall_s"]  # fmt: skip

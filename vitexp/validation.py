@@ -1,12 +1,10 @@
-"""Range and type checks of the composed config, so that a bad value stops the run before anything is built,
-with one line naming the key, the value and what it must be."""
+"""Range and type checks of the composed config (as plain data), so that a bad value stops the run before anything
+is built, with one line naming the key, the value and what it must be."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError
 
@@ -57,6 +55,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "task.alpha": WEIGHT,
     "task.tau": POSITIVE,
     "task.steps": COUNT,
+    "task.rounds": COUNT,
     "task.warmup_steps": NON_NEGATIVE_COUNT,
     "task.repeats": COUNT,
     "task.finetune_epochs": NON_NEGATIVE_COUNT,
@@ -70,21 +69,36 @@ CHOICES = {
     "optim.fused": ("auto", True, False),
     "trainer.skip_nonfinite": (True, False),
     "logger.mode": ("online", "offline", "disabled"),
+    "task.mode": ("synthetic", "real"),
+    "task.distill_type": ("soft", "hard", "token"),
+    "task.importance": ("magnitude", "taylor", "random"),
 }
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise a one-line VitexpError for the first value out of range or of the wrong type."""
+_ABSENT = object()
+
+
+def _select(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Raise a one-line VitexpError for the first value out of range or of the wrong type in the resolved `config`."""
     for key, (must, ok) in RULES.items():
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+        value = _select(config, key)
+        if value is _ABSENT:
             continue
-        value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise VitexpError(f"{key}={value!r} is not valid: it must be {must}")
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed and str(value) not in allowed:
+        value = _select(config, key)
+        if value is not _ABSENT and value not in allowed and str(value) not in allowed:
             raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
-    val_size = OmegaConf.select(cfg, "data.val_size")
+    val_size = _select(config, "data.val_size")
     if not _number(val_size) or val_size <= 0:
         raise VitexpError(f"data.val_size={val_size!r} is not valid: it must be a count >= 1 or a fraction in (0, 1)")

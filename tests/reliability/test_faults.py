@@ -8,6 +8,7 @@ import math
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from torch import nn
 
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
-from vitexp.tasks.train import fit
+from vitexp.tasks.recipe import read_recipe
+from vitexp.training import fit
 
 
 def _nan_from(call: int, until: int | None = None):
@@ -35,7 +37,7 @@ def _nan_from(call: int, until: int | None = None):
 def test_a_nan_loss_stops_with_the_epoch_named_and_keeps_the_last_good_checkpoints(tmp_path):
     cfg = compose_config(*TINY, "trainer.max_epochs=3")  # 3 batches an epoch: NaN from epoch 2 on
     with pytest.raises(VitexpError, match=r"in epoch 2 .*trainer.skip_nonfinite=true") as e:
-        fit(cfg, tmp_path, loss_fn=_nan_from(4))
+        fit(replace(read_recipe(cfg), loss=_nan_from(4)), tmp_path)
     assert "\n" not in str(e.value)
     assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["epoch"] == 1  # not overwritten
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
@@ -46,7 +48,7 @@ def test_a_nan_loss_stops_with_the_epoch_named_and_keeps_the_last_good_checkpoin
 def test_skip_nonfinite_skips_the_bad_step_and_finishes(tmp_path, caplog):
     cfg = compose_config(*TINY, "trainer.max_epochs=2", "trainer.skip_nonfinite=true")
     with caplog.at_level(logging.WARNING, logger="vitexp"):
-        results = fit(cfg, tmp_path, loss_fn=_nan_from(5, 5))  # one batch of epoch 2
+        results = fit(replace(read_recipe(cfg), loss=_nan_from(5, 5)), tmp_path)  # one batch of epoch 2
     assert results["status"] == "completed" and results["epochs"] == 2
     assert "epoch 2: skipped 1 optimizer steps" in caplog.text
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
@@ -132,7 +134,7 @@ def test_broken_image_files_are_skipped_and_counted(tmp_path, caplog):
     (root / "train" / "class0" / "fake.jpg").write_bytes(b"<html>not a jpeg</html>")
     (root / "train" / "class1" / "empty.png").write_bytes(b"")
     cfg = compose_config("data=imagefolder", f"data.root={root}", "data.val_size=0.25", "data.num_classes=2")
-    from vitexp.runtime import build
+    from vitexp.config import build
 
     with caplog.at_level(logging.WARNING, logger="vitexp"):
         splits = build(cfg.data.splits)

@@ -22,7 +22,7 @@ import torch
 
 from tests.conftest import vitexp
 from vitexp import checkpoint
-from vitexp.runtime import resumable
+from vitexp.rundir import resumable
 
 INJECT = Path(__file__).with_name("inject.py")
 DEVICE = os.environ.get("VITEXP_RELIABILITY_DEVICE", "cpu")  # cuda: the same trials on a GPU

@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from vitexp import engine
-from vitexp.__main__ import config_dir
+from vitexp.config import config_dir
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.models import count_macs
 

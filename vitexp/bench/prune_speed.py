@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from vitexp.__main__ import config_dir
+from vitexp.config import config_dir
 from vitexp.models import count_macs, count_params, inference_img_per_s
 from vitexp.pruning import layout_of, prune
 

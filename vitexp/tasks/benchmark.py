@@ -16,22 +16,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import VitexpError, __version__, engine
 from vitexp.bench.anchor import anchor_img_per_s
+from vitexp.config import run_dir
 from vitexp.data import set_epoch
-from vitexp.logging import RunLogger
-from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s
-from vitexp.runtime import (
-    autocast_dtype,
-    build,
-    fused_option,
-    precision_name,
-    resolve_device,
-    run_dir,
-    seed_everything,
-    use_compile,
-)
-from vitexp.tasks.train import loaders, training_objects
+from vitexp.hardware import precision_name, seed_everything
+from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
+from vitexp.records import write_results
+from vitexp.tasks.recipe import read_recipe
+from vitexp.training import Recipe, optimization
 
 log = logging.getLogger("vitexp")
+
+SWEEP_METRIC = "img_per_s"
 
 
 class SyntheticBatches:
@@ -48,97 +43,78 @@ class SyntheticBatches:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Time `cfg.model`'s training step with this data, optimizer and trainer, and its inference; print one JSON
-    line (images/s, step ms, MFU, peak memory, ...) and write it to results.json."""
-    if cfg.task.mode not in ("synthetic", "real"):
-        raise VitexpError(f"task.mode={cfg.task.mode} is not one of synthetic, real")
+    """Time `model`'s training step with this data, optimizer and trainer, and its inference; print one JSON line
+    (images/s, step ms, MFU, peak memory, ...) and write it to results.json."""
+    task, batch = cfg.task, cfg.data.batch_size
+    recipe = read_recipe(cfg, with_data=task.mode == "real")
+    loop = recipe.loop
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    amp = autocast_dtype(cfg.trainer.precision, device)
-    compiled = use_compile(cfg.trainer.compile, device)
-    batch = cfg.data.batch_size
+    model = build_from_arch(recipe.arch).to(loop.device)
     shape = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
-
-    model = build(cfg.model).to(device)
-    if cfg.task.mode == "real":
-        data, _ = loaders(cfg.data, build(cfg.data.splits), device)
-        if len(data) < cfg.task.warmup_steps + cfg.task.steps:
-            raise VitexpError(f"{len(data)} batches are fewer than task.warmup_steps + task.steps; lower them")
-    else:
-        data = SyntheticBatches(torch.randn(batch, *shape, device=device),
-                                torch.randint(0, cfg.data.num_classes, (batch,), device=device), cfg.task.steps)  # fmt: skip
-    optimizer, scheduler, scaler, ema, mixup = training_objects(cfg, model, len(data), device)
-    loss_fn = build(cfg.task.loss)
-    flops_per_batch = train_flops(model, loss_fn, torch.randn(batch, *shape, device=device),
-                                  torch.randint(0, cfg.data.num_classes, (batch,), device=device), amp)  # fmt: skip
-    step_model = torch.compile(model, mode=cfg.trainer.compile_mode) if compiled else model
+    data = recipe.loaders[0] or SyntheticBatches(*_batch(batch, shape, recipe), task.steps)
+    if len(data) < task.warmup_steps + task.steps and task.mode == "real":
+        raise VitexpError(f"{len(data)} batches are fewer than task.warmup_steps + task.steps; lower them")
+    opt = optimization(recipe, model, len(data))
+    flops_per_batch = train_flops(model, recipe.loss, *_batch(batch, shape, recipe), loop.amp)
+    step_model = torch.compile(model, mode=loop.compile_mode) if loop.compile else model
+    settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm)
 
     def timed(n: int, epoch: int) -> float:
         if isinstance(data, SyntheticBatches):
             data.n = n
         else:
             set_epoch(data, cfg.seed, epoch)
-        metrics, _ = engine.train_one_epoch(
-            step_model, data, loss_fn, optimizer, scheduler, device, 0, autocast_dtype=amp, scaler=scaler,
-            accumulate=cfg.trainer.accumulate_grad_batches, clip_norm=cfg.trainer.gradient_clip_val, mixup=mixup,
-            ema=ema, limit_batches=n,
-        )  # fmt: skip
-        return metrics["throughput/img_s"]
+        return engine.train_one_epoch(step_model, data, recipe.loss, opt, 0, settings, limit_batches=n)[0][
+            "throughput/img_s"]  # fmt: skip
 
-    anchor_kwargs = _plain_vit_kwargs(model) if cfg.task.anchor else None
-    if cfg.task.anchor and anchor_kwargs is None:
-        log.warning(f"model={cfg.model.name} is not a plain ViT; the reference loop is skipped")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed(cfg.task.warmup_steps, 0)  # compilation, allocator and cache warm-up
+    plain_vit = arch_of(model)["builder"] == "vit"
+    if task.anchor and not plain_vit:
+        log.warning(f"model={recipe.arch['name']} is not a plain ViT; the reference loop is skipped")
+    if loop.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loop.device)
+    timed(task.warmup_steps, 0)  # compilation, allocator and cache warm-up
     ours, anchor = [], []
-    for r in range(cfg.task.repeats):  # interleaved, so that drifting clocks or neighbours hit both alike
-        if anchor_kwargs is not None:
-            anchor.append(anchor_img_per_s(anchor_kwargs, batch, device, amp == torch.bfloat16, compiled,
-                                           cfg.task.warmup_steps, cfg.task.steps))  # fmt: skip
-        ours.append(timed(cfg.task.steps, r + 1))
-    img_per_s = max(ours)
-    peak = measured_peak_flops(device, amp or torch.float32)
-    achieved = flops_per_batch / batch * img_per_s
-    results = {
-        "task": "benchmark",
-        "mode": cfg.task.mode,
-        "model": cfg.model.name,
-        "img_per_s": round(img_per_s, 1),
-        "step_ms": round(1000 * batch / img_per_s, 2),
-        "train_tflops": round(achieved / 1e12, 4),
-        "peak_tflops": round(peak / 1e12, 3),
-        "mfu": round(achieved / peak, 4),
-        "peak_mem_mb": round(peak_memory_mb(device), 1),
-        "params": count_params(model),
-        "macs": count_macs(model),
-        "infer_img_per_s": round(
-            inference_img_per_s(step_model if compiled else model, cfg.data.eval_batch_size, amp, iters=cfg.task.steps),
-            1,
-        ),  # fmt: skip
-        "anchor_img_per_s": round(max(anchor), 1) if anchor else None,
-        "ratio": round(img_per_s / max(anchor), 3) if anchor else None,
-        "rounds_img_per_s": [round(x, 1) for x in ours],
-        "rounds_anchor_img_per_s": [round(x, 1) for x in anchor],
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "batch_size": batch,
-        "precision": precision_name(amp),
-        "compile": compiled,
-        "fused": bool(fused_option(cfg.optim.fused, device)),
-        "torch": torch.__version__,
-        "version": __version__,
-        "status": "completed",
-    }
-    RunLogger(run_dir()).log_results(results)
+    for r in range(task.repeats):  # interleaved, so that drifting clocks or neighbours hit both alike
+        if task.anchor and plain_vit:
+            anchor.append(anchor_img_per_s(dict(arch_of(model)["kwargs"]), batch, loop.device,
+                                           loop.amp == torch.bfloat16, loop.compile, task.warmup_steps, task.steps))  # fmt: skip
+        ours.append(timed(task.steps, r + 1))
+    results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch, cfg)
+    write_results(run_dir(), results)
     log.info(
-        f"{cfg.model.name} {cfg.task.mode} batch {batch}: {img_per_s:.1f} img/s ({results['step_ms']} ms/step), "
-        f"MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
+        f"{recipe.arch['name']} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s ({results['step_ms']} "
+        f"ms/step), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
         + (f", reference loop {results['anchor_img_per_s']} img/s (ratio {results['ratio']})" if anchor else "")
     )
     print(json.dumps(results), flush=True)
     return results
+
+
+def _batch(batch: int, shape: tuple[int, ...], recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    device = recipe.loop.device
+    return torch.randn(batch, *shape, device=device), torch.randint(0, recipe.num_classes, (batch,), device=device)
+
+
+def _figures(recipe: Recipe, model: nn.Module, step_model: nn.Module, ours: list[float], anchor: list[float],
+             flops_per_batch: int, cfg: DictConfig) -> dict[str, Any]:  # fmt: skip
+    """The benchmark's one JSON object."""
+    loop, batch, device = recipe.loop, cfg.data.batch_size, recipe.loop.device
+    img_per_s, peak = max(ours), measured_peak_flops(device, loop.amp or torch.float32)
+    achieved = flops_per_batch / batch * img_per_s
+    infer = inference_img_per_s(step_model, cfg.data.eval_batch_size, loop.amp, iters=cfg.task.steps)
+    return {
+        "task": "benchmark", "mode": cfg.task.mode, "model": recipe.arch["name"], "img_per_s": round(img_per_s, 1),
+        "step_ms": round(1000 * batch / img_per_s, 2), "train_tflops": round(achieved / 1e12, 4),
+        "peak_tflops": round(peak / 1e12, 3), "mfu": round(achieved / peak, 4),
+        "peak_mem_mb": round(peak_memory_mb(device), 1), "params": count_params(model), "macs": count_macs(model),
+        "infer_img_per_s": round(infer, 1), "anchor_img_per_s": round(max(anchor), 1) if anchor else None,
+        "ratio": round(img_per_s / max(anchor), 3) if anchor else None,
+        "rounds_img_per_s": [round(x, 1) for x in ours], "rounds_anchor_img_per_s": [round(x, 1) for x in anchor],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "batch_size": batch, "precision": precision_name(loop.amp), "compile": loop.compile,
+        "fused": bool(recipe.optimizer.keywords.get("fused")), "torch": torch.__version__, "version": __version__,
+        "status": "completed",
+    }  # fmt: skip
 
 
 def train_flops(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -173,8 +149,3 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _plain_vit_kwargs(model: nn.Module) -> dict[str, Any] | None:
-    arch = arch_of(model)
-    return dict(arch["kwargs"]) if arch["builder"] == "vit" else None

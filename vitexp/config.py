@@ -1,0 +1,186 @@
+"""The composed config, below the tasks: where it lives, building objects from `_target_`, the resolvers, and the
+config a resumed run gets (vitexp's own YAML, with only plain values taken from the run's files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vitexp import VitexpError, rundir, validation
+
+# Config groups a resumed run takes from its first start; the first six define what the run is and cannot change.
+FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
+CARRIED_ON_RESUME = (*FIXED_ON_RESUME, "trainer", "logger")
+# Keys through which a config node runs code when instantiated: never taken from a file.
+CODE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# `_target_`s of vitexp's own YAML in earlier versions, accepted (and replaced by today's) in older run folders.
+LEGACY_TARGETS = {"vitexp.models.vit", "vitexp.models.vit_distilled", "vitexp.models.pruned_vit", "vitexp.models.cnn"}
+# Keys renamed since earlier versions: (task, old key) -> new key.
+RENAMED = {("prune", "steps"): "rounds"}
+
+
+def config_dir() -> str:
+    """The top-level conf/ in a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "conf"
+    return str(source if (source / "config.yaml").is_file() else here / "conf")
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group, as vitexp's own YAML files name them."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def build(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with any failure turned into a one-line `VitexpError` naming the config key."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, VitexpError):
+            raise cause from None
+        key = getattr(node, "_get_full_key", lambda _: "")("")
+        raise VitexpError(f"cannot build {key or 'config node'}: {type(cause).__name__}: {cause}") from None
+    except MissingMandatoryValue as e:
+        raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain, resolved Python data."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and type checks of the resolved config (`vitexp.validation`)."""
+    validation.validate(plain(cfg))
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/hydra/default.yaml uses: a fresh folder per run, resumed runs back in their own.
+
+    They live here, not in `__main__`, so that launchers that pickle the config (submitit) can import them."""
+    OmegaConf.register_new_resolver("vitexp_run_dir", rundir.run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("vitexp_output_subdir", rundir.output_subdir, replace=True, use_cache=True)
+    # cached in the config, so that jobs a launcher runs in other processes (submitit) resolve the same folder
+    OmegaConf.register_new_resolver("vitexp_fresh_dir", rundir.fresh_dir, replace=True, use_cache=True)
+
+
+def run_dir() -> Path:
+    """This job's output folder, as Hydra made it."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def command_line() -> list[str]:
+    """This job's overrides (the command line's, and a sweep's for this job)."""
+    return list(HydraConfig.get().overrides.task)
+
+
+def saved_choices(config: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """The group choices a run started with: from its first start's overrides, or, in a folder without them, from
+    the names its config records. Only options of vitexp's own groups count; anything else in the files is ignored."""
+    choices = {}
+    for override in overrides:
+        group, _, option = override.partition("=")
+        if group in CARRIED_ON_RESUME and option in options(group):
+            choices[group] = option
+    if not overrides:
+        for group in ("task", "model", "data"):
+            name = config.get(group, {}).get("name") if isinstance(config.get(group), dict) else None
+            if name in options(group):
+                choices[group] = name
+    return choices
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """The command line of a plain run with `resume=<folder>`, plus the group choices the run started with that it
+    does not name itself, so that Hydra composes the run's own structure (and task) from vitexp's YAML."""
+    resume = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("resume=")), None)
+    if any(a.startswith("-") for a in argv) or resume in (None, "", "null"):
+        return argv
+    folder = rundir.resume_run_dir(resume)
+    if not rundir.resumable(folder):
+        raise VitexpError(f"resume={resume}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); pass a run "
+                          f"folder vitexp wrote")  # fmt: skip
+    overrides, saved = rundir.first_start(folder)
+    named = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    return argv + [f"{g}={o}" for g, o in saved_choices(saved, overrides).items() if g not in named]
+
+
+def resumed(cfg: DictConfig, saved: dict[str, Any], overrides: list[str], source: str) -> DictConfig:
+    """The config of a resumed run: `cfg` (composed from vitexp's YAML with the run's group choices and this command
+    line) with the plain values of the run's `saved` config on top, except the keys this command line changes.
+
+    The file is data: a `_target_` (or another key that runs code) that differs from vitexp's own, a node vitexp
+    does not have that holds one, or an interpolation is refused with one line naming the key; nothing is built."""
+    started_with = saved_choices(saved, overrides)
+    changed = []
+    for override in command_line():
+        key, _, option = override.partition("=")
+        key = key.lstrip("+~")
+        if key in ("resume", "auto_resume") or key.startswith("hydra") or override in overrides:
+            continue
+        if key in FIXED_ON_RESUME and started_with.get(key) != option:
+            raise VitexpError(f"{override} cannot change on resume; start a new run (with ckpt_path=...) instead")
+        if started_with.get(key) != option:
+            changed.append(key)
+    ours = OmegaConf.to_container(cfg, resolve=False)
+    task = saved.get("task", {}).get("name") if isinstance(saved.get("task"), dict) else None
+    _overlay(ours, saved, "", changed, source, task)
+    merged = OmegaConf.create(ours)
+    OmegaConf.resolve(merged)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _refuse(source: str, key: str, why: str) -> VitexpError:
+    return VitexpError(f"refused to resume from {source}: {key} {why}; a run folder is data, never code. Start a new "
+                       f"run (ckpt_path=<its best.pt> keeps the weights, which load as tensors only)")  # fmt: skip
+
+
+def _check_data(value: Any, key: str, source: str) -> None:
+    """Refuse a value from a file that holds a key that runs code or an interpolation, at any depth."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in CODE_KEYS:
+                raise _refuse(source, f"{key}.{k}", "would name code to run, which vitexp's own config does not")
+            _check_data(v, f"{key}.{k}", source)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_data(v, f"{key}[{i}]", source)
+    elif isinstance(value, str) and "${" in value:
+        raise _refuse(source, key, f"holds an interpolation ({value[:40]}) that vitexp's own config does not")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise _refuse(source, key, f"holds a {type(value).__name__}, not plain data")
+
+
+def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: str, task: str | None) -> None:
+    """Copy the plain values of `theirs` (a file's config) into `ours` (composed from vitexp's YAML), in place."""
+    for key, value in theirs.items():
+        where = f"{path}{key}"
+        if not isinstance(key, str):
+            raise _refuse(source, f"{path}{key!r}", "is not a config key")
+        if where in ("resume", "auto_resume") or any(where == k or where.startswith(f"{k}.") for k in changed):
+            continue
+        if path == "task." and (task, key) in RENAMED:
+            key, where = RENAMED[(task, key)], f"{path}{RENAMED[(task, key)]}"
+        mine = ours.get(key) if key in ours else _ABSENT
+        if key in CODE_KEYS:
+            if value != mine and not (key == "_target_" and value in LEGACY_TARGETS):
+                raise _refuse(source, where, "names code to run that vitexp's own config does not")
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            _overlay(mine, value, f"{where}.", changed, source, task)
+        elif isinstance(value, str) and "${" in value and value == mine:
+            continue  # the same interpolation as vitexp's own YAML (a first start's .hydra/config.yaml)
+        else:
+            _check_data(value, where, source)
+            if mine is not _ABSENT and not isinstance(mine, dict):
+                ours[key] = value  # a key this vitexp no longer has is dropped
+
+
+_ABSENT = object()

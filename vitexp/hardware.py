@@ -1,0 +1,77 @@
+"""Hardware choices: the device, the autocast precision, compilation, fused optimizers, seeds and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitexp import VitexpError, distributed
+
+DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda when available; asking for cuda without one is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VitexpError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu or auto")
+    if name == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())  # one GPU per process
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str | int, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for trainer.precision (None: full fp32); `auto` is bf16 where it is native, else 32."""
+    key = str(precision)
+    if key == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        key = "bf16" if native and device.type in ("cuda", "cpu") else "32"
+    if key not in DTYPES:
+        raise VitexpError(f"trainer.precision={precision} is not one of auto, 32, bf16, 16")
+    if key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise VitexpError("this GPU has no bf16 support; use trainer.precision=16 or 32")
+    return DTYPES[key]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How an autocast dtype reads in logs and results: fp32, bf16, fp16."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast roughly doubles the
+    training step; elsewhere bf16 is emulated and no faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """trainer.compile: `auto` compiles on CUDA, where it pays back its compile time; true or false."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def use_fused(setting: str | bool, device: torch.device) -> bool:
+    """optim.fused: `auto` uses torch's fused kernel (one launch for all parameters) on CUDA and CPU."""
+    return device.type in ("cuda", "cpu") if setting == "auto" else bool(setting)
+
+
+def show_progress(setting: str | bool) -> bool:
+    """trainer.progress: `auto` shows bars on a terminal only; plain epoch lines go to files and pipes."""
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)

@@ -1,0 +1,288 @@
+"""The epoch loop every training recipe shares (a model trained, a teacher, a student, a pruned model's
+fine-tuning): plain settings in; checkpoints, metrics.csv, plots and results.json out. No config."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vitexp import __version__, checkpoint, distributed, engine, plots, tracking
+from vitexp.data import LoaderSettings, Splits, set_epoch
+from vitexp.hardware import precision_name, seed_everything
+from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
+from vitexp.records import EpochLog, completed, read_metrics, write_results
+from vitexp.stop import check_stop
+
+log = logging.getLogger("vitexp")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How the epochs run: the `trainer.*` settings, with `auto` choices already made for this machine."""
+
+    max_epochs: int
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype; None: fp32
+    fp16_scaler: bool  # a GradScaler (precision 16)
+    compile: bool
+    compile_mode: str | None
+    accumulate: int
+    clip_norm: float | None
+    skip_nonfinite: bool
+    limit_train_batches: int | None
+    limit_val_batches: int | None
+    ckpt_every: int  # also keep epoch_NNNN.pt every N epochs (0: never)
+    ema_decay: float | None
+    progress: bool
+    log_every: int  # per-step figures to W&B every N optimizer steps
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything `fit` needs, read from the config once at the top of a task. A sub-run (a teacher, a model to
+    prune, the pruned model's fine-tuning) is the same recipe with a few fields replaced."""
+
+    task: str  # labels results.json and the plots
+    seed: int
+    arch: dict[str, Any]  # the model to build (vitexp.models.BUILDERS)
+    init_weights: str | None  # a checkpoint whose weights the model starts from (ckpt_path)
+    data_name: str
+    data: LoaderSettings
+    splits: Splits | None  # None: a benchmark of the step alone
+    loaders: tuple[Iterable | None, Iterable | None]  # train, val, built once from `splits` and `data`
+    num_classes: int
+    optimizer: Callable[..., torch.optim.Optimizer]  # (param groups) -> optimizer
+    scheduler: Callable[..., Any]  # (optimizer, t_initial, warmup_t) -> timm scheduler, stepped per optimizer step
+    weight_decay: float
+    warmup_epochs: float
+    mixup: Callable | None
+    loss: Callable[[Any, torch.Tensor], torch.Tensor]
+    loop: Loop
+    config: dict[str, Any]  # the resolved config, kept in every checkpoint
+    log_checkpoints: bool = False  # best.pt as a W&B artifact at the end
+    wrap: Callable[[nn.Module], nn.Module] | None = None  # what the step calls, e.g. student + frozen teacher
+    views: Callable[[nn.Module], dict[str, nn.Module]] = lambda model: {}  # extra val accuracies by name
+
+
+@dataclass
+class RunState:
+    """Where a run stands after an epoch: what a resume restores besides the modules' own states."""
+
+    epoch: int = 0
+    step: int = 0
+    best_acc1: float = -1.0
+    val_images: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix: str = "",
+        extra_results: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train `recipe` in `out`, from `last` (a loaded last.pt) when given; returns the figures of results.json.
+    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json."""
+    started, loop = time.perf_counter(), recipe.loop
+    if last is not None:
+        log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']})")
+    seed_everything(recipe.seed)
+    model = build_from_arch(recipe.arch).to(loop.device)
+    if recipe.init_weights and last is None:
+        checkpoint.load_weights(model, checkpoint.load(recipe.init_weights)["model"], recipe.init_weights)
+    train_loader, val_loader = recipe.loaders
+    opt = optimization(recipe, model, min(len(train_loader), loop.limit_train_batches or len(train_loader)))
+    train_model, eval_model = _step_models(recipe, model)
+    state = restore(last, model, opt, out) if last is not None else RunState()
+    records = EpochLog(out, state.epoch, prefix)
+    settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm, loop.skip_nonfinite,
+                                   distributed.sum_all if distributed.world_size() > 1 else None)  # fmt: skip
+    _announce(recipe, model, out)
+    for epoch in range(state.epoch + 1, loop.max_epochs + 1):
+        epoch_start = time.perf_counter()
+        set_epoch(train_loader, recipe.seed, epoch)
+        monitor = engine.Monitor(loop.progress, f"epoch {epoch}", records.step if tracking.active() else None,
+                                 loop.log_every)  # fmt: skip
+        train, state.step = engine.train_one_epoch(train_model, train_loader, recipe.loss, opt, state.step, settings,
+                                                   limit_batches=loop.limit_train_batches, monitor=monitor)  # fmt: skip
+        if skipped := train.pop("skipped_steps", 0):
+            log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
+        metrics = {"epoch": epoch, **train, **validate(recipe, eval_model, model, opt.ema, settings.reduce)}
+        state.val_images = metrics.pop("val/images")
+        # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
+        metrics["time/epoch_s"] = time.perf_counter() - epoch_start
+        records.epoch(metrics, loop.max_epochs)
+        is_best = metrics["val/acc1"] > state.best_acc1
+        state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
+        state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+        save_checkpoints(checkpoint_state(model, opt, state, recipe.config), out, is_best, loop.ckpt_every)
+        check_stop()
+    distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
+    return finish(recipe, model, out, state, started, prefix, extra_results or {})
+
+
+def optimization(recipe: Recipe, model: nn.Module, batches_per_epoch: int) -> engine.Optimization:
+    """The optimizer (no weight decay on norms, biases and tokens), its per-step schedule, the GradScaler (fp16),
+    the weight EMA and mixup/cutmix: what `engine.train_one_epoch` updates."""
+    params = param_groups_weight_decay(model, recipe.weight_decay, getattr(model, "no_weight_decay", set)())
+    optimizer = recipe.optimizer(params)
+    steps_per_epoch = math.ceil(batches_per_epoch / recipe.loop.accumulate)
+    scheduler = recipe.scheduler(optimizer, t_initial=recipe.loop.max_epochs * steps_per_epoch,
+                                 warmup_t=round(recipe.warmup_epochs * steps_per_epoch))  # fmt: skip
+    scaler = torch.amp.GradScaler(recipe.loop.device.type) if recipe.loop.fp16_scaler else None
+    ema = ModelEmaV3(model, decay=recipe.loop.ema_decay) if recipe.loop.ema_decay else None
+    return engine.Optimization(optimizer, scheduler, scaler, ema, recipe.mixup)
+
+
+def _step_models(recipe: Recipe, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """What the training step calls (wrapped, under DDP, compiled) and what evaluation calls (compiled)."""
+    loop = recipe.loop
+    train_model = recipe.wrap(model) if recipe.wrap else model
+    if distributed.world_size() > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[loop.device.index] if loop.device.type == "cuda"
+                                              else None)  # fmt: skip
+    if not loop.compile:
+        return train_model, model
+    return torch.compile(train_model, mode=loop.compile_mode), torch.compile(model, mode=loop.compile_mode)
+
+
+def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, out: Path) -> RunState:
+    """Put the model, optimizer, schedule, GradScaler, EMA and every random generator back as `last` holds them."""
+    checkpoint.load_weights(model, last["model"], f"{out}/checkpoints/last.pt")
+    opt.optimizer.load_state_dict(last["optimizer"])
+    opt.scheduler.load_state_dict(last["scheduler"])
+    if opt.scaler is not None:
+        opt.scaler.load_state_dict(last["scaler"])
+    if opt.ema is not None:
+        opt.ema.load_state_dict(last["ema"])
+    checkpoint.set_rng_state(last["rng"])
+    return RunState(last["epoch"], last["step"], last["metrics"]["best_val_acc1"], last.get("val_images"),
+                    last["metrics"])  # fmt: skip
+
+
+def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
+    loop, splits = recipe.loop, recipe.splits
+    log.info(
+        f"{recipe.arch['name']}: {count_params(model) / 1e6:.2f}M params, {count_macs(model) / 1e6:.1f}M MACs/img | "
+        f"{recipe.data_name}: {len(splits.train)} train, {len(splits.val)} val | {loop.device}, "
+        f"{precision_name(loop.amp)}{', compiled' if loop.compile else ''}{', data on device' if recipe.data.on_device else ''}"
+        f" | {out}"
+    )
+
+
+def validate(recipe: Recipe, eval_model: nn.Module, model: nn.Module, ema: Any, reduce: Any) -> dict[str, Any]:
+    """Val loss and accuracies of the model, and the val top-1 of its EMA and of the recipe's extra views."""
+    loop, val_loader = recipe.loop, recipe.loaders[1]
+
+    def score(module: nn.Module) -> dict[str, float]:
+        return engine.evaluate(module, val_loader, loop.device, recipe.num_classes, autocast_dtype=loop.amp,
+                               limit_batches=loop.limit_val_batches, progress=module is eval_model and loop.progress,
+                               reduce=reduce)[0]  # fmt: skip
+
+    val = score(eval_model)
+    figures = {"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/images": val["images"]}
+    views = {"val_ema/acc1": ema.module} if ema is not None else {}
+    for name, view in {**views, **recipe.views(model)}.items():
+        figures[name] = score(view)["acc1"]
+    return figures
+
+
+def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState, config: dict) -> dict[str, Any]:
+    """The checkpoint dict: everything an exact resume needs, and the `arch` a fresh process rebuilds from."""
+    return {
+        "model": model.state_dict(),
+        "arch": arch_of(model),
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
+        "ema": opt.ema.state_dict() if opt.ema is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": checkpoint.rng_state(),
+        "config": config,
+        "metrics": state.metrics,
+        "val_images": state.val_images,
+        "wandb_run_id": tracking.wandb_run_id(),
+        "version": __version__,
+        "format": checkpoint.FORMAT_VERSION,
+    }
+
+
+def save_checkpoints(state: dict[str, Any], out: Path, is_best: bool, every: int) -> None:
+    """best.pt when the epoch is the best so far, epoch_NNNN.pt every `every` epochs, last.pt always; rank 0 only."""
+    if not distributed.is_main():
+        return
+    folder, epoch = out / "checkpoints", state["epoch"]
+    if is_best:
+        checkpoint.save(state, folder / "best.pt")
+    if every and epoch % every == 0:
+        checkpoint.save(state, folder / f"epoch_{epoch:04d}.pt")
+    checkpoint.save(state, folder / "last.pt")
+
+
+def finish(recipe: Recipe, model: nn.Module, out: Path, state: RunState, started: float, prefix: str,
+           extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done."""
+    rows = read_metrics(out / "metrics.csv")
+    if distributed.is_main():
+        plots.learning_curves(rows, out / "plots" / "learning_curves.png",
+                              f"{recipe.task} {recipe.arch['name']} {out.name}")  # fmt: skip
+    last_row = rows[-1] if rows else {}
+    results = {
+        "task": recipe.task,
+        "model": recipe.arch["name"],
+        "data": recipe.data_name,
+        "epochs": last_row.get("epoch", 0),
+        "best_val_acc1": state.best_acc1,
+        "val_acc1": last_row.get("val/acc1"),
+        "val_acc5": last_row.get("val/acc5"),
+        "val_images": state.val_images,  # a run killed after its last checkpoint has it from there
+        "processes": distributed.world_size(),
+        "params": count_params(model),
+        "macs": count_macs(model),
+        "infer_img_per_s": inference_img_per_s(model, recipe.data.eval_batch_size, recipe.loop.amp),
+        "train_img_per_s": last_row.get("throughput/img_s"),
+        "device": str(recipe.loop.device),
+        "precision": precision_name(recipe.loop.amp),
+        "wall_s": time.perf_counter() - started,
+        **extra,
+        "status": "completed",
+    }
+    write_results(out, results, prefix)
+    best = out / "checkpoints" / "best.pt"
+    if recipe.log_checkpoints and not prefix and distributed.is_main():
+        epoch = checkpoint.load(best)["epoch"]
+        tracking.log_checkpoint(best, ["best", f"epoch-{epoch}"], {"epoch": epoch, "val_acc1": state.best_acc1,
+                                                                   "arch": arch_of(model)})  # fmt: skip
+    log.info(f"done: best val/acc1 {state.best_acc1:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
+             f"{results['wall_s']:.0f} s | checkpoints in {out / 'checkpoints'}")  # fmt: skip
+    return results
+
+
+def sub_run(recipe: Recipe, arch: dict[str, Any], epochs: int) -> Recipe:
+    """The recipe of a model trained on the side (a teacher to distil, a model to prune): this run's data, optimizer,
+    loss and loop, for `arch` from scratch and `epochs`, as task=train."""
+    config = {**recipe.config, "task": {"name": "train", "loss": recipe.config["task"].get("loss")},
+              "model": {"builder": arch["builder"], "name": arch["name"], **arch["kwargs"]},
+              "trainer": {**recipe.config["trainer"], "max_epochs": epochs}, "ckpt_path": None}  # fmt: skip
+    return replace(recipe, task="train", arch=arch, init_weights=None, loop=replace(recipe.loop, max_epochs=epochs),
+                   config=config, wrap=None, views=lambda model: {})  # fmt: skip
+
+
+def train_in(recipe: Recipe, folder: Path, arch: dict[str, Any], epochs: int) -> Path:
+    """Train `arch` with this recipe for `epochs` in `folder` (a sub-run); resumes or skips it when an earlier
+    attempt got that far. Returns its best.pt."""
+    best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
+    if completed(folder):
+        return best
+    log.info(f"training {arch['name']} for {epochs} epochs in {folder}")
+    fit(sub_run(recipe, arch, epochs), folder, checkpoint.load(last) if last.exists() else None,
+        prefix=f"{folder.name}/")  # fmt: skip
+    return best
