@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests import cli
 from vitexp.config import config_dir, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,12 +31,12 @@ def tiny_cfg():
     return compose_config(*TINY)
 
 
-def vitexp(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m vitexp ARGS` in `cwd`, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitexp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def vitexp(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m vitexp ARGS` in `cwd`, as a user would, in a process of its own (tests/cli.py); `env` adds
+    environment variables."""
+    proc = cli.run(list(args), cwd, timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"vitexp {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import cli
 from tests.conftest import TINY, vitexp
 
 CHECKPOINT_KEYS = {"model", "arch", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config",
@@ -80,13 +81,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     vitexp(*args, "hydra.run.dir=straight", cwd=tmp_path)
     for attempt in range(5):
         run = tmp_path / f"killed{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args, f"hydra.run.dir={run}"], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+        child = cli.Child([*args, f"hydra.run.dir={run}"], tmp_path)
+        while not (run / "checkpoints" / "last.pt").exists() and child.process.is_alive():
             time.sleep(0.005)
         time.sleep(0.1 + 0.1 * attempt)  # into the next epoch
-        proc.send_signal(signal.SIGKILL)
-        if proc.wait() == -signal.SIGKILL and _state(run / "checkpoints" / "last.pt")["epoch"] < 4:
+        child.kill()
+        if child.wait().returncode == -signal.SIGKILL and _state(run / "checkpoints" / "last.pt")["epoch"] < 4:
             break
     else:
         pytest.fail("the run always finished before it could be killed")

@@ -43,6 +43,11 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     instantiate(cfg.data.splits.train_transform)
     instantiate(cfg.data.splits.eval_transform)
     instantiate(cfg.data.mixup)
+    # and as a user asks for it: `python -m vitexp --cfg job <option>` prints the same config and writes nothing
+    printed = OmegaConf.create(vitexp("--cfg", "job", *overrides, cwd=tmp_path).stdout)
+    assert printed.model.name == cfg.model.name and printed.data.name == cfg.data.name
+    assert printed.task.name == cfg.task.name and printed.optim.lr == cfg.optim.lr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cfg_job_prints_config_and_writes_nothing(tmp_path):

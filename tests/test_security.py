@@ -3,7 +3,7 @@ whichever entry point reads it (resume=, auto_resume, ckpt_path=, task.teacher_c
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY, vitexp
-from vitexp import checkpoint
+from tests.conftest import TINY, compose_config, vitexp
+from vitexp import VitexpError, checkpoint
+from vitexp.config import plain, resumed, saved_choices
+from vitexp.rundir import resume_point
 
 SECRET = "vitexp-test-secret-4f1c"
 
@@ -63,7 +65,7 @@ def _tamper_checkpoint(path: Path, edit) -> None:
 def _refused(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert lines[-1].startswith("error: refused to resume"), proc.stderr
+    assert "error: refused to resume" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
     return lines[-1]
 
 
@@ -76,7 +78,9 @@ def test_a_checkpoint_config_that_names_code_is_refused_on_resume(honest, tmp_pa
     run = _copy(honest, tmp_path)
     load, copy, marker, victim = _attacks(tmp_path)
     for key, node in (("notes", load), ("extra", copy)):
-        _tamper_checkpoint(run / "checkpoints" / "last.pt", lambda config, k=key, n=node: config["model"].update({k: n}))
+        _tamper_checkpoint(
+            run / "checkpoints" / "last.pt", lambda config, k=key, n=node: config["model"].update({k: n})
+        )
         line = _refused(vitexp(f"resume={run}", cwd=tmp_path, check=False))
         assert f"model.{key}._target_" in line
         _nothing_ran(marker, victim)
@@ -130,12 +134,7 @@ def test_an_interpolation_in_a_stored_config_is_refused_and_never_resolved(tmp_p
     _tamper_checkpoint(run / "checkpoints" / "last.pt",
                        lambda config: config["logger"].update({"name": "${oc.env:VITEXP_TEST_SECRET}"}))  # fmt: skip
     env = {"VITEXP_TEST_SECRET": SECRET, "WANDB_MODE": "offline"}
-    os.environ.update(env)
-    try:
-        line = _refused(vitexp(f"resume={run}", cwd=tmp_path, check=False))
-    finally:
-        for key in env:
-            os.environ.pop(key)
+    line = _refused(vitexp(f"resume={run}", cwd=tmp_path, check=False, env=env))
     assert "logger.name" in line and "interpolation" in line
     # the value reached no file of the run, its W&B files included
     for path in run.rglob("*"):
@@ -177,3 +176,40 @@ def test_an_honest_run_folder_still_resumes(honest, tmp_path):
     proc = vitexp(f"resume={run}", "trainer.max_epochs=2", cwd=tmp_path)
     assert "resuming" in proc.stderr and (run / "results.json").is_file()
     assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_resumed_config_takes_plain_values_and_refuses_code(tmp_path):
+    cfg = compose_config(*TINY, "trainer.max_epochs=5")
+    command = ["resume=run", "trainer.max_epochs=5"]
+    saved = plain(cfg)
+    saved["optim"].update(lr=0.123, name="adamw")  # a value of the run, and a key an older vitexp wrote
+    saved["model"].update(depth=3, _target_="vitexp.models.vit")  # an older vitexp's own _target_
+    saved["trainer"]["max_epochs"] = 9  # this command line says 5
+    got = resumed(cfg, saved, ["debug=fast"], "run", command)
+    assert (got.optim.lr, got.model.depth, got.trainer.max_epochs) == (0.123, 3, 5)
+    assert "name" not in got.optim and got.model._target_ == "vitexp.models.build"
+    attacks = {
+        "model.notes._target_": lambda c: c["model"].update(notes={"_target_": "os.system", "_args_": ["true"]}),
+        "optim.optimizer._target_": lambda c: c["optim"]["optimizer"].update(_target_="shutil.rmtree"),
+        "logger.name": lambda c: c["logger"].update(name="${oc.env:HOME}"),
+        "data.mean[0]._args_": lambda c: c["data"].update(mean=[{"_args_": [1]}]),
+        "data.splits._partial_": lambda c: c["data"]["splits"].update(_partial_=True),
+    }
+    for key, plant in attacks.items():
+        evil = plain(cfg)
+        plant(evil)
+        with pytest.raises(VitexpError, match=r"refused to resume from run: " + re.escape(key)):
+            resumed(cfg, evil, [], "run", command)
+    with pytest.raises(VitexpError, match="model=patch8 cannot change on resume"):
+        resumed(cfg, saved, ["debug=fast"], "run", [*command, "model=patch8"])
+    overrides = ["model=patch8", "model=../../evil", "data=cifar10", "task=os", "optim.lr=1"]
+    assert saved_choices({}, overrides) == {"model": "patch8", "data": "cifar10"}
+
+
+def test_a_stored_wandb_run_id_is_used_only_when_it_is_a_plain_id(honest, tmp_path):
+    run = _copy(honest, tmp_path)
+    for run_id, kept in (("a1b2c3d4", True), ("../../elsewhere", False), ("x" * 65, False)):
+        state = checkpoint.load(run / "checkpoints" / "last.pt")
+        state["wandb_run_id"] = run_id
+        torch.save(state, run / "checkpoints" / "last.pt")
+        assert resume_point(run).wandb_run_id == (run_id if kept else None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from tests import cli
 from tests.conftest import TINY, vitexp
 from vitexp.report import pareto_front
 from vitexp.rundir import fresh_dir
@@ -43,8 +43,9 @@ def inspect(offline_run: Path) -> tuple[dict, list[dict]]:
 
 
 def report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitexp.report", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
+    proc = cli.run(list(args), cwd, 300, entry="report")
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def table_rows(markdown: str) -> list[list[str]]:
@@ -172,11 +173,8 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 def test_online_without_network_warns_once_and_finishes(tmp_path):
     env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing listens on port 9
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitexp", *TINY[:-1], "logger=wandb", "logger.mode=online", "logger.init_timeout=1",
-         "trainer.max_epochs=1"],
-        cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = vitexp(*TINY[:-1], "logger=wandb", "logger.mode=online", "logger.init_timeout=1", "trainer.max_epochs=1",
+                  cwd=tmp_path, env=env, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "W&B online is not available" in line]
     assert len(warnings) == 1 and "wandb sync" in warnings[0]
@@ -212,5 +210,5 @@ def test_report_covers_train_distill_and_prune_runs(tmp_path):
 
 
 def test_report_on_a_folder_without_runs_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vitexp.report", str(tmp_path)], capture_output=True, text=True)
+    proc = cli.run([str(tmp_path)], tmp_path, entry="report")
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "no run folders" in proc.stderr

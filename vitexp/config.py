@@ -112,7 +112,9 @@ def resume_overrides(argv: list[str]) -> list[str]:
     return argv + [f"{g}={o}" for g, o in saved_choices(saved, overrides).items() if g not in named]
 
 
-def resumed(cfg: DictConfig, saved: dict[str, Any], overrides: list[str], source: str) -> DictConfig:
+def resumed(
+    cfg: DictConfig, saved: dict[str, Any], overrides: list[str], source: str, command: list[str] | None = None
+) -> DictConfig:
     """The config of a resumed run: `cfg` (composed from vitexp's YAML with the run's group choices and this command
     line) with the plain values of the run's `saved` config on top, except the keys this command line changes.
 
@@ -120,7 +122,7 @@ def resumed(cfg: DictConfig, saved: dict[str, Any], overrides: list[str], source
     does not have that holds one, or an interpolation is refused with one line naming the key; nothing is built."""
     started_with = saved_choices(saved, overrides)
     changed = []
-    for override in command_line():
+    for override in command_line() if command is None else command:
         key, _, option = override.partition("=")
         key = key.lstrip("+~")
         if key in ("resume", "auto_resume") or key.startswith("hydra") or override in overrides:

@@ -3,18 +3,20 @@
     python tests/reliability/inject.py step|eval|save N OVERRIDES...   SIGKILL at the N-th such event
     python tests/reliability/inject.py count FILE OVERRIDES...         run cleanly, write the event counts to FILE
 
+(or `main([...])` in a child process, as `tests/cli.py` runs it)
+
 Events: an optimizer step (before it runs), an evaluation pass (after its first batch), a checkpoint write
 (after half of its bytes reached the disk).
 """
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -43,8 +45,9 @@ class DyingLoader:
         die()
 
 
-def main() -> None:
-    mode, arg, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+def main(argv: list[str]) -> None:
+    """Run `python -m vitexp OVERRIDES` with the fault `argv[0]` at its `argv[1]`-th event (or count the events)."""
+    mode, arg, overrides = argv[0], argv[1], argv[2:]
     if mode not in (*EVENTS, "count"):
         raise SystemExit(f"unknown fault {mode}; choose one of {', '.join(EVENTS)}, count")
     counts = dict.fromkeys(EVENTS, 0)
@@ -73,13 +76,15 @@ def main() -> None:
         die()
 
     torch.save = half_save
-    if mode == "count":
-        atexit.register(lambda: open(arg, "w").write(json.dumps(counts)))
     sys.argv = ["vitexp", *overrides]
     from vitexp.__main__ import main as vitexp_main
 
-    vitexp_main()
+    try:
+        vitexp_main()
+    finally:
+        if mode == "count":
+            Path(arg).write_text(json.dumps(counts))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -13,18 +13,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests import cli
 from tests.conftest import vitexp
 from vitexp import checkpoint
 from vitexp.rundir import resumable
 
-INJECT = Path(__file__).with_name("inject.py")
 DEVICE = os.environ.get("VITEXP_RELIABILITY_DEVICE", "cpu")  # cuda: the same trials on a GPU
 BASE = ["debug=fast", f"trainer.device={DEVICE}", "logger=none", "trainer.limit_train_batches=4"]
 TASKS = {
@@ -46,11 +45,6 @@ FAULTS = ("step", "eval", "save", "time")
 TRIALS = int(os.environ.get("VITEXP_TRIALS", "12"))
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(INJECT.parents[2]), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Each task run once without a fault: its folder, how many steps/evaluations/saves it made, its wall time."""
@@ -61,9 +55,8 @@ def reference(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"reference_{task}")
             counts = root / "counts.json"
             started = time.perf_counter()
-            subprocess.run([sys.executable, str(INJECT), "count", str(counts), *TASKS[task],
-                            f"hydra.run.dir={root / 'run'}"], cwd=root, env=_env(), check=True,
-                           capture_output=True)  # fmt: skip
+            proc = cli.run(["count", str(counts), *TASKS[task], f"hydra.run.dir={root / 'run'}"], root, entry="inject")
+            assert proc.returncode == 0, proc.stderr[-3000:]
             found[task] = (root / "run", json.loads(counts.read_text()), time.perf_counter() - started)
         return found[task]
 
@@ -84,16 +77,14 @@ def _trial(task: str, fault: str, n: float, reference, tmp_path: Path, requeue: 
     run = tmp_path / "run"
     args = [*TASKS[task], f"hydra.run.dir={run}", *(["auto_resume=true"] if requeue else [])]
     if fault == "time":
-        proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        child = cli.Child(args, tmp_path)
         try:
-            proc.wait(timeout=n)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-        killed = proc.wait() == -signal.SIGKILL
+            child.wait(timeout=n)
+        except subprocess.TimeoutExpired:  # still running at n seconds: killed by SIGKILL
+            pass
+        killed = child.process.exitcode == -signal.SIGKILL
     else:
-        proc = subprocess.run([sys.executable, str(INJECT), fault, str(int(n)), *args], cwd=tmp_path, env=_env(),
-                              capture_output=True, text=True)  # fmt: skip
+        proc = cli.run([fault, str(int(n)), *args], tmp_path, entry="inject")
         assert proc.returncode == -signal.SIGKILL, f"{fault} {n} was not reached:\n{proc.stderr[-3000:]}"
         killed = True
 

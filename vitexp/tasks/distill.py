@@ -27,24 +27,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil `task.teacher_ckpt` (or a teacher trained here first) into `model`."""
     run = open_run(cfg)
     cfg, task = run.cfg, run.cfg.task
-    recipe = read_recipe(cfg)
     token = task.distill_type == "token"
-    if token and recipe.arch["builder"] not in ("vit", "vit_distilled"):
-        raise VitexpError(f"distill_type=token needs a ViT student, not a {recipe.arch['builder']}; use soft or hard")
+    if token and cfg.model.builder not in ("vit", "vit_distilled"):
+        raise VitexpError(f"distill_type=token needs a ViT student, not a {cfg.model.builder}; use soft or hard")
+    given = _teacher(task.teacher_ckpt, cfg.data) if task.teacher_ckpt else None  # a bad teacher fails first
+    recipe = read_recipe(cfg)
     teacher_path = task.teacher_ckpt or train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)),
                                                  task.teacher_epochs)  # fmt: skip
-    teacher, saved = checkpoint.load_model(teacher_path)
-    teacher_mean, teacher_std = _teacher_statistics(saved, teacher_path)
-    chans, size, _ = input_shape(teacher)
-    if teacher.num_classes != cfg.data.num_classes or chans != cfg.data.in_chans:
-        raise VitexpError(
-            f"teacher {teacher_path} predicts {teacher.num_classes} classes from {chans}-channel images but "
-            f"data={cfg.data.name} has {cfg.data.num_classes} and {cfg.data.in_chans}; pick a teacher for this data"
-        )
+    teacher, saved, statistics, size = given or _teacher(teacher_path, cfg.data)
     teacher = teacher.to(recipe.loop.device)
 
     def with_teacher(student: nn.Module) -> Distiller:
-        return Distiller(student, teacher, recipe.data.mean, recipe.data.std, teacher_mean, teacher_std, size)
+        return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
     log.info(f"teacher {saved['arch']['name']} ({teacher_path}): val/acc1 {teacher_acc:.4f}")
@@ -58,6 +52,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     figures = {"teacher": saved["arch"]["name"], "teacher_ckpt": str(teacher_path), "teacher_val_acc1": teacher_acc,
                "teacher_params": count_params(teacher), "teacher_macs": count_macs(teacher)}  # fmt: skip
     return fit(student, run.out, run.last, extra_results=figures)
+
+
+def _teacher(path: str | Path, data: DictConfig) -> tuple[nn.Module, dict[str, Any], tuple, int]:
+    """The teacher in `path`, its checkpoint, the normalisation it was trained with and its input size; a teacher
+    for other classes or channels than `data` is a one-line error."""
+    teacher, saved = checkpoint.load_model(path)
+    chans, size, _ = input_shape(teacher)
+    if teacher.num_classes != data.num_classes or chans != data.in_chans:
+        raise VitexpError(
+            f"teacher {path} predicts {teacher.num_classes} classes from {chans}-channel images but data={data.name} "
+            f"has {data.num_classes} and {data.in_chans}; pick a teacher for this data"
+        )
+    return teacher, saved, _teacher_statistics(saved, path), size
 
 
 def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -76,15 +76,11 @@ def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> Non
 
 
 def loader_settings(data: DictConfig) -> LoaderSettings:
-    """The `data.*` settings the loaders read."""
+    """The `data.*` settings the loaders read (most under their own names)."""
     augment = data.splits.train_transform
+    same = ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "on_device", "img_size")
     return LoaderSettings(
-        batch_size=data.batch_size,
-        eval_batch_size=data.eval_batch_size,
-        num_workers=data.num_workers,
-        persistent_workers=data.persistent_workers,
-        on_device=data.on_device,
-        img_size=data.img_size,
+        **{key: data[key] for key in same},
         mean=tuple(map(float, data.mean)),
         std=tuple(map(float, data.std)),
         crop_padding=augment.crop_padding,

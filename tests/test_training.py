@@ -1,0 +1,115 @@
+"""The recipes' pieces in-process, on a tiny model and the embedded digits: fit, the checkpoint state, an exact
+resume, sub-runs, the results, and the pruning and distillation steps."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import TINY, compose_config
+from vitexp import checkpoint, stop
+from vitexp.distill import Distiller, TeacherOnly
+from vitexp.models import build_from_arch
+from vitexp.tasks.distill import score_teacher
+from vitexp.tasks.prune import Pruning, _measure, prune_checkpoint
+from vitexp.tasks.recipe import read_recipe
+from vitexp.training import RunState, checkpoint_state, fit, optimization, restore, sub_run, train_in
+
+TIMING = ("time/epoch_s", "throughput/img_s")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """The tiny recipe: a 2-block ViT, 3 train and 2 val batches per epoch, 2 epochs, CPU."""
+    return read_recipe(compose_config(*TINY))
+
+
+@pytest.fixture(scope="module")
+def trained(recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    return out, fit(recipe, out)
+
+
+def _rows(path):
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def test_fit_leaves_checkpoints_metrics_plots_and_results(trained):
+    out, results = trained
+    assert results["status"] == "completed" and results["task"] == "train" and results["epochs"] == 2
+    assert results["val_images"] == 128 and 0 <= results["best_val_acc1"] <= 1  # 2 val batches of 64
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert len(_rows(out / "metrics.csv")) == 2 and (out / "plots" / "learning_curves.png").is_file()
+    last = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["step"], last["format"]) == (2, 6, checkpoint.FORMAT_VERSION)
+    assert last["arch"] == {**last["arch"], "builder": "vit", "name": "baseline"}
+    assert checkpoint.load(out / "checkpoints" / "best.pt")["metrics"]["val/acc1"] == results["best_val_acc1"]
+
+
+def test_a_fit_stopped_after_its_first_epoch_and_resumed_equals_an_uninterrupted_one(recipe, trained, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setattr(stop, "_requested", ["SIGTERM"])  # as if the signal arrived during epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        fit(recipe, tmp_path)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(stop, "_requested", [])
+    fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
+    reference, _ = trained
+    assert _rows(tmp_path / "metrics.csv") == _rows(reference / "metrics.csv")
+    ours, theirs = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path, reference))
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+    assert ours["step"] == theirs["step"]
+
+
+def test_the_checkpoint_state_restores_model_optimizer_schedule_and_run_state(recipe, tmp_path):
+    model = build_from_arch(recipe.arch)
+    opt = optimization(recipe, model, batches_per_epoch=3)
+    model(torch.randn(2, 1, 16, 16)).sum().backward()
+    opt.optimizer.step()
+    state = RunState(epoch=3, step=9, best_acc1=0.5, val_images=100, metrics={"best_val_acc1": 0.5, "epoch": 3})
+    checkpoint.save(checkpoint_state(model, opt, state, recipe.config), tmp_path / "last.pt")
+    again = build_from_arch(recipe.arch)
+    again_opt = optimization(recipe, again, batches_per_epoch=3)
+    assert restore(checkpoint.load(tmp_path / "last.pt"), again, again_opt, tmp_path) == state
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert again_opt.optimizer.state_dict()["state"].keys() == opt.optimizer.state_dict()["state"].keys()
+
+
+def test_a_sub_run_trains_another_model_as_task_train_and_is_skipped_once_done(recipe, tmp_path):
+    arch = {**recipe.arch, "name": "helper", "kwargs": {**recipe.arch["kwargs"], "depth": 1}}
+    best = train_in(recipe, tmp_path / "teacher", arch, 1)
+    saved = checkpoint.load(best)
+    assert saved["arch"]["kwargs"]["depth"] == 1 and saved["config"]["trainer"]["max_epochs"] == 1
+    assert saved["config"]["task"]["name"] == "train" and saved["config"]["model"]["name"] == "helper"
+    assert sub_run(recipe, arch, 1).task == "train" and recipe.task == "train"
+    written = best.stat().st_mtime_ns
+    assert train_in(recipe, tmp_path / "teacher", arch, 1) == best and best.stat().st_mtime_ns == written
+
+
+def test_prune_checkpoint_reports_each_stage_and_writes_a_rebuildable_pruned_model(recipe, trained, tmp_path):
+    out, _ = trained
+    val = recipe.loaders[1]
+    measure = functools.partial(_measure, recipe, val)
+    figures, points = prune_checkpoint(recipe, out / "checkpoints" / "best.pt", Pruning(0.5, "magnitude", 2, False, 1),
+                                       measure, tmp_path)  # fmt: skip
+    assert [label for label, _ in points] == ["unpruned", "round 1", "round 2"]
+    assert figures["pruned_params"] < figures["before_params"] and figures["pruned_macs"] < figures["before_macs"]
+    pruned, saved = checkpoint.load_model(tmp_path / "checkpoints" / "pruned.pt")
+    assert saved["arch"]["builder"] == "pruned_vit" and [h for h, _ in saved["arch"]["kwargs"]["layout"]] == [1, 1]
+    assert json.loads((tmp_path / "prune.json").read_text())["ratio"] == 0.5
+    assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessing(recipe, trained):
+    out, results = trained
+    teacher, _ = checkpoint.load_model(out / "checkpoints" / "best.pt")
+    distiller = Distiller(nn.Identity(), teacher, recipe.data.mean, recipe.data.std, recipe.data.mean,
+                          recipe.data.std, 16)  # fmt: skip
+    # the same statistics on both sides: the teacher sees exactly what it was trained on, so its score is best.pt's
+    assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])
