@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,11 @@ def _server() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _child(entry: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """In the forked child: become `python -m vitexp ARGV` (or the fault injector) in `cwd` with `env`."""
+def _child(entry: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, limits: dict) -> None:
+    """In the forked child: become `python -m vitexp ARGV` (or the fault injector, or the report) in `cwd` with
+    `env` and the resource `limits` ({resource.RLIMIT_*: bytes})."""
+    for name, limit in limits.items():
+        resource.setrlimit(name, (limit, limit))
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -70,13 +74,14 @@ def _child(entry: str, argv: list[str], cwd: str, env: dict[str, str], out: str,
 class Child:
     """A running CLI child: `.pid`, `.kill()`, `.wait(timeout)` -> a CompletedProcess (returncode < 0: killed)."""
 
-    def __init__(self, argv: list[str], cwd: Path, entry: str = "vitexp", env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], cwd: Path, entry: str = "vitexp", env: dict[str, str] | None = None,
+                 limits: dict[int, int] | None = None) -> None:  # fmt: skip
         self.argv = [{"vitexp": "vitexp", "inject": "inject.py", "report": "python -m vitexp.report"}[entry], *argv]
         folder = Path(tempfile.mkdtemp(prefix="vitexp-cli-"))
         self.out, self.err = folder / "stdout", folder / "stderr"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = _server().Process(target=_child, args=(entry, list(argv), str(cwd), env, str(self.out),
-                                                              str(self.err)))  # fmt: skip
+                                                              str(self.err), limits or {}))  # fmt: skip
         self.process.start()
         self.pid = self.process.pid
 
@@ -97,6 +102,7 @@ class Child:
         return result
 
 
-def run(argv: list[str], cwd: Path, timeout: float = 600, entry: str = "vitexp", env: dict[str, str] | None = None):
+def run(argv: list[str], cwd: Path, timeout: float = 600, entry: str = "vitexp", env: dict[str, str] | None = None,
+        limits: dict[int, int] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Run the CLI to its end: a CompletedProcess with returncode, stdout and stderr."""
-    return Child(argv, cwd, entry, env).wait(timeout)
+    return Child(argv, cwd, entry, env, limits).wait(timeout)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -218,12 +218,12 @@ def test_truncated_and_wrong_architecture_checkpoints(trained, tmp_path):
 def test_sigterm_and_sigint_stop_cleanly_with_a_resume_hint(signum, tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=30", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+    child = cli.Child(args, tmp_path)
+    while not (run / "checkpoints" / "last.pt").exists() and child.process.is_alive():
         time.sleep(0.005)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    os.kill(child.pid, signum)
+    proc = child.wait(timeout=120)
+    stderr = proc.stderr
     if proc.returncode == 0:
         pytest.skip(f"the run finished before the signal arrived: {stderr[-2000:]}")
     assert proc.returncode == 130

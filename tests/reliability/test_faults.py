@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests import cli
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
 from vitexp.tasks.recipe import read_recipe
@@ -56,18 +55,13 @@ def test_skip_nonfinite_skips_the_bad_step_and_finishes(tmp_path, caplog):
     assert math.isfinite(last["metrics"]["train/loss"])
 
 
-def _limited(resource_name: int, limit: int):
-    return lambda: resource.setrlimit(resource_name, (limit, limit))
-
-
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     vitexp(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
     before = (run / "checkpoints" / "last.pt").read_bytes()
     # no file may grow past 64 KiB (logs and metrics stay below it; a checkpoint does not): writes fail as on a
     # full disk
-    proc = subprocess.run([sys.executable, "-m", "vitexp", f"resume={run}", "trainer.max_epochs=2"], cwd=tmp_path,
-                          capture_output=True, text=True, preexec_fn=_limited(resource.RLIMIT_FSIZE, 64 << 10))  # fmt: skip
+    proc = cli.run([f"resume={run}", "trainer.max_epochs=2"], tmp_path, limits={resource.RLIMIT_FSIZE: 64 << 10})
     assert proc.returncode == 2, proc.stderr[-2000:]
     last_line = proc.stderr.strip().splitlines()[-1]
     assert "cannot write" in last_line and "the previous" in last_line and "Traceback" not in proc.stderr
@@ -89,8 +83,7 @@ def test_a_batch_too_big_for_memory_suggests_gradient_accumulation(tmp_path):
     # 1024 images of 64x64 in 2x2 patches need ~100 GB of activations; the process may map 6 GiB
     args = ["trainer.device=cpu", "logger=none", "trainer.max_epochs=1", "data.batch_size=1024", "data.img_size=64",
             "model.patch_size=2", "trainer.precision=32", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "vitexp", *args], cwd=tmp_path, capture_output=True, text=True,
-                          preexec_fn=_limited(resource.RLIMIT_AS, 6 << 30), timeout=600)  # fmt: skip
+    proc = cli.run(args, tmp_path, limits={resource.RLIMIT_AS: 6 << 30})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
         proc.stderr.strip()
