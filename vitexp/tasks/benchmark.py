@@ -104,7 +104,7 @@ def _figures(recipe: Recipe, model: nn.Module, step_model: nn.Module, ours: list
     infer = inference_img_per_s(step_model, cfg.data.eval_batch_size, loop.amp, iters=cfg.task.steps)
     return {
         "task": "benchmark", "mode": cfg.task.mode, "model": recipe.arch["name"], "img_per_s": round(img_per_s, 1),
-        "step_ms": round(1000 * batch / img_per_s, 2), "train_tflops": round(achieved / 1e12, 4),
+        "step_ms": round(1000 * batch / round(img_per_s, 1), 2), "train_tflops": round(achieved / 1e12, 4),
         "peak_tflops": round(peak / 1e12, 3), "mfu": round(achieved / peak, 4),
         "peak_mem_mb": round(peak_memory_mb(device), 1), "params": count_params(model), "macs": count_macs(model),
         "infer_img_per_s": round(infer, 1), "anchor_img_per_s": round(max(anchor), 1) if anchor else None,
