@@ -88,14 +88,16 @@ class ResumePoint:
 
 def first_start(folder: Path) -> tuple[list[str], dict[str, Any]]:
     """A run's first-start overrides, or, in a folder without them, its saved config (both untrusted data)."""
-    overrides_file = folder / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        return _strings(_read_yaml(overrides_file, "start the run again instead"), folder), {}
+    if (folder / ".hydra" / "overrides.yaml").is_file():
+        return _first_overrides(folder), {}
     point = resume_point(folder)
     return point.overrides, point.config
 
 
-def _strings(value: Any, folder: Path) -> list[str]:
+def _first_overrides(folder: Path) -> list[str]:
+    """The overrides of the run's first start (none in a folder without .hydra/), checked to be a list of strings."""
+    path = folder / ".hydra" / "overrides.yaml"
+    value = _read_yaml(path, "start the run again instead") if path.is_file() else []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise VitexpError(f"resume={folder}: its .hydra/overrides.yaml is not a list of overrides; start the run again")
     return value
@@ -106,10 +108,7 @@ def resume_point(folder: Path) -> ResumePoint:
     sub-runs, a teacher or an unpruned model, continue from their own last.pt)."""
     last_pt, subs = folder / "checkpoints" / "last.pt", _sub_run_checkpoints(folder)
     last = checkpoint.load(last_pt) if last_pt.is_file() else None
-    overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = (
-        _strings(_read_yaml(overrides_file, "start the run again instead"), folder) if overrides_file.is_file() else []
-    )
+    overrides = _first_overrides(folder)
     if last is not None:
         config, run_id = last["config"], last.get("wandb_run_id")
     else:
