@@ -19,9 +19,9 @@ OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 
 
 def test_every_group_has_options():
-    assert GROUPS["model"] == ["baseline", "patch8", "pruned", "vit_tiny"]
+    assert {"baseline", "patch8", "pruned", "vit_tiny", "vit_ti16", "vit_s16"} <= set(GROUPS["model"])
     assert GROUPS["task"] == ["benchmark", "distill", "evaluate", "prune", "train"]
-    assert {"digits", "cifar10", "cifar100", "imagefolder"} <= set(GROUPS["data"])
+    assert {"digits", "cifar10", "cifar100", "imagefolder", "shards"} <= set(GROUPS["data"])
     assert all(GROUPS.values())
 
 

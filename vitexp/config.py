@@ -22,7 +22,12 @@ CODE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # `_target_`s of vitexp's own YAML in earlier versions, accepted (and replaced by today's) in older run folders.
 LEGACY_TARGETS = {"vitexp.models.vit", "vitexp.models.vit_distilled", "vitexp.models.pruned_vit", "vitexp.models.cnn"}
 # Keys renamed since earlier versions: (task, old key) -> new key.
-RENAMED = {("prune", "steps"): "rounds"}
+# keys renamed since a run could have been saved: (the task that had it, or None for all, old key) -> its new name
+RENAMED = {
+    ("prune", "task.steps"): "rounds",
+    (None, "data.splits.train_transform.randaugment"): "auto_augment",
+    (None, "data.splits.train_transform.random_erasing"): "re_prob",
+}
 
 
 def config_dir() -> str:
@@ -169,8 +174,9 @@ def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: st
             raise _refuse(source, f"{path}{key!r}", "is not a config key")
         if where in ("resume", "auto_resume") or any(where == k or where.startswith(f"{k}.") for k in changed):
             continue
-        if path == "task." and (task, key) in RENAMED:
-            key, where = RENAMED[(task, key)], f"{path}{RENAMED[(task, key)]}"
+        new = RENAMED.get((task, where)) or RENAMED.get((None, where))
+        if new:
+            key, where = new, f"{path}{new}"
         mine = ours.get(key) if key in ours else _ABSENT
         if key in CODE_KEYS:
             if value != mine and not (key == "_target_" and value in LEGACY_TARGETS):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import urllib.error
@@ -12,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import rand_augment_transform
+from timm.data import auto_augment_transform, create_transform, rand_augment_transform, str_to_interp_mode
+from timm.data.auto_augment import augment_and_mix_transform
 from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from vitexp import VitexpError, distributed
+from vitexp.shards import INDEX, ShardSet
 
 log = logging.getLogger("vitexp")
 
@@ -66,39 +69,83 @@ class DigitImages(Dataset):
         return self.images[i], self.targets[i]
 
 
+PRESETS = ("cifar", "imagenet")
+
+
 def train_transform(
+    preset: str,
     img_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    crop_padding: int,
+    interpolation: str,
     hflip: float,
+    auto_augment: str | None,
+    re_prob: float,
+    crop_padding: int,
     rotate: float,
-    randaugment: str | None,
-    random_erasing: float,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    color_jitter: float | None,
 ) -> transforms.Compose:
-    """Resize, random shift (crop with padding), flip, rotation, timm RandAugment, normalise, timm RandomErasing."""
+    """The training augmentation of `preset`, always ending in square `img_size` tensors.
+
+    `cifar` (small images): resize the short side, random shift (crop of the zero-padded image), flip, rotation.
+    `imagenet` (photos of any size): timm's `create_transform`, i.e. RandomResizedCrop(`scale`, `ratio`), flip and
+    colour jitter (off when `auto_augment` is set, as in timm). Both then apply timm's `auto_augment` policy
+    (`rand-m9-mstd0.5-inc1`, `augmix-m5-w4-d2`, `original`, ...), normalise, and timm's random erasing (`re_prob`).
+    """
     mean, std = _floats(mean), _floats(std)
-    ops: list[Callable] = [transforms.Resize(img_size)]
-    if crop_padding:
-        ops.append(transforms.RandomCrop(img_size, padding=crop_padding))
+    if preset == "imagenet":
+        return create_transform(img_size, is_training=True, scale=tuple(_floats(scale)), ratio=tuple(_floats(ratio)),
+                                hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment,
+                                interpolation=interpolation, mean=mean, std=std, re_prob=re_prob, re_mode="pixel")  # fmt: skip
+    if preset != "cifar":
+        raise VitexpError(f"data.transform={preset} is not a preset; choose one of {', '.join(PRESETS)}")
+    ops: list[Callable] = [transforms.Resize(img_size, _interpolation(interpolation)),
+                           transforms.RandomCrop(img_size, padding=crop_padding)]  # fmt: skip
     if hflip:
         ops.append(transforms.RandomHorizontalFlip(hflip))
     if rotate:
         ops.append(transforms.RandomRotation(rotate))
-    if randaugment:
-        fill = tuple(round(255 * m) for m in mean)
-        ops.append(rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45), "img_mean": fill}))
+    if auto_augment:
+        ops.append(_auto_augment(auto_augment, img_size, mean, interpolation))
     ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if random_erasing:
-        ops.append(RandomErasing(random_erasing, mode="pixel", device="cpu"))
+    if re_prob:
+        ops.append(RandomErasing(re_prob, mode="pixel", device="cpu"))
     return transforms.Compose(ops)
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
-    """Resize and normalise."""
-    return transforms.Compose(
-        [transforms.Resize(img_size), transforms.ToTensor(), transforms.Normalize(_floats(mean), _floats(std))]
-    )
+def _auto_augment(policy: str, img_size: int, mean: list[float], interpolation: str) -> Callable:
+    """timm's augmentation policy named `policy`, with the parameters timm's create_transform gives it."""
+    fill = tuple(round(255 * m) for m in mean)
+    params = {"translate_const": int(img_size * 0.45), "img_mean": fill}
+    try:
+        if policy.startswith("rand"):
+            return rand_augment_transform(policy, params)
+        if policy.startswith("augmix"):
+            return augment_and_mix_transform(policy, params)
+        return auto_augment_transform(policy, params)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise VitexpError(f"auto_augment={policy!r} is not a timm policy ({e}); use e.g. rand-m9-mstd0.5-inc1, "
+                          f"augmix-m5-w4-d2 or original") from None  # fmt: skip
+
+
+def eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float, interpolation: str
+) -> transforms.Compose:
+    """Deterministic square `img_size` tensors, as timm evaluates: resize the short side to `img_size / crop_pct`,
+    center-crop `img_size`, normalise (crop_pct 1: resize and crop the long side only)."""
+    if not 0 < crop_pct <= 1:
+        raise VitexpError(f"data.crop_pct={crop_pct} must be in (0, 1]; timm's ImageNet value is 0.875")
+    return create_transform(img_size, is_training=False, interpolation=interpolation, mean=_floats(mean),
+                            std=_floats(std), crop_pct=crop_pct)  # fmt: skip
+
+
+def _interpolation(name: str) -> transforms.InterpolationMode:
+    try:
+        return str_to_interp_mode(name)
+    except KeyError:
+        raise VitexpError(f"data.interpolation={name} is not one of bilinear, bicubic, nearest") from None
 
 
 def _floats(values: Sequence[float]) -> list[float]:
@@ -135,18 +182,32 @@ def digits_splits(
     )
 
 
-def _load_image(path: str) -> Image.Image:
-    """torchvision's PIL loader, with a file that fails to decode (say, truncated after its header) named."""
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` as 8-bit `mode` ("RGB" or "L"), whatever it was stored as: 16- and 32-bit grey scaled to 8 bits
+    (PIL's own conversion would clip them), palette and alpha images flattened, CMYK and grey converted."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "P":
+        image = image.convert("RGBA")  # a palette with transparency converts to RGB only through RGBA
+    return image if image.mode == mode else image.convert(mode)
+
+
+def load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """The image file at `path` in `mode`; a file that fails to decode (say, truncated after its header) is named."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            image.load()  # decode now, while the file is open (and fail here if it is truncated)
+        return to_mode(image, mode)
     except (OSError, SyntaxError, ValueError) as e:
         raise VitexpError(f"cannot decode {path} ({e}); delete or replace the file") from None
 
 
-def _image_folder(path: Path, check: bool = True) -> datasets.ImageFolder:
-    """The class folders under `path`; files that are not images (by extension or, with `check`, by their
-    header) are skipped and counted in the log, so one stray file does not stop a run hours in."""
+def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFolder:
+    """The class folders under `path`, images read as `mode`; files that are not images (by extension or, with
+    `check`, by their header) are skipped and counted in the log, so one stray file does not stop a run hours in."""
     skipped: list[str] = []
 
     def readable(file: str) -> bool:
@@ -163,8 +224,12 @@ def _image_folder(path: Path, check: bool = True) -> datasets.ImageFolder:
             return False
 
     try:
-        folder = datasets.ImageFolder(path, loader=_load_image, is_valid_file=readable)
+        folder = datasets.ImageFolder(path, loader=functools.partial(load_image, mode=mode), is_valid_file=readable)
     except FileNotFoundError as e:
+        if "for the classes" in str(e):
+            empty = str(e).split("for the classes ", 1)[1].split(". ")[0]
+            raise VitexpError(f"no readable images in class folder(s) {empty} under {path}: add images or remove "
+                              f"the folder") from None  # fmt: skip
         raise VitexpError(f"no images in {path}: put them in class folders {path}/<class>/*.jpg ({e})") from None
     if skipped:
         log.warning(f"skipped {len(skipped)} files under {path} that are not readable images, e.g. {skipped[0]}")
@@ -191,38 +256,44 @@ def image_splits(
     seed: int,
     train_transform: Callable,
     eval_transform: Callable,
+    in_chans: int = 3,
     check_images: bool = True,
 ) -> Splits:
-    """ImageFolder tree under `root` (train/, optional val/ and test/), else torchvision's files for `source`."""
-    path = Path(root).expanduser()
-    if (path / "train").is_dir():
-        train_base = _image_folder(path / "train", check_images)
-        classes = train_base.classes
-        if (path / "val").is_dir():
-            val_base = _image_folder(path / "val", check_images)
-            train_idx = list(range(len(train_base)))[:train_subset]
-            val_idx = list(range(len(val_base)))
-        else:
-            val_base = train_base
-            train_idx, val_idx = split_indices(len(train_base), val_size, train_subset, seed)
-        test_base = _image_folder(path / "test", check_images) if (path / "test").is_dir() else None
+    """The images under `root`: shards (`python -m vitexp.shards`), an ImageFolder tree (train/, optional val/ and
+    test/), or torchvision's files for `source`; val is a seeded split of train unless the data has its own."""
+    path, mode = Path(root).expanduser(), {1: "L", 3: "RGB"}.get(in_chans)
+    if mode is None:
+        raise VitexpError(f"data.in_chans={in_chans}: image files are read as grey (1) or RGB (3) channels")
+    if (path / "train" / INDEX).is_file():
+        bases = {s: ShardSet(path / s, mode) for s in ("train", "val", "test") if (path / s / INDEX).is_file()}
+    elif source == "shards":
+        raise VitexpError(f"no shards under data.root={path}: write them with python -m vitexp.shards <image folder> "
+                          f"--out {path}")  # fmt: skip
+    elif (path / "train").is_dir():
+        bases = {s: image_folder(path / s, mode, check_images) for s in ("train", "val", "test") if (path / s).is_dir()}
     elif source in TORCHVISION_SETS:
         if not download and not path.is_dir():
             raise VitexpError(
                 f"data.root={path} does not exist: point it at {source}'s files or set data.download=true"
             )
-        train_base, test_base = _torchvision_set(source, path, download)
-        classes = train_base.classes
-        val_base = train_base
-        train_idx, val_idx = split_indices(len(train_base), val_size, train_subset, seed)
+        bases = dict(zip(("train", "test"), _torchvision_set(source, path, download)))
     else:
         raise VitexpError(f"no train/ folder under data.root={path}: lay the images out as {path}/train/<class>/*.jpg")
-    test = TransformSubset(test_base, range(len(test_base)), eval_transform) if test_base is not None else None
+    classes = list(bases["train"].classes)
+    for split, base in bases.items():
+        if list(base.classes) != classes:
+            raise VitexpError(f"{split}/ has classes {base.classes[:5]}..., train/ has {classes[:5]}...; give every "
+                              f"split the same class folders")  # fmt: skip
+    if "val" in bases:
+        train_idx, val_idx = list(range(len(bases["train"])))[:train_subset], range(len(bases["val"]))
+    else:
+        train_idx, val_idx = split_indices(len(bases["train"]), val_size, train_subset, seed)
+    test = bases.get("test")
     return Splits(
-        TransformSubset(train_base, train_idx, train_transform),
-        TransformSubset(val_base, val_idx, eval_transform),
-        test,
-        list(classes),
+        TransformSubset(bases["train"], train_idx, train_transform),
+        TransformSubset(bases.get("val", bases["train"]), val_idx, eval_transform),
+        TransformSubset(test, range(len(test)), eval_transform) if test is not None else None,
+        classes,
     )
 
 
@@ -355,8 +426,10 @@ def to_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split's images, resized to `img_size` as the transforms do, as one uint8 tensor (and its labels) on
     `device`; decoded once, by `num_workers` processes."""
-    raw = TransformSubset(dataset.base, dataset.indices,
-                          transforms.Compose([transforms.Resize(img_size), transforms.PILToTensor()]))  # fmt: skip
+    square = transforms.Compose(
+        [transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.PILToTensor()]
+    )
+    raw = TransformSubset(dataset.base, dataset.indices, square)
     # its own generator: reading the data must not move the global RNG that initialises the model next
     loader = DataLoader(raw, batch_size=1024, num_workers=num_workers, generator=torch.Generator())
     images, labels = zip(*loader)
@@ -386,6 +459,7 @@ class LoaderSettings:
     crop_padding: int
     hflip: float
     worker_only: tuple[str, ...] = ()  # augmentations switched on that only the worker path runs
+    transform: str = "cifar"  # the augmentation preset
 
 
 def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
@@ -401,6 +475,11 @@ def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> t
         return (make_loader(splits.train, s.batch_size, s.num_workers, s.persistent_workers, True, pin, rank, world),
                 make_loader(splits.val, s.eval_batch_size, s.num_workers, s.persistent_workers, False, pin, rank,
                             world))  # fmt: skip
+    if s.transform != "cifar":
+        raise VitexpError(
+            f"data.on_device=true holds the images at one size and shifts and flips them there, but "
+            f"data.transform={s.transform} crops each photo from its full size; set data.on_device=false"
+        )
     if s.worker_only:
         raise VitexpError(f"data.on_device=true augments with crop and flip only; set data.splits.train_transform."
                           f"{s.worker_only[0]}=0 (or null), or data.on_device=false")  # fmt: skip

@@ -104,6 +104,11 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     kwargs = arch.get("kwargs")
     if not isinstance(arch.get("name"), str) or not isinstance(kwargs, dict) or not _plain(list(kwargs.values())):
         raise VitexpError(f"architecture {arch.get('name')!r} has arguments that are not plain values; refused")
+    size, patch = kwargs.get("img_size"), kwargs.get("patch_size")
+    if isinstance(size, int) and isinstance(patch, int) and size % patch:
+        fit = sorted({max(patch, size // patch * patch), size // patch * patch + patch})
+        raise VitexpError(f"data.img_size={size} is not divisible by model.patch_size={patch}; use data.img_size="
+                          f"{' or '.join(map(str, fit))}")  # fmt: skip
     return builder(name=arch["name"], **kwargs)
 
 

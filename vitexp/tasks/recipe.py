@@ -20,7 +20,7 @@ from vitexp.models import arch_from_config
 from vitexp.training import Loop, Recipe
 
 # Augmentations that only the worker path (data.on_device=false) runs.
-WORKER_ONLY = ("rotate", "randaugment", "random_erasing")
+WORKER_ONLY = ("rotate", "auto_augment", "re_prob")
 
 
 @dataclass
@@ -86,6 +86,7 @@ def loader_settings(data: DictConfig) -> LoaderSettings:
         crop_padding=augment.crop_padding,
         hflip=augment.hflip,
         worker_only=tuple(key for key in WORKER_ONLY if augment[key]),
+        transform=data.transform,
     )
 
 
