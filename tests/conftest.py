@@ -43,6 +43,14 @@ def vitexp(
 
 
 @pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """220 real photographs of two classes in every size, shape and file format (tests/photos.py)."""
+    from tests.photos import make_photos
+
+    return make_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
 def cifar_small(tmp_path_factory) -> Path:
     """An ImageFolder tree of 60 real CIFAR-10 training images per class, from ../shared."""
     if not CIFAR_TAR.is_file():

@@ -85,10 +85,12 @@ class ShardSet(Dataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict()}  # file handles stay in the process that opened them
 
+    def source(self, i: int) -> str:
+        """The path, relative to the image folder it was written from, of sample `i`."""
+        return self._member(i)[2][0]
+
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        s = int(np.searchsorted(self.ends, i, side="right"))
-        stream, members = self._shard(s)
-        name, image_at, size, label = members[i - (int(self.ends[s - 1]) if s else 0)]
+        s, stream, (name, image_at, size, label) = self._member(i)
         stream.seek(image_at)
         try:
             from vitexp.data import to_mode
@@ -97,6 +99,13 @@ class ShardSet(Dataset):
         except (OSError, SyntaxError, ValueError) as e:
             raise VitexpError(f"cannot decode {name} in shard {self.folder / self.shards[s].file} ({e}); write the "
                               f"shards again from a good copy of that file") from None  # fmt: skip
+
+    def _member(self, i: int) -> tuple[int, io.BufferedReader, tuple[str, int, int, int]]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        s = int(np.searchsorted(self.ends, i, side="right"))
+        stream, members = self._shard(s)
+        return s, stream, members[i - (int(self.ends[s - 1]) if s else 0)]
 
     def _shard(self, s: int) -> tuple[io.BufferedReader, list[tuple[str, int, int, int]]]:
         if s in self._open:
