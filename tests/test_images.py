@@ -212,6 +212,8 @@ def test_photos_train_evaluate_distill_and_prune_through_the_cli(photos, tmp_pat
     for task, args in (("distill", [f"task.teacher_ckpt={best}"]), ("prune", [f"ckpt_path={best}", "task.ratio=0.5"])):
         vitexp(*SMALL, f"task={task}", f"data.root={photos}", *args, f"hydra.run.dir={task}", cwd=tmp_path)
         assert json.loads((tmp_path / task / "results.json").read_text())["status"] == "completed"
+    vitexp(f"resume={tmp_path / 'train'}", "trainer.max_epochs=3", cwd=tmp_path)  # data.root comes from the run
+    assert json.loads((tmp_path / "train" / "results.json").read_text())["epochs"] == 3
 
 
 def test_training_from_shards_equals_training_from_the_folder(photos, shards, tmp_path):
@@ -236,3 +238,46 @@ def test_the_photo_defaults_compose_timms_transforms_and_vit_ti16(photos, tmp_pa
                                                   re_prob=0.0, **CIFAR),
                                   eval_transform(224, MEAN, STD, 0.875, "bicubic"))  # fmt: skip
     assert splits.train[0][0].shape == splits.val[0][0].shape == (3, 224, 224)
+
+
+@pytest.mark.slow
+def test_photos_from_shards_under_torchrun_train_evaluate_distill_and_prune(shards, tmp_path):
+    from tests.test_distributed import torchrun
+
+    args = [*SMALL, "data=shards", f"data.root={shards}", "data.num_workers=2", "data.batch_size=20"]
+    torchrun(2, *args, "hydra.run.dir=train", cwd=tmp_path)  # 2 ranks x 2 loader workers
+    best = tmp_path / "train" / "checkpoints" / "best.pt"
+    trained = json.loads((tmp_path / "train" / "results.json").read_text())
+    vitexp(*args, "task=evaluate", f"ckpt_path={best}", "hydra.run.dir=eval", "trainer.limit_val_batches=null",
+           cwd=tmp_path)  # fmt: skip
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["val_acc1"] == pytest.approx(trained["best_val_acc1"], abs=1e-6)
+    for task, extra in (("distill", [f"task.teacher_ckpt={best}"]), ("prune", [f"ckpt_path={best}"])):
+        torchrun(2, *args, f"task={task}", *extra, f"hydra.run.dir={task}", cwd=tmp_path)
+        assert json.loads((tmp_path / task / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_run_on_shards_killed_and_resumed_equals_an_uninterrupted_one(shards, tmp_path):
+    import signal
+    import time
+
+    from tests import cli
+
+    args = [*SMALL, "data=shards", f"data.root={shards}", "data.num_workers=2", "trainer.max_epochs=3",
+            "trainer.limit_train_batches=null"]  # fmt: skip
+    vitexp(*args, "hydra.run.dir=straight", cwd=tmp_path)
+    run = tmp_path / "killed"
+    child = cli.Child([*args, f"hydra.run.dir={run}"], tmp_path)
+    while not (run / "checkpoints" / "last.pt").exists() and child.process.is_alive():
+        time.sleep(0.005)
+    child.kill()
+    assert child.wait().returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    vitexp(f"resume={run}", cwd=tmp_path)
+    assert stopped_at < 3 and (run / "metrics.csv").read_text() == (tmp_path / "straight" / "metrics.csv").read_text()
+    straight, resumed = (
+        torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (tmp_path / "straight", run)
+    )
+    assert resumed["epoch"] == 3 and resumed["scheduler"] == straight["scheduler"]
+    assert all(torch.equal(t, resumed["model"][k]) for k, t in straight["model"].items())

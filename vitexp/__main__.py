@@ -32,7 +32,8 @@ def _main(cfg: DictConfig) -> float | None:
     name = HydraConfig.get().runtime.choices["task"]  # one of conf/task/*.yaml: the module of that name runs
     task = importlib.import_module(f"vitexp.tasks.{name}")
     try:
-        validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
+        if not cfg.resume:  # (a resumed run's config is checked when its saved values are in: open_run)
+            validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
         results = task.run(cfg)
         failed = False
     except VitexpError as e:
@@ -71,9 +72,10 @@ def _preflight(argv: list[str]) -> None:
         raise VitexpError(_one_line(e)) from None
     missing = [f"{group}.{key}" for group, node in cfg.items() if isinstance(node, DictConfig)
                for key in node if OmegaConf.is_missing(node, key)]  # fmt: skip
-    if missing:
-        raise VitexpError(f"{missing[0]} must be set: pass {missing[0]}=...")
-    validate(cfg)
+    if not cfg.resume:  # a resumed run's values (data.root, ...) come from its saved config, checked as it opens
+        if missing:
+            raise VitexpError(f"{missing[0]} must be set: pass {missing[0]}=...")
+        validate(cfg)
     explicit = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     folder = Path(explicit[-1] if explicit else "outputs")  # a new run goes there (Hydra would create it next)
     try:
