@@ -95,8 +95,9 @@ class DeviceAugment:
                  erase_prob: float, fill: Sequence[float], compile: bool = False) -> None:  # fmt: skip
         if policy not in POLICIES:
             raise VitexpError(f"data.device_augment.policy={policy} is not one of {sorted(POLICIES)} (or null: off)")
-        if not 0 <= magnitude <= 10 or num_ops < 0:
-            raise VitexpError(f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0")
+        if not 0 <= magnitude <= 10 or num_ops < 0 or not 0 <= magnitude_std < math.inf:
+            raise VitexpError(f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0 "
+                              f"and magnitude_std={magnitude_std} finite and >= 0")  # fmt: skip
         self.policy, self.ops = policy, POLICIES[policy]
         self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
         self.op_prob, self.erase_prob = op_prob, erase_prob
@@ -253,16 +254,19 @@ def autocontrast(x: Tensor, arg: Tensor) -> Tensor:
 def equalize(x: Tensor, arg: Tensor) -> Tensor:
     """PIL's ImageOps.equalize for each channel of each image: histograms of all B*C channels at once."""
     b, c, h, w = x.shape
-    values = x.long().view(b * c, h * w)
-    # scatter_add, not bincount: a fixed output size, which torch.compile can fuse; integer counts are exact
-    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, values, torch.ones_like(values))
+    values = x.long().reshape(b * c, h * w)
+    # scatter_add, not bincount: a fixed output size, which torch.compile can fuse; float counts (exact below
+    # 2**24) because every GPU has float atomics
+    hist = torch.zeros(b * c, 256, dtype=x.dtype, device=x.device).scatter_add_(
+        1, values, torch.ones_like(x).view(b * c, -1)
+    )
     last = hist.gather(1, values.amax(dim=1, keepdim=True))  # count of the highest value present
-    step = (h * w - last) // 255
+    step = torch.div(h * w - last, 255, rounding_mode="floor")
     cum = hist.cumsum(dim=1) - hist  # pixels below each value
-    lut = ((step // 2 + cum) // step.clamp(min=1)).clamp(max=255)
-    identity = torch.arange(256, device=x.device).expand(b * c, 256)
-    lut = torch.where(step > 0, lut, identity)
-    return lut.gather(1, values).view(b, c, h, w).to(x.dtype)
+    lut = torch.div(torch.div(step, 2, rounding_mode="floor") + cum, step.clamp(min=1), rounding_mode="floor")
+    identity = torch.arange(256, device=x.device, dtype=x.dtype).expand(b * c, 256)
+    lut = torch.where(step > 0, lut.clamp(max=255), identity)
+    return lut.gather(1, values).view(b, c, h, w)
 
 
 COLOUR: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
