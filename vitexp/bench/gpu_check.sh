@@ -6,6 +6,7 @@
 #   3. experiment=cifar10_baseline with the time left (capped; how far it got is printed), and AT THE SAME TIME
 #      the kill-and-resume trials on cuda (train, distill, prune once each), which share the GPU with it
 #   4. with time left: the device augmentation alone (ms per batch, eager and compiled) and the standalone anchor
+# SPEEDRUN_ARGS and BASELINE_ARGS add overrides to those two runs (e.g. SPEEDRUN_ARGS=trainer.compile_mode=reduce-overhead).
 # SMOKE=1 runs every part for a few steps (about 2 minutes, most of it compiling and decoding) to check the script
 # and the machine first.
 # Usage (repository root): [SMOKE=1] bash vitexp/bench/gpu_check.sh [anchor_step.py] [cifar10 train.tar.gz] [seconds]
@@ -55,7 +56,9 @@ fi
 
 # 1. the speed run, alone on the GPU; its start time anchors the time-to-accuracy figures
 SPEED_T0=$(date +%s.%N)
-step "$SPEED_CAP" speedrun $PY -m vitexp experiment=cifar10_speedrun "${SPEED[@]}" hydra.run.dir=$RUNS/speedrun
+# shellcheck disable=SC2086  # SPEEDRUN_ARGS / BASELINE_ARGS: extra overrides, word-split on purpose
+step "$SPEED_CAP" speedrun $PY -m vitexp experiment=cifar10_speedrun "${SPEED[@]}" ${SPEEDRUN_ARGS:-} \
+  hydra.run.dir=$RUNS/speedrun
 
 # 2. the step at batch 1024 beside the in-process reference loop
 step "$BENCH_CAP" benchmark $PY -m vitexp task=benchmark model=vit_tiny data=cifar10 data.batch_size=1024 \
@@ -72,7 +75,7 @@ if $PY -c "import pytest" 2>/dev/null; then
   TRIALS_PID=$!
 fi
 step "$T" baseline $PY -m vitexp experiment=cifar10_baseline trainer.progress=false "${BASE[@]}" \
-  hydra.run.dir=$RUNS/baseline
+  ${BASELINE_ARGS:-} hydra.run.dir=$RUNS/baseline
 [ -n "${TRIALS_PID:-}" ] && wait "$TRIALS_PID"
 [ -f "$LOGS/kill_trials.log" ] && tail -n 8 "$LOGS/kill_trials.log"
 
