@@ -201,14 +201,17 @@ def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
 
 
 def brightness(x: Tensor, arg: Tensor) -> Tensor:
+    """Blend with black by factor 1 + arg."""
     return _blend(x, torch.zeros_like(x), 1 + arg)
 
 
 def color(x: Tensor, arg: Tensor) -> Tensor:
+    """Saturation: blend with the image's grey by factor 1 + arg."""
     return _blend(x, _grey(x).floor(), 1 + arg)
 
 
 def contrast(x: Tensor, arg: Tensor) -> Tensor:
+    """Blend with the image's mean grey by factor 1 + arg."""
     return _blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True), 1 + arg)
 
 
@@ -231,6 +234,7 @@ def posterize(x: Tensor, bits: Tensor) -> Tensor:
 
 
 def solarize(x: Tensor, threshold: Tensor) -> Tensor:
+    """Invert the values at or above `threshold`."""
     return torch.where(x >= threshold.view(-1, 1, 1, 1), 255 - x, x)
 
 
@@ -240,6 +244,7 @@ def solarize_add(x: Tensor, add: Tensor) -> Tensor:
 
 
 def invert(x: Tensor, arg: Tensor) -> Tensor:
+    """255 - x (`arg` unused)."""
     return 255 - x
 
 
