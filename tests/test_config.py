@@ -43,6 +43,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     instantiate(cfg.data.splits.train_transform)
     instantiate(cfg.data.splits.eval_transform)
     instantiate(cfg.data.mixup)
+    if cfg.data.device_augment.policy:  # as the recipe builds it: only when switched on
+        aug = instantiate(cfg.data.device_augment)
+        images = torch.randint(0, 256, (2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size), dtype=torch.uint8)
+        assert aug(images, torch.rand(2, aug.n_draws)).shape == images.shape
     # and as a user asks for it: `python -m vitexp --cfg job <option>` prints the same config and writes nothing
     printed = OmegaConf.create(vitexp("--cfg", "job", *overrides, cwd=tmp_path).stdout)
     assert printed.model.name == cfg.model.name and printed.data.name == cfg.data.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from tests.conftest import TINY, vitexp
+from vitexp.bench.run_summary import summary
 from vitexp.data import DeviceLoader, TransformSubset, eval_transform, make_loader, set_epoch, to_device
 
 SIZE, PAD = 8, 2
@@ -117,3 +119,21 @@ def test_benchmark_prints_one_json_line_with_the_figures(mode, tmp_path):
     assert abs(figures["step_ms"] - 1000 * 16 / figures["img_per_s"]) < 0.01
     (run,) = (tmp_path / "outputs" / "benchmark" / "baseline").iterdir()
     assert json.loads((run / "results.json").read_text())["img_per_s"] == figures["img_per_s"]
+
+
+def test_run_summary_gives_time_to_accuracy_of_a_stopped_run(tmp_path):
+    """A run stopped after 3 of 10 epochs (no results.json): accuracy against time since its command started."""
+    start = datetime(2026, 1, 1, 12, 0, 0).timestamp()
+    rows = [(1, 0.5, 10.0), (2, 0.86, 9.0), (3, 0.84, 9.0)]  # epoch, val/acc1, time/epoch_s
+    (tmp_path / "metrics.csv").write_text("epoch,val/acc1,time/epoch_s,throughput/img_s\n" + "".join(
+        f"{e},{a},{t},{1000 * e}\n" for e, a, t in rows))  # fmt: skip
+    (tmp_path / "train_baseline.log").write_text("".join(
+        f"[2026-01-01 12:00:{s}][INFO] epoch {e}/10 | val/acc1 {a}\n" for (e, a, _), s in zip(rows, (30, 40, 50))))  # fmt: skip
+    figures = summary(tmp_path, start, budget=45)
+    assert figures["status"] == "stopped early" and figures["epochs"] == 3 and figures["planned_epochs"] == 10
+    assert figures["best_val_acc1"] == 0.86 and figures["best_epoch"] == 2 and figures["best_within_45s"] == 0.86
+    assert figures["time_to"]["0.85"] == 40 and figures["time_to"]["0.88"] is None
+    assert figures["curve"] == [(1, 0.5, 30), (2, 0.86, 40), (3, 0.84, 50)]
+    assert figures["est_full_wall_s"] == 50 + 7 * 10  # 7 more epochs at the 10 s between log lines
+    assert figures["between_epochs_s_median"] == 1  # 10 s apart, 9 s of it the epoch: 1 s of checkpoints
+    assert figures["img_s_median"] == 2000

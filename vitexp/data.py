@@ -360,7 +360,8 @@ class DeviceLoader:
     Behaves like a `make_loader` loader: `len()`, iteration over (images, labels), and a `generator` that
     `set_epoch` seeds, from which both the shuffle order and the augmentation draws follow. Crops and flips
     have the distribution of torchvision's RandomCrop(padding, fill 0) and RandomHorizontalFlip, and the
-    normalisation is ToTensor's and Normalize's, in the same order.
+    normalisation is ToTensor's and Normalize's, in the same order. `policy` (a `vitexp.augment.DeviceAugment`)
+    then augments each image from its own row of uniform draws, `policy.n_draws` per image.
     """
 
     def __init__(
@@ -375,10 +376,11 @@ class DeviceLoader:
         hflip: float = 0.0,
         rank: int = 0,
         world: int = 1,
+        policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.images, self.labels = images, labels  # uint8 [N, C, H, W] and int64 [N], on the device
         self.batch_size = per_rank_batch(batch_size, world)
-        self.train, self.crop_padding, self.hflip = train, crop_padding, hflip
+        self.train, self.crop_padding, self.hflip, self.policy = train, crop_padding, hflip, policy
         self.generator = torch.Generator()
         self.shard = ShardedSampler(len(images), self.batch_size, rank, world, self.generator if train else None)
         device = images.device
@@ -403,7 +405,7 @@ class DeviceLoader:
             yield images.float().div_(255).sub_(self.mean).div_(self.std), self.labels[idx]
 
     def augment(self, images: torch.Tensor, draws: torch.Generator) -> torch.Tensor:
-        """Random shift (crop of the zero-padded image) and horizontal flip, drawn per image."""
+        """Random shift (crop of the zero-padded image) and horizontal flip, then the policy, drawn per image."""
         b, c, h, w = images.shape
         device = images.device
         if self.crop_padding:
@@ -418,6 +420,8 @@ class DeviceLoader:
         if self.hflip:
             flip = torch.rand(b, generator=draws, device=device) < self.hflip
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        if self.policy is not None:
+            images = self.policy(images, torch.rand(b, self.policy.n_draws, generator=draws, device=device))
         return images
 
 
@@ -460,17 +464,28 @@ class LoaderSettings:
     hflip: float
     worker_only: tuple[str, ...] = ()  # augmentations switched on that only the worker path runs
     transform: str = "cifar"  # the augmentation preset
+    device_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # on-device policy
+
+
+# what the device path runs instead of a worker-only augmentation
+ON_DEVICE_INSTEAD = {
+    "auto_augment": "data.device_augment.policy=rand",
+    "re_prob": "data.device_augment.erase_prob",
+}
 
 
 def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
     """Train and val loaders of this rank's share: worker processes over the transforms, or with `on_device` the
-    splits held on the device as uint8 and cropped, flipped and normalised there."""
+    splits held on the device as uint8 and cropped, flipped, augmented by `device_augment` and normalised there."""
     s, rank, world = settings, distributed.rank(), distributed.world_size()
     if len(splits.train) < s.batch_size:
         raise VitexpError(
             f"{len(splits.train)} train images make no full batch of {s.batch_size}; lower data.batch_size"
         )
     if not s.on_device:
+        if s.device_augment is not None:
+            raise VitexpError("data.device_augment runs with data.on_device=true only; set data.on_device=true or "
+                              "data.device_augment.policy=null")  # fmt: skip
         pin = device.type == "cuda"
         return (make_loader(splits.train, s.batch_size, s.num_workers, s.persistent_workers, True, pin, rank, world),
                 make_loader(splits.val, s.eval_batch_size, s.num_workers, s.persistent_workers, False, pin, rank,
@@ -481,10 +496,12 @@ def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> t
             f"data.transform={s.transform} crops each photo from its full size; set data.on_device=false"
         )
     if s.worker_only:
-        raise VitexpError(f"data.on_device=true augments with crop and flip only; set data.splits.train_transform."
-                          f"{s.worker_only[0]}=0 (or null), or data.on_device=false")  # fmt: skip
+        key = s.worker_only[0]
+        instead = f" (use {ON_DEVICE_INSTEAD[key]} instead)" if key in ON_DEVICE_INSTEAD else ""
+        raise VitexpError(f"data.on_device=true does not run train_transform.{key}: set data.splits.train_transform."
+                          f"{key}=0 (or null){instead}, or data.on_device=false")  # fmt: skip
     train = DeviceLoader(*to_device(splits.train, s.img_size, device, s.num_workers), s.batch_size, True, s.mean,
-                         s.std, s.crop_padding, s.hflip, rank, world)  # fmt: skip
+                         s.std, s.crop_padding, s.hflip, rank, world, s.device_augment)  # fmt: skip
     val = DeviceLoader(*to_device(splits.val, s.img_size, device, s.num_workers), s.eval_batch_size, False, s.mean,
                        s.std, rank=rank, world=world)  # fmt: skip
     return train, val

@@ -34,7 +34,7 @@ log = logging.getLogger("vitexp")
 INDEX = "index.json"
 FORMAT = "vitexp-shards-1"
 SPLITS = ("train", "val", "test")
-OPEN_SHARDS = 16  # per loader process: file handles and member tables kept, least recently used dropped first
+OPEN_SHARDS = 64  # file handles each loader process keeps open (least recently used closed first)
 
 
 @dataclass(frozen=True)
@@ -77,71 +77,74 @@ class ShardSet(Dataset):
         self.folder, self.mode = Path(folder), mode
         self.classes, self.shards = read_index(self.folder)
         self.ends = np.cumsum([s.samples for s in self.shards])
-        self._open: OrderedDict[int, tuple[io.BufferedReader, list[tuple[str, int, int, int]]]] = OrderedDict()
+        self._tables: dict[int, np.ndarray] = {}  # per shard: each sample's offsets, sizes and label, read once
+        self._files: OrderedDict[int, io.BufferedReader] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": OrderedDict()}  # file handles stay in the process that opened them
+        return {**self.__dict__, "_files": OrderedDict()}  # file handles stay in the process that opened them
 
     def source(self, i: int) -> str:
         """The path, relative to the image folder it was written from, of sample `i`."""
-        return self._member(i)[2][0]
+        s, stream, (_, _, _, name_at, name_size) = self._member(i)
+        stream.seek(name_at)
+        return stream.read(name_size).decode()
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        s, stream, (name, image_at, size, label) = self._member(i)
+        s, stream, (image_at, size, label, _, _) = self._member(i)
         stream.seek(image_at)
         try:
             from vitexp.data import to_mode
 
-            return to_mode(Image.open(io.BytesIO(stream.read(size))), self.mode), label
+            return to_mode(Image.open(io.BytesIO(stream.read(size))), self.mode), int(label)
         except (OSError, SyntaxError, ValueError) as e:
-            raise VitexpError(f"cannot decode {name} in shard {self.folder / self.shards[s].file} ({e}); write the "
-                              f"shards again from a good copy of that file") from None  # fmt: skip
+            raise VitexpError(f"cannot decode {self.source(i)} in shard {self.folder / self.shards[s].file} ({e}); "
+                              f"write the shards again from a good copy of that file") from None  # fmt: skip
 
-    def _member(self, i: int) -> tuple[int, io.BufferedReader, tuple[str, int, int, int]]:
+    def _member(self, i: int) -> tuple[int, io.BufferedReader, np.ndarray]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of {len(self)}")
         s = int(np.searchsorted(self.ends, i, side="right"))
-        stream, members = self._shard(s)
-        return s, stream, members[i - (int(self.ends[s - 1]) if s else 0)]
+        stream = self._file(s)
+        if s not in self._tables:
+            self._tables[s] = _members(stream, self.folder / self.shards[s].file, self.shards[s].samples)
+        return s, stream, self._tables[s][i - (int(self.ends[s - 1]) if s else 0)]
 
-    def _shard(self, s: int) -> tuple[io.BufferedReader, list[tuple[str, int, int, int]]]:
-        if s in self._open:
-            self._open.move_to_end(s)
-            return self._open[s]
-        path = self.folder / self.shards[s].file
-        stream = open(path, "rb")  # noqa: SIM115 (kept open for later reads; closed when dropped)
-        members = _members(stream, path)
-        if len(members) != self.shards[s].samples:
-            raise VitexpError(f"shard {path} holds {len(members)} samples, its index says {self.shards[s].samples}; "
-                              f"write the shards again")  # fmt: skip
-        self._open[s] = (stream, members)
-        if len(self._open) > OPEN_SHARDS:
-            self._open.popitem(last=False)[1][0].close()
-        return stream, members
+    def _file(self, s: int) -> io.BufferedReader:
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        self._files[s] = open(self.folder / self.shards[s].file, "rb")  # noqa: SIM115 (closed when dropped)
+        if len(self._files) > OPEN_SHARDS:
+            self._files.popitem(last=False)[1].close()
+        return self._files[s]
 
 
-def _members(stream: io.BufferedReader, path: Path) -> list[tuple[str, int, int, int]]:
-    """(source name, image offset, image size, label) of each sample in a shard, in the order written."""
+def _members(stream: io.BufferedReader, path: Path, expected: int) -> np.ndarray:
+    """Each sample of a shard as a row (image offset, image size, label, source-path offset, source-path size),
+    in the order written; checked against the sample count of the index."""
     try:
+        stream.seek(0)
         with tarfile.open(fileobj=stream, mode="r:") as tar:
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             for member in tar.getmembers():
                 if member.isfile():
                     key, suffix = member.name.split(".", 1)
                     groups.setdefault(key, {})[suffix] = member
-        samples = []
+        rows = []
         for key in sorted(groups):  # keys are zero-padded sample numbers: the order written
             files = groups[key]
             image = next(m for suffix, m in files.items() if suffix not in ("cls", "txt"))
-            label, name = (_read(stream, files[suffix]) for suffix in ("cls", "txt"))
-            samples.append((name, image.offset_data, image.size, int(label)))
+            label, name = int(_read(stream, files["cls"])), files["txt"]
+            rows.append((image.offset_data, image.size, label, name.offset_data, name.size))
     except (tarfile.TarError, KeyError, StopIteration, ValueError, UnicodeDecodeError) as e:
         raise VitexpError(f"shard {path} is not a readable vitexp shard ({type(e).__name__}: {e}); copy it again "
                           f"or write the shards again") from None  # fmt: skip
-    return samples
+    if len(rows) != expected:
+        raise VitexpError(f"shard {path} holds {len(rows)} samples, its index says {expected}; write the shards again")
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 def _read(stream: io.BufferedReader, member: tarfile.TarInfo) -> str:

@@ -75,8 +75,9 @@ def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> Non
     )
 
 
-def loader_settings(data: DictConfig) -> LoaderSettings:
-    """The `data.*` settings the loaders read (most under their own names)."""
+def loader_settings(data: DictConfig, compile: bool = False) -> LoaderSettings:
+    """The `data.*` settings the loaders read (most under their own names); `compile`: torch.compile the device
+    augmentation (when the model is compiled)."""
     augment = data.splits.train_transform
     same = ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "on_device", "img_size")
     return LoaderSettings(
@@ -87,6 +88,7 @@ def loader_settings(data: DictConfig) -> LoaderSettings:
         hflip=augment.hflip,
         worker_only=tuple(key for key in WORKER_ONLY if augment[key]),
         transform=data.transform,
+        device_augment=build(data.device_augment, compile=compile) if data.device_augment.policy else None,
     )
 
 
@@ -121,7 +123,7 @@ def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
     if splits is not None and len(splits.classes) != cfg.data.num_classes:
         raise VitexpError(f"data has {len(splits.classes)} classes but data.num_classes={cfg.data.num_classes}; set it")
     fused = {"fused": True} if use_fused(cfg.optim.fused, loop.device) else {}
-    data = loader_settings(cfg.data)
+    data = loader_settings(cfg.data, loop.compile)
     return Recipe(
         task=cfg.task.name,
         seed=cfg.seed,
