@@ -3,8 +3,9 @@
 
 A shard folder holds, per split (train/, and val/ and test/ when the source has them), tar files in webdataset's
 layout (`<key>.<image suffix>` with the file's bytes as they were, `<key>.cls` the label, `<key>.txt` the source
-path) and an `index.json` (classes, and each shard's file name, sample count and size). Reading seeks into the tar
-files by offset: a sample costs one read however the epoch is shuffled, and any sample can be the first one after a
+path), each with its sample table (`<shard>.tar.idx.npy`: offsets, sizes and labels as plain integers), and an
+`index.json` (classes, and each shard's file name, sample count and size). Reading seeks into the tar files by
+offset: a sample costs one read however the epoch is shuffled, and any sample can be the first one after a
 resume. The index names files inside its own folder only; nothing in a shard is executed or unpickled.
 """
 
@@ -109,7 +110,7 @@ class ShardSet(Dataset):
         s = int(np.searchsorted(self.ends, i, side="right"))
         stream = self._file(s)
         if s not in self._tables:
-            self._tables[s] = _members(stream, self.folder / self.shards[s].file, self.shards[s].samples)
+            self._tables[s] = _table(stream, self.folder / self.shards[s].file, self.shards[s])
         return s, stream, self._tables[s][i - (int(self.ends[s - 1]) if s else 0)]
 
     def _file(self, s: int) -> io.BufferedReader:
@@ -120,6 +121,24 @@ class ShardSet(Dataset):
         if len(self._files) > OPEN_SHARDS:
             self._files.popitem(last=False)[1].close()
         return self._files[s]
+
+
+def _table(stream: io.BufferedReader, path: Path, shard: Shard) -> np.ndarray:
+    """A shard's sample table: from the `.idx.npy` file written beside it (plain integers, no pickle), checked to
+    fit the shard, or else read from the tar headers (seconds for a large shard, once per loader process)."""
+    sidecar = path.with_name(f"{path.name}.idx.npy")
+    if sidecar.is_file():
+        try:
+            table = np.load(sidecar, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise VitexpError(
+                f"{sidecar} is not a sample table ({e}); delete it (it is rebuilt from the shard)"
+            ) from None
+        ends = table[:, 0] + table[:, 1] if table.ndim == 2 and table.shape[1] == 5 else None
+        if table.dtype != np.int64 or len(table) != shard.samples or ends is None or ends.max() > shard.bytes:
+            raise VitexpError(f"{sidecar} does not match {path.name}; delete it (it is rebuilt from the shard)")
+        return table
+    return _members(stream, path, shard.samples)
 
 
 def _members(stream: io.BufferedReader, path: Path, expected: int) -> np.ndarray:
@@ -162,6 +181,9 @@ def _write_shard(path: Path, first: int, files: Sequence[tuple[str, int]], root:
             suffix = Path(file).suffix.lower().lstrip(".").replace("jpeg", "jpg")
             tar.write({"__key__": f"{n:09d}", suffix: Path(file).read_bytes(), "cls": str(label),
                        "txt": os.path.relpath(file, root)})  # fmt: skip
+    with open(partial, "rb") as stream:
+        table = _members(stream, path, len(files))
+    np.save(path.with_name(f"{path.name}.idx.npy"), table, allow_pickle=False)
     os.replace(partial, path)
     return Shard(path.name, len(files), path.stat().st_size)
 
