@@ -32,13 +32,16 @@ Measure = Callable[[nn.Module, str], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Pruning:
-    """What to remove: `ratio` of every block's heads and MLP channels, ranked by `importance`, in `rounds`."""
+    """What to remove: `ratio` of the heads and MLP channels, ranked by `importance`, in `rounds`, from every block
+    alike or across blocks (`allocation`), MLP widths multiples of `round_to`."""
 
     ratio: float
     importance: str
     rounds: int
     prune_embed: bool
     calibration_batches: int  # train batches whose gradients Taylor importance reads
+    allocation: str
+    round_to: int
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,7 +55,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if run.last is None:
         seed_everything(cfg.seed)
         source = cfg.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
-        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches)
+        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches,
+                          task.allocation, task.round_to)  # fmt: skip
         figures, points = prune_checkpoint(recipe, source, pruning, measure, run.out)
         if task.finetune_epochs == 0:
             results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
@@ -93,13 +97,15 @@ def prune_checkpoint(
     example = torch.zeros(1, *input_shape(model), device=device)
     rounds = []
     prune(model, pruning.ratio, pruning.importance, example, pruning.rounds, calibration, pruning.prune_embed,
-          after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")))  # fmt: skip
+          after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")), allocation=pruning.allocation,
+          round_to=pruning.round_to)  # fmt: skip
     kwargs = {k: v for k, v in trained["arch"]["kwargs"].items() if k not in ("ratio", "layout")}
     arch = {"builder": "pruned_vit", "name": "pruned",
             "kwargs": {**kwargs, "ratio": pruning.ratio, "layout": layout_of(model)}}  # fmt: skip
     figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", rounds[-1])) for k, v in f.items()
                if k != "layout"}  # fmt: skip
-    figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance}
+    figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance,
+                "allocation": pruning.allocation, "round_to": pruning.round_to}  # fmt: skip
     points = [("unpruned", before), *((f"round {i + 1}", r) for i, r in enumerate(rounds))]
     if distributed.is_main():
         checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
