@@ -92,7 +92,8 @@ def variants(dense: nn.Module, ratio: float, round_to: int) -> dict[str, nn.Modu
         for multiple in dict.fromkeys((round_to, 1)):
             pruned = copy.deepcopy(dense)
             prune(pruned, ratio, "magnitude", example, allocation=allocation, round_to=multiple)
-            models[f"{allocation}_r{multiple}"] = pruned
+            if all(layout_of(pruned) != layout_of(m) for m in models.values()):  # the same shape is timed once
+                models[f"{allocation}_r{multiple}"] = pruned
     return models
 
 
