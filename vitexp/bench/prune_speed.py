@@ -2,7 +2,7 @@
 
     python -m vitexp.bench.prune_speed                       # baseline at CIFAR size, task.ratio=0.5, both allocations
     python -m vitexp.bench.prune_speed task.ratio=0.3 model=patch8 --no-compile
-    python -m vitexp.bench.prune_speed ckpt_path=<best.pt> data=digits --batches 1 256 --repeats 5
+    python -m vitexp.bench.prune_speed ckpt_path=<best.pt> data=digits --batches 1,256 --repeats 5
 
 Overrides are Hydra overrides of the real config (task=prune is implied); `task.ratio`, `task.round_to` and
 `trainer.precision`/`trainer.device` apply. Weights are random unless `ckpt_path` is given: speed does not depend on
@@ -124,9 +124,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"| {row['model']} | {row['macs'] / 1e6:.1f} | {row['mac_ratio']:.2f}x | " + " | ".join(cells) + " |")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--batches", type=_ints, default=[1, 256], help="comma-separated, e.g. 1,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-s", type=float, default=0.5, help="seconds each measurement runs at least")
     parser.add_argument("--no-compile", action="store_true", help="eager only")

@@ -2,7 +2,7 @@
 fine-tune N epochs, the same distilling the dense model, and the pruned shape trained from scratch for N epochs;
 one table and one plot (accuracy vs budget, accuracy vs measured speed), the dense model as the reference.
 
-    python -m vitexp.bench.prune_vs_scratch ckpt_path=<dense best.pt> --budgets 1 3 10 --out <folder>
+    python -m vitexp.bench.prune_vs_scratch ckpt_path=<dense best.pt> --budgets 1,3,10 --out <folder>
     python -m vitexp.bench.prune_vs_scratch ckpt_path=<best.pt> data=cifar10 data.root=<dir> task.ratio=0.3
 
 Overrides are Hydra overrides of the real config (task=prune is implied): `data.*`, `optim.*`, `trainer.*` and
@@ -36,6 +36,7 @@ from vitexp.bench.prune_speed import speeds  # noqa: E402
 from vitexp.config import config_dir, register_resolvers, validate  # noqa: E402
 from vitexp.data import make_loader  # noqa: E402
 from vitexp.hardware import seed_everything  # noqa: E402
+from vitexp.pruning import ALLOCATIONS  # noqa: E402
 from vitexp.records import completed  # noqa: E402
 from vitexp.tasks.prune import Pruning, finetune_recipe, measure_stage, prune_checkpoint  # noqa: E402
 from vitexp.tasks.recipe import read_recipe  # noqa: E402
@@ -146,10 +147,21 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _allocations(text: str) -> list[str]:
+    names = text.split(",")
+    if not set(names) <= set(ALLOCATIONS):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(ALLOCATIONS)}")
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 3, 10])
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "global"], choices=["uniform", "global"])
+    parser.add_argument("--budgets", type=_ints, default=[1, 3, 10], help="epochs, comma-separated")
+    parser.add_argument("--allocations", type=_allocations, default=["uniform", "global"], help="comma-separated")
     parser.add_argument("--out", type=Path, default=Path("outputs/prune_vs_scratch"))
     parser.add_argument("--no-distill", action="store_true", help="leave out the prune + KD arms")
     parser.add_argument("--compile", action="store_true", help="also measure speed under torch.compile")

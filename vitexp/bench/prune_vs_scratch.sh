@@ -18,10 +18,10 @@ cifar_model=(model=patch8 model.embed_dim=128 model.depth=4)
 if [[ "${SKIP_DIGITS:-0}" != 1 ]]; then
     python -m vitexp "${common[@]}" "hydra.run.dir=$out/digits/dense"
     python -m vitexp.bench.prune_vs_scratch "${common[@]}" optim.warmup_epochs=0.5 \
-        "ckpt_path=$out/digits/dense/checkpoints/best.pt" --budgets 1 3 10 --out "$out/digits/compare"
+        "ckpt_path=$out/digits/dense/checkpoints/best.pt" --budgets 1,3,10 --out "$out/digits/compare"
 fi
 
 python -m vitexp "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" trainer.max_epochs=10 optim.warmup_epochs=1 \
     "hydra.run.dir=$out/cifar/dense"
 python -m vitexp.bench.prune_vs_scratch "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" optim.warmup_epochs=0.5 \
-    "ckpt_path=$out/cifar/dense/checkpoints/best.pt" --budgets 1 3 10 --out "$out/cifar/compare"
+    "ckpt_path=$out/cifar/dense/checkpoints/best.pt" --budgets 1,3,10 --out "$out/cifar/compare"
