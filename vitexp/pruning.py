@@ -38,7 +38,7 @@ def uniform_layout(depth: int, num_heads: int, hidden: int, ratio: float, round_
 
 def global_layout(scores: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int, width: int, round_to: int
                   ) -> list[list[int]]:  # fmt: skip
-    """Keep the `heads` best heads and about `width` best MLP channels of the whole model, ranked across blocks by
+    """Keep the `heads` best heads and the `width` best MLP channels of the whole model, ranked across blocks by
     `scores` (per block: head importances, channel importances); every block keeps at least one head and one
     multiple of `round_to` channels, and the MLP widths are multiples of `round_to` that sum to `width`."""
     kept_heads = _keep_best([s for s, _ in scores], heads, 1)
