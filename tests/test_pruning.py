@@ -1,17 +1,22 @@
-"""Structural pruning: consistent shapes, exactness at ratio 0, rebuilds, fused attention, the CLI pipeline."""
+"""Structural pruning: consistent shapes, exactness at ratio 0, global allocation and rounding, rebuilds in a fresh
+process, fused attention, the CLI pipeline and the pruning benches."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp import checkpoint
+from vitexp import VitexpError, checkpoint
+from vitexp.bench import prune_speed, prune_vs_scratch
 from vitexp.models import arch_of, build_from_arch, cnn, count_macs, count_params
-from vitexp.pruning import layout_of, prune
+from vitexp.pruning import global_layout, layout_of, prune, uniform_layout
 
 X = torch.randn(3, 3, 32, 32)
 
@@ -113,3 +118,106 @@ def test_bad_prune_input_is_one_line(tmp_path):
         proc = vitexp(*TINY, "task=prune", *args, cwd=tmp_path, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert fragment in proc.stderr.strip().splitlines()[-1]
+
+
+def _globally_pruned(round_to=8):
+    """A model whose block 0 has 3/4 dead MLP channels and block 1 three dead heads, pruned globally at 0.5."""
+    model = _model()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[:384] = 0
+        model.blocks[0].mlp.fc1.bias[:384] = 0
+        model.blocks[1].attn.qkv.weight.view(3, 4, 64, -1)[:, :3] = 0
+        model.blocks[1].attn.qkv.bias.view(3, 4, 64)[:, :3] = 0
+    prune(model, 0.5, "magnitude", X[:1], allocation="global", round_to=round_to)
+    return model
+
+
+def test_global_allocation_takes_from_the_weakest_blocks_at_uniforms_macs():
+    uniform = _model()
+    prune(uniform, 0.5, "magnitude", X[:1])
+    model = _globally_pruned()
+    layout = layout_of(model)
+    assert layout[0][1] <= 136 and layout[1][0] == 1, layout  # the dead channels and heads went first
+    assert sum(h for h, _ in layout) == 6 and sum(w for _, w in layout) == 768  # the uniform totals
+    assert all(h >= 1 and w % 8 == 0 for h, w in layout)
+    assert count_macs(model) == count_macs(uniform)
+    model.train()
+    model(X).sum().backward()
+
+
+def test_rounding_gives_multiples_and_keeps_the_budget():
+    torch.manual_seed(1)
+    scores = [(torch.rand(4), torch.rand(512) * (i + 1)) for i in range(5)]
+    for multiple in (1, 8, 16, 64):
+        layout = global_layout(scores, 10, 5 * 300, multiple)
+        widths = [w for _, w in layout]
+        assert all(w % multiple == 0 and multiple <= w <= 512 for w in widths), (multiple, widths)
+        assert sum(widths) == (5 * 300) // multiple * multiple and sum(h for h, _ in layout) == 10
+    assert uniform_layout(2, 4, 512, 0.3, 8) == [[3, 360]] * 2 and uniform_layout(1, 4, 512, 0.3)[0][1] == 358
+    model = _model()
+    prune(model, 0.3, "taylor", X[:1], calibration=[(X, torch.tensor([0, 1, 2]))], allocation="global", round_to=8)
+    assert all(w % 8 == 0 for _, w in layout_of(model))
+    assert sum(w for _, w in layout_of(model)) == 3 * 360
+
+
+def test_fused_and_unfused_attention_agree_after_global_pruning():
+    model = _globally_pruned()
+    assert len({h for h, _ in layout_of(model)}) > 1  # blocks keep different head counts
+    fused = model(X)
+    for block in model.blocks:
+        block.attn.fused_attn = not block.attn.fused_attn
+    torch.testing.assert_close(model(X), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_global_layout_rebuilds_in_a_fresh_process_and_loads_weights_only(tmp_path):
+    model = _globally_pruned()
+    path = tmp_path / "pruned.pt"
+    checkpoint.save({"model": model.state_dict(), "arch": _pruned_arch(model, 0.5), "x": X, "y": model(X).detach()},
+                    path)  # fmt: skip
+    code = (
+        "import sys, torch\n"
+        "from vitexp.models import build_from_arch\n"
+        "saved = torch.load(sys.argv[1], weights_only=True)\n"
+        "model = build_from_arch(saved['arch']).eval()\n"
+        "model.load_state_dict(saved['model'])\n"
+        "torch.testing.assert_close(model(saved['x']), saved['y'])\n"
+        "print([[b.attn.num_heads, b.mlp.fc1.out_features] for b in model.blocks])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(layout_of(model))
+
+
+def test_bad_allocation_and_rounding_are_one_line_errors():
+    for kwargs, fragment in (
+        ({"allocation": "best"}, "task.allocation=best"),
+        ({"round_to": 1024}, "task.round_to=1024"),
+    ):
+        with pytest.raises(VitexpError, match=fragment):
+            prune(_model(), 0.5, "magnitude", X[:1], **kwargs)
+
+
+def test_prune_speed_bench_times_every_shape(capsys):
+    prune_speed.main(["--no-compile", "--repeats", "1", "--min-s", "0", "--batches", "1,4", "data=digits",
+                      "model.depth=2", "task.round_to=8", "trainer.device=cpu"])  # fmt: skip
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["model"] for r in rows][:3] == ["dense", "uniform_r8", "global_r8"]
+    for row in rows:
+        assert row["img_per_s_eager_b4"] > 0 and row["latency_ms_eager"] > 0
+    assert rows[1]["mac_ratio"] > 1.5 and rows[0]["speedup_eager_b1"] == 1.0
+
+
+@pytest.mark.slow
+def test_prune_vs_scratch_bench_runs_end_to_end(pipeline, tmp_path):
+    dense = pipeline / "unpruned" / "checkpoints" / "best.pt"
+    prune_vs_scratch.main([*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--out",
+                           str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "results.json").read_text())
+    methods = [(r["method"], r["allocation"]) for r in rows]
+    assert methods[0] == ("dense", "-") and ("scratch", "uniform") in methods
+    for arm in ("prune + fine-tune", "prune + KD"):
+        assert (arm, "uniform") in methods and (arm, "global") in methods
+    assert all(0 <= r["val_acc1"] <= 1 and r["img_per_s_eager_b256"] > 0 for r in rows)
+    assert (tmp_path / "plots" / "prune_vs_scratch.png").is_file() and (tmp_path / "table.md").is_file()
+    assert (tmp_path / "global_kd_1ep" / "checkpoints" / "best.pt").is_file()

@@ -16,7 +16,7 @@ from vitexp import checkpoint, stop
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.models import build_from_arch
 from vitexp.tasks.distill import score_teacher
-from vitexp.tasks.prune import Pruning, _measure, prune_checkpoint
+from vitexp.tasks.prune import Pruning, measure_stage, prune_checkpoint
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, fit, optimization, restore, sub_run, train_in
 
@@ -95,9 +95,9 @@ def test_a_sub_run_trains_another_model_as_task_train_and_is_skipped_once_done(r
 def test_prune_checkpoint_reports_each_stage_and_writes_a_rebuildable_pruned_model(recipe, trained, tmp_path):
     out, _ = trained
     val = recipe.loaders[1]
-    measure = functools.partial(_measure, recipe, val)
-    figures, points = prune_checkpoint(recipe, out / "checkpoints" / "best.pt", Pruning(0.5, "magnitude", 2, False, 1),
-                                       measure, tmp_path)  # fmt: skip
+    measure = functools.partial(measure_stage, recipe, val)
+    pruning = Pruning(0.5, "magnitude", 2, False, 1, "global", 8)
+    figures, points = prune_checkpoint(recipe, out / "checkpoints" / "best.pt", pruning, measure, tmp_path)
     assert [label for label, _ in points] == ["unpruned", "round 1", "round 2"]
     assert figures["pruned_params"] < figures["before_params"] and figures["pruned_macs"] < figures["before_macs"]
     pruned, saved = checkpoint.load_model(tmp_path / "checkpoints" / "pruned.pt")

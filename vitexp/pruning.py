@@ -17,6 +17,7 @@ IMPORTANCE = {
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
     "random": lambda: tp.importance.RandomImportance(),
 }
+ALLOCATIONS = ("uniform", "global")
 
 
 def layout_of(model: VisionTransformer) -> list[list[int]]:
@@ -24,9 +25,44 @@ def layout_of(model: VisionTransformer) -> list[list[int]]:
     return [[block.attn.num_heads, block.mlp.fc1.out_features] for block in model.blocks]
 
 
-def uniform_layout(depth: int, num_heads: int, hidden: int, ratio: float) -> list[list[int]]:
-    """`ratio` of the heads and of the MLP channels removed from every block (at least one of each kept)."""
-    return [[max(1, round(num_heads * (1 - ratio))), max(1, round(hidden * (1 - ratio)))] for _ in range(depth)]
+def rounded_width(hidden: int, keep: float, round_to: int) -> int:
+    """`keep` of `hidden` MLP channels, to the nearest multiple of `round_to` (at least one multiple, at most `hidden`)."""
+    return min(hidden, max(round_to, round(hidden * keep / round_to) * round_to))
+
+
+def uniform_layout(depth: int, num_heads: int, hidden: int, ratio: float, round_to: int = 1) -> list[list[int]]:
+    """`ratio` of the heads and of the MLP channels removed from every block (at least one of each kept), the MLP
+    width rounded to a multiple of `round_to`."""
+    return [[max(1, round(num_heads * (1 - ratio))), rounded_width(hidden, 1 - ratio, round_to)] for _ in range(depth)]
+
+
+def global_layout(scores: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int, width: int, round_to: int
+                  ) -> list[list[int]]:  # fmt: skip
+    """Keep the `heads` best heads and the `width` best MLP channels of the whole model, ranked across blocks by
+    `scores` (per block: head importances, channel importances); every block keeps at least one head and one
+    multiple of `round_to` channels, and the MLP widths are multiples of `round_to` that sum to `width`."""
+    kept_heads = _keep_best([s for s, _ in scores], heads, 1)
+    kept = _keep_best([s for _, s in scores], width, round_to)
+    caps = [len(s) // round_to for _, s in scores]
+    units = [min(cap, max(1, k // round_to)) for k, cap in zip(kept, caps)]
+    # largest remainder: whole multiples go to the blocks whose ranked widths were cut the most by flooring
+    short = [k / round_to - u for k, u in zip(kept, units)]
+    for _ in range(min(width // round_to, sum(caps)) - sum(units)):
+        i = max((i for i in range(len(units)) if units[i] < caps[i]), key=lambda i: short[i])
+        units[i], short[i] = units[i] + 1, short[i] - 1
+    for _ in range(sum(units) - width // round_to):
+        i = min((i for i in range(len(units)) if units[i] > 1), key=lambda i: short[i])
+        units[i], short[i] = units[i] - 1, short[i] + 1
+    return [[h, u * round_to] for h, u in zip(kept_heads, units)]
+
+
+def _keep_best(scores: Sequence[torch.Tensor], total: int, floor: int) -> list[int]:
+    """How many of each block's units are among the `total` best of all blocks, each block keeping its best `floor`."""
+    kept = [min(floor, len(s)) for s in scores]
+    rest = [s.sort(descending=True).values[k:] for s, k in zip(scores, kept)]
+    owner = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rest)])
+    best = torch.cat(rest).argsort(descending=True, stable=True)[: max(0, total - sum(kept))]
+    return [k + int(n) for k, n in zip(kept, torch.bincount(owner[best], minlength=len(scores)))]
 
 
 def apply_layout(model: VisionTransformer, layout: Sequence[Sequence[int]]) -> VisionTransformer:
@@ -60,17 +96,17 @@ def prune(
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     prune_embed: bool = False,
     after_round: Callable[[int], None] | None = None,
+    allocation: str = "uniform",
+    round_to: int = 1,
 ) -> list[list[list[int]]]:
-    """Remove `ratio` of every block's heads and MLP channels in place, in `steps` rounds.
+    """Remove `ratio` of the heads and MLP channels in place, in `steps` rounds: the same share from every block
+    (`uniform`) or the least important across all blocks (`global`, equal totals, so equal MACs); MLP widths are
+    multiples of `round_to`.
 
     `calibration` batches give the gradients Taylor importance needs; `after_round(r)` runs after round r
     (e.g. to measure it). Returns the layout after each round.
     """
-    if not 0 <= ratio < 1:
-        raise VitexpError(f"task.ratio={ratio} must be in [0, 1)")
-    if importance not in IMPORTANCE:
-        raise VitexpError(f"task.importance={importance} is not one of {', '.join(IMPORTANCE)}")
-    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    _check(model, ratio, importance, allocation, round_to)
     # Only head groups (qkv rows and proj columns) and MLP hidden channels are roots; the embedding width
     # is kept unless asked for, since every residual connection shares it.
     ignored = [model.head] + ([] if prune_embed else [model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
@@ -78,35 +114,80 @@ def prune(
     tokens = {
         p: p.dim() - 1 for name, p in model.named_parameters() if name in ("cls_token", "dist_token", "pos_embed")
     }
-    heads0, hidden0 = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
+    depth, heads0, hidden0, embed0 = len(model.blocks), *layout_of(model)[0], model.embed_dim
     layouts = []
     for round_ in range(1, steps + 1):
-        # One pruner per round, asked for exact counts: after round r, keep (1 - ratio * r / steps) of the
-        # original heads and channels. torch-pruning removes ceil(ratio * heads) heads and keeps
-        # int((1 - ratio) * channels) channels, hence the small offsets.
-        keep = uniform_layout(1, heads0, hidden0, ratio * round_ / steps)[0]
-        heads, hidden = model.blocks[0].attn.num_heads, model.blocks[0].mlp.fc1.out_features
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=IMPORTANCE[importance](),
-            pruning_ratio=max(0.0, 1 - (keep[1] + 0.5) / hidden),
-            ignored_layers=ignored,
-            num_heads={a.qkv: a.num_heads for a in attentions},
-            prune_num_heads=True,
-            prune_head_dims=False,
-            head_pruning_ratio=max(0.0, (heads - keep[0]) / heads - 1e-6),
-            unwrapped_parameters=list(tokens.items()),
-        )
+        # after round r, (1 - ratio * r / steps) of the original heads and channels are kept
+        share = ratio * round_ / steps
+        target = uniform_layout(depth, heads0, hidden0, share, round_to)
         if importance == "taylor":
             model.zero_grad()
             for images, targets in calibration or []:
                 nn.functional.cross_entropy(model(images), targets).backward()
-        pruner.step()
-        for attn in attentions:
-            _set_heads(attn, pruner.num_heads[attn.qkv])
+        if allocation == "global":
+            totals = [sum(column) for column in zip(*target)]
+            target = global_layout(block_scores(model, importance, example, tokens), *totals, round_to)
+        embed = 1 - (round(embed0 * (1 - share)) + 0.5) / model.blocks[0].attn.qkv.in_features if prune_embed else 0
+        _prune_to(model, target, importance, example, ignored, tokens, max(0.0, embed))
         layouts.append(layout_of(model))
         model.zero_grad(set_to_none=True)
         if after_round is not None:
             after_round(round_)
     return layouts
+
+
+def _check(model: VisionTransformer, ratio: float, importance: str, allocation: str, round_to: int) -> None:
+    if not 0 <= ratio < 1:
+        raise VitexpError(f"task.ratio={ratio} must be in [0, 1)")
+    if importance not in IMPORTANCE:
+        raise VitexpError(f"task.importance={importance} is not one of {', '.join(IMPORTANCE)}")
+    if allocation not in ALLOCATIONS:
+        raise VitexpError(f"task.allocation={allocation} is not one of {', '.join(ALLOCATIONS)}")
+    hidden = min(block.mlp.fc1.out_features for block in model.blocks)
+    if not isinstance(round_to, int) or not 1 <= round_to <= hidden:
+        raise VitexpError(f"task.round_to={round_to} must be a whole number from 1 to the MLP width ({hidden})")
+
+
+def block_scores(model: VisionTransformer, importance: str, example: torch.Tensor,
+                 tokens: dict[nn.Parameter, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Per block: the importance of each attention head and of each MLP hidden channel, as torch-pruning scores
+    its groups (normalised within each group; Taylor reads the gradients already in the model)."""
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, unwrapped_parameters=list(tokens.items())
+    )
+    scorer, scores = IMPORTANCE[importance](), []
+    for block in model.blocks:
+        attn, fc1 = block.attn, block.mlp.fc1
+        # a head group is rooted at proj's input columns, as torch-pruning's own attention pruning roots it
+        heads = graph.get_pruning_group(attn.proj, tp.prune_linear_in_channels, list(range(attn.proj.in_features)))
+        channels = graph.get_pruning_group(fc1, tp.prune_linear_out_channels, list(range(fc1.out_features)))
+        scores.append((scorer(heads).view(attn.num_heads, -1).mean(1).cpu(), scorer(channels).cpu()))
+    return scores
+
+
+def _prune_to(model: VisionTransformer, layout: Sequence[Sequence[int]], importance: str, example: torch.Tensor,
+              ignored: list[nn.Module], tokens: dict[nn.Parameter, int], embed_ratio: float) -> None:  # fmt: skip
+    """Shrink every block to its [heads, MLP width] of `layout`, keeping the most important heads and channels."""
+    attentions = [block.attn for block in model.blocks]
+    # Exact counts from torch-pruning: it removes ceil(r * heads) heads and keeps int((1 - r) * channels) channels,
+    # hence the small offsets. qkv gets a positive channel ratio only so that its group is visited for its heads;
+    # prune_head_dims=False keeps every head's width.
+    channels = {b.mlp.fc1: max(0.0, 1 - (w + 0.5) / b.mlp.fc1.out_features) for b, (_, w) in zip(model.blocks, layout)}
+    heads = {b.attn.qkv: max(0.0, (b.attn.num_heads - h) / b.attn.num_heads - 1e-6)
+             for b, (h, _) in zip(model.blocks, layout)}  # fmt: skip
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=IMPORTANCE[importance](),
+        pruning_ratio=embed_ratio,
+        pruning_ratio_dict={**channels, **{a.qkv: 0.5 for a in attentions}},
+        ignored_layers=ignored,
+        num_heads={a.qkv: a.num_heads for a in attentions},
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio_dict=heads,
+        unwrapped_parameters=list(tokens.items()),
+    )
+    pruner.step()
+    for attn in attentions:
+        _set_heads(attn, pruner.num_heads[attn.qkv])

@@ -56,6 +56,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "task.tau": POSITIVE,
     "task.steps": COUNT,
     "task.rounds": COUNT,
+    "task.round_to": COUNT,
     "task.warmup_steps": NON_NEGATIVE_COUNT,
     "task.repeats": COUNT,
     "task.finetune_epochs": NON_NEGATIVE_COUNT,
@@ -72,6 +73,7 @@ CHOICES = {
     "task.mode": ("synthetic", "real"),
     "task.distill_type": ("soft", "hard", "token"),
     "task.importance": ("magnitude", "taylor", "random"),
+    "task.allocation": ("uniform", "global"),
 }
 
 

@@ -1,52 +1,152 @@
-"""Measured inference speed of a pruned ViT against the unpruned one, interleaved in one process.
+"""Measured inference speed of pruned ViTs against the unpruned one, eager and compiled, interleaved in one process.
 
-    python -m vitexp.bench.prune_speed                       # baseline at CIFAR size, task.ratio=0.5
-    python -m vitexp.bench.prune_speed task.ratio=0.3 model=patch8
+    python -m vitexp.bench.prune_speed                       # baseline at CIFAR size, task.ratio=0.5, both allocations
+    python -m vitexp.bench.prune_speed task.ratio=0.3 model=patch8 --no-compile
+    python -m vitexp.bench.prune_speed ckpt_path=<best.pt> data=digits --batches 1,256 --repeats 5
 
-Overrides are Hydra overrides of the real config (task=prune is implied). Weights are random: speed does
-not depend on them. Prints one JSON line.
+Overrides are Hydra overrides of the real config (task=prune is implied); `task.ratio`, `task.round_to` and
+`trainer.precision`/`trainer.device` apply. Weights are random unless `ckpt_path` is given: speed does not depend on
+them, but a global allocation does. Pruned by magnitude: `uniform` and `global` at `task.round_to`, and the same
+two unrounded (round_to 1) when task.round_to > 1. Every model runs eager and under torch.compile at every batch
+size, in interleaved rounds (best of `--repeats`), so other load on the machine hits all of them alike. Prints a
+table and one JSON line last.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch import nn
 
-from vitexp.config import config_dir
-from vitexp.models import count_macs, count_params, inference_img_per_s
+from vitexp import checkpoint
+from vitexp.config import config_dir, register_resolvers
+from vitexp.hardware import autocast_dtype, precision_name, resolve_device
+from vitexp.models import count_macs, count_params, input_shape
 from vitexp.pruning import layout_of, prune
 
 DEFAULTS = ["task=prune", "data=cifar10"]
 
 
-def main() -> None:
+@torch.no_grad()
+def img_per_s(model: Callable, x: torch.Tensor, amp: torch.dtype | None, min_s: float) -> float:
+    """Forward images/s on `x` over at least `min_s` seconds (and two calls), after two warm-up calls."""
+    device = x.device
+
+    def forward() -> None:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            model(x)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # the first compiled call compiles; the second settles caches
+        forward()
+    sync()
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - start < min_s:
+        forward()
+        calls += 1
+        if calls % 8 == 0 or calls < 8:
+            sync()
+    sync()
+    return x.shape[0] * calls / (time.perf_counter() - start)
+
+
+def speeds(models: dict[str, nn.Module], batches: Sequence[int], compiled: bool, repeats: int,
+           amp: torch.dtype | None, min_s: float = 0.5) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Images/s of every model, eager (and compiled), at every batch size: the best of `repeats` rounds, each round
+    measuring every model once in turn. Keys: model name -> `eager_b<N>` / `compiled_b<N>`."""
+    device = next(next(iter(models.values())).parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randn(b, *input_shape(next(iter(models.values()))), generator=generator).to(device)
+              for b in batches}  # fmt: skip
+    runs = {name: {"eager": model.eval()} for name, model in models.items()}
+    if compiled:
+        for name, model in models.items():
+            runs[name]["compiled"] = torch.compile(model)
+    best: dict[str, dict[str, float]] = {name: {} for name in models}
+    for _ in range(repeats):
+        for name, modes in runs.items():
+            for mode, run in modes.items():
+                for b in batches:
+                    key = f"{mode}_b{b}"
+                    best[name][key] = max(best[name].get(key, 0.0), img_per_s(run, inputs[b], amp, min_s))
+    return best
+
+
+def variants(dense: nn.Module, ratio: float, round_to: int) -> dict[str, nn.Module]:
+    """The dense model and its magnitude-pruned copies: uniform and global at `round_to` (and unrounded)."""
+    example = torch.zeros(1, *input_shape(dense), device=next(dense.parameters()).device)
+    models = {"dense": dense}
+    for allocation in ("uniform", "global"):
+        for multiple in dict.fromkeys((round_to, 1)):
+            pruned = copy.deepcopy(dense)
+            prune(pruned, ratio, "magnitude", example, allocation=allocation, round_to=multiple)
+            if all(layout_of(pruned) != layout_of(m) for m in models.values()):  # the same shape is timed once
+                models[f"{allocation}_r{multiple}"] = pruned
+    return models
+
+
+def report(models: dict[str, nn.Module], figures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per model: params, MACs, layout, images/s, batch-1 latency and the speed-ups over `dense`."""
+    dense_macs, base, rows = count_macs(models["dense"]), figures["dense"], []
+    for name, model in models.items():
+        row = {"model": name, "params": count_params(model), "macs": count_macs(model),
+               "mac_ratio": round(dense_macs / count_macs(model), 3), "layout": layout_of(model)}  # fmt: skip
+        for key, value in figures[name].items():
+            row[f"img_per_s_{key}"] = round(value, 1)
+            row[f"speedup_{key}"] = round(value / base[key], 3)
+            if key.endswith("_b1"):
+                row[f"latency_ms_{key.removesuffix('_b1')}"] = round(1000 / value, 3)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a Markdown table: MAC ratio next to every measured speed-up."""
+    keys = [k for k in rows[0] if k.startswith("speedup_")]
+    print(
+        "| model | MACs (M) | MAC ratio | " + " | ".join(k.removeprefix("speedup_") + " img/s (x)" for k in keys) + " |"
+    )
+    print("| --- " * (3 + len(keys)) + "|")
+    for row in rows:
+        cells = [f"{row['img_per_s_' + k.removeprefix('speedup_')]:.0f} ({row[k]:.2f}x)" for k in keys]
+        print(f"| {row['model']} | {row['macs'] / 1e6:.1f} | {row['mac_ratio']:.2f}x | " + " | ".join(cells) + " |")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=_ints, default=[1, 256], help="comma-separated, e.g. 1,256")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-s", type=float, default=0.5, help="seconds each measurement runs at least")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=DEFAULTS + sys.argv[1:])
+        cfg = compose(config_name="config", overrides=DEFAULTS + overrides)
+    device = resolve_device(cfg.trainer.device)
+    amp = autocast_dtype(cfg.trainer.precision, device)
     torch.manual_seed(0)
-    dense = instantiate(cfg.model).eval()
-    pruned = copy.deepcopy(dense)
-    prune(pruned, cfg.task.ratio, "magnitude", torch.zeros(1, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
-    best = {name: {"batch": 0.0, "single": 0.0} for name in ("dense", "pruned")}
-    for _ in range(3):  # interleaved rounds, best of each: noise hits both alike
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            best[name]["batch"] = max(best[name]["batch"], inference_img_per_s(model, 256, iters=3))
-            best[name]["single"] = max(best[name]["single"], inference_img_per_s(model, 1, iters=30))
-    print(json.dumps({
-        "model": cfg.model.name, "ratio": cfg.task.ratio, "layout": layout_of(pruned)[0],
-        "params_dense": count_params(dense), "params_pruned": count_params(pruned),
-        "macs_dense": count_macs(dense), "macs_pruned": count_macs(pruned),
-        "img_per_s_b256_dense": round(best["dense"]["batch"], 1), "img_per_s_b256_pruned": round(best["pruned"]["batch"], 1),
-        "speedup_b256": round(best["pruned"]["batch"] / best["dense"]["batch"], 3),
-        "latency_ms_b1_dense": round(1000 / best["dense"]["single"], 2),
-        "latency_ms_b1_pruned": round(1000 / best["pruned"]["single"], 2),
-        "latency_ratio_b1": round(best["dense"]["single"] / best["pruned"]["single"], 3),
-        "device": "cpu", "threads": torch.get_num_threads(),
-    }))  # fmt: skip
+    dense = checkpoint.load_model(cfg.ckpt_path)[0] if cfg.ckpt_path else instantiate(cfg.model)
+    models = variants(dense.to(device).eval(), cfg.task.ratio, cfg.task.round_to)
+    rows = report(models, speeds(models, args.batches, not args.no_compile, args.repeats, amp, args.min_s))
+    print_table(rows)
+    print(json.dumps({"ratio": cfg.task.ratio, "round_to": cfg.task.round_to, "device": str(device),
+                      "precision": precision_name(amp), "threads": torch.get_num_threads(), "rows": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,13 +32,16 @@ Measure = Callable[[nn.Module, str], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Pruning:
-    """What to remove: `ratio` of every block's heads and MLP channels, ranked by `importance`, in `rounds`."""
+    """What to remove: `ratio` of the heads and MLP channels, ranked by `importance`, in `rounds`, from every block
+    alike or across blocks (`allocation`), MLP widths multiples of `round_to`."""
 
     ratio: float
     importance: str
     rounds: int
     prune_embed: bool
     calibration_batches: int  # train batches whose gradients Taylor importance reads
+    allocation: str
+    round_to: int
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -47,12 +50,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg, task = run.cfg, run.cfg.task
     recipe = read_recipe(cfg)
     val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, False, False, False)
-    measure = functools.partial(_measure, recipe, val)
+    measure = functools.partial(measure_stage, recipe, val)
     pruned_path = run.out / "checkpoints" / "pruned.pt"
     if run.last is None:
         seed_everything(cfg.seed)
         source = cfg.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
-        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches)
+        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches,
+                          task.allocation, task.round_to)  # fmt: skip
         figures, points = prune_checkpoint(recipe, source, pruning, measure, run.out)
         if task.finetune_epochs == 0:
             results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
@@ -61,10 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:  # a resumed prune run continues its fine-tuning; the pruning itself is done
         figures = json.loads((run.out / "prune.json").read_text())
         points = [tuple(p) for p in figures.pop("points", [])]
-    tune = replace(recipe, arch=checkpoint.load(pruned_path)["arch"], init_weights=str(pruned_path),
-                   loop=replace(recipe.loop, max_epochs=task.finetune_epochs))  # fmt: skip
-    if task.finetune_distill:
-        tune = _distilled_from(tune, figures["source_ckpt"], task.alpha)
+    teacher = figures["source_ckpt"] if task.finetune_distill else None
+    tune = finetune_recipe(recipe, pruned_path, task.finetune_epochs, teacher, task.alpha)
     results = fit(tune, run.out, run.last, extra_results=figures)
     tuned, _ = checkpoint.load_model(run.out / "checkpoints" / "best.pt")
     after = measure(tuned.to(recipe.loop.device), "after fine-tuning (best.pt)")
@@ -93,13 +95,15 @@ def prune_checkpoint(
     example = torch.zeros(1, *input_shape(model), device=device)
     rounds = []
     prune(model, pruning.ratio, pruning.importance, example, pruning.rounds, calibration, pruning.prune_embed,
-          after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")))  # fmt: skip
+          after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")), allocation=pruning.allocation,
+          round_to=pruning.round_to)  # fmt: skip
     kwargs = {k: v for k, v in trained["arch"]["kwargs"].items() if k not in ("ratio", "layout")}
     arch = {"builder": "pruned_vit", "name": "pruned",
             "kwargs": {**kwargs, "ratio": pruning.ratio, "layout": layout_of(model)}}  # fmt: skip
     figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", rounds[-1])) for k, v in f.items()
                if k != "layout"}  # fmt: skip
-    figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance}
+    figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance,
+                "allocation": pruning.allocation, "round_to": pruning.round_to}  # fmt: skip
     points = [("unpruned", before), *((f"round {i + 1}", r) for i, r in enumerate(rounds))]
     if distributed.is_main():
         checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
@@ -111,6 +115,14 @@ def prune_checkpoint(
     return figures, points
 
 
+def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | None, alpha: float) -> Recipe:
+    """The fine-tuning of the model in `pruned` (a pruned.pt) for `epochs`, distilling `teacher` (the unpruned
+    checkpoint) with weight `alpha` when given."""
+    tune = replace(recipe, arch=checkpoint.load(pruned)["arch"], init_weights=str(pruned),
+                   loop=replace(recipe.loop, max_epochs=epochs))  # fmt: skip
+    return _distilled_from(tune, teacher, alpha) if teacher else tune
+
+
 def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
     """The fine-tuning recipe with the unpruned model as a frozen teacher (hard distillation, weight `alpha`)."""
     teacher, _ = checkpoint.load_model(source)
@@ -120,7 +132,7 @@ def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
                    loss=DistillationLoss(tune.loss, "hard", alpha, 1.0))  # fmt: skip
 
 
-def _measure(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
+def measure_stage(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
     """Val top-1, size, MACs, throughput at the eval batch size and latency at batch 1, logged as one line."""
     loop, batch = recipe.loop, recipe.data.eval_batch_size
     metrics, _ = engine.evaluate(model, val, loop.device, recipe.num_classes, autocast_dtype=loop.amp,
