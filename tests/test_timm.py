@@ -130,7 +130,7 @@ def test_head_only_epochs_then_everything_trains(weights, tmp_path):
 
 def test_resume_keeps_timm_kwargs():
     cfg = compose_config(*TINY, "model=timm")
-    saved = compose_config(*TINY, "model=timm", "+model.kwargs.global_pool=avg", "model.depth=3")
+    saved = compose_config(*TINY, "model=timm", "model.kwargs={global_pool:avg}", "model.depth=3")
     got = resumed(cfg, json.loads(json.dumps(dict(_plain(saved)))), ["model=timm"], "run", ["resume=run"])
     assert got.model.kwargs.global_pool == "avg" and got.model.depth == 3
 
@@ -196,6 +196,7 @@ def test_export_refuses_what_timm_cannot_describe(tmp_path):
 
 
 def _evaluate(ckpt: Path, cwd: Path) -> float:
+    cwd.mkdir(exist_ok=True)
     vitexp(*TINY, "task=evaluate", f"ckpt_path={ckpt}", "hydra.run.dir=eval", cwd=cwd)
     return json.loads((cwd / "eval/results.json").read_text())["val_acc1"]
 
@@ -226,7 +227,7 @@ def test_timm_deit_prunes_and_distils_and_evaluate_reproduces(trained, tmp_path)
     save_file(checkpoint.load(ckpt)["model"], teacher)
     vitexp(*TINY, *DEIT, "task=distill", f"ckpt_path={ckpt}", "task.distill_type=soft", "task.teacher_epochs=0",
            "task.teacher.model_name=deit_tiny_patch16_224", "task.teacher.small_input=false",
-           f"task.teacher.pretrained={teacher}", f"task.teacher.kwargs={json.dumps(SIZES)}", "hydra.run.dir=distill",
+           f"task.teacher.pretrained={teacher}", "task.teacher.kwargs={" + ",".join(f"{k}:{v}" for k, v in SIZES.items()) + "}", "hydra.run.dir=distill",
            cwd=tmp_path)  # fmt: skip
     results = json.loads((tmp_path / "distill/results.json").read_text())
     assert results["teacher_val_acc1"] == checkpoint.load(ckpt)["metrics"]["val/acc1"]
