@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-per-class", type=int, default=500)
     parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--finetune-per-class", type=int, default=100)
-    parser.add_argument("--finetune-epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--layer-decay", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
