@@ -233,3 +233,15 @@ def test_timm_deit_prunes_and_distils_and_evaluate_reproduces(trained, tmp_path)
     assert results["teacher_val_acc1"] == checkpoint.load(ckpt)["metrics"]["val/acc1"]
     student = checkpoint.load(tmp_path / "distill/checkpoints/best.pt")
     assert _evaluate(tmp_path / "distill/checkpoints/best.pt", tmp_path / "e2") == student["metrics"]["val/acc1"]
+
+
+def test_a_timm_arch_takes_only_a_flat_dict_of_plain_values():
+    arch = _deit().vitexp_arch
+    build_from_arch(arch)
+    for evil in ({"act_layer": {"_target_": "os.system"}}, {"act_layer": object()}):
+        with pytest.raises(VitexpError, match="not plain values"):
+            build_from_arch({**arch, "kwargs": {**arch["kwargs"], "kwargs": evil}})
+    with pytest.raises(VitexpError, match="not plain values"):  # a dict anywhere else
+        build_from_arch({**arch, "kwargs": {**arch["kwargs"], "layout": {"_target_": "os.system"}}})
+    with pytest.raises(VitexpError, match="not a timm model name"):
+        build_from_arch({**arch, "name": "hf-hub:someone/model"})

@@ -171,11 +171,14 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _timm_kwargs(value: Any) -> bool:
+    # timm's keyword arguments (model.kwargs): a flat dict of plain values
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
@@ -185,7 +188,11 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     if builder is None:
         raise VitexpError(f"checkpoint names an unknown architecture {arch!r}; known builders: {', '.join(BUILDERS)}")
     kwargs = arch.get("kwargs")
-    if not isinstance(arch.get("name"), str) or not isinstance(kwargs, dict) or not _plain(list(kwargs.values())):
+    if (
+        not isinstance(arch.get("name"), str)
+        or not isinstance(kwargs, dict)
+        or not all(_plain(v) or k == "kwargs" and _timm_kwargs(v) for k, v in kwargs.items())
+    ):
         raise VitexpError(f"architecture {arch.get('name')!r} has arguments that are not plain values; refused")
     return builder(name=arch["name"], **kwargs)
 
