@@ -62,6 +62,18 @@ def vitexp(run: Path, threads: int, *overrides: str) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+def backbone(folder: Path, out: Path) -> Path:
+    """A copy of the timm model folder without its classifier: the five new classes get a new one (with the same
+    class count timm would keep the old classes' head; weights without a classifier leave it initialised)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(exist_ok=True)
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("head.")}, out / "model.safetensors")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the stages and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-per-class", type=int, default=500)
     parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--finetune-per-class", type=int, default=100)
-    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--layer-decay", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
@@ -85,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     if not (folder / "config.json").exists():
         subprocess.run([sys.executable, "-m", "vitexp.export", str(work / "pretrain" / "checkpoints" / "best.pt"),
                         "--out", str(folder)], check=True)  # fmt: skip
+    folder = backbone(folder, work / "pretrained_backbone")
     tune = [*MODEL, *COMMON, f"data.root={work / 'finetune_data'}", f"trainer.max_epochs={args.finetune_epochs}",
             "optim.lr=5e-4", "optim.warmup_epochs=1"]  # fmt: skip
     variants = {
-        "(a) pretrained": [f"model.pretrained={folder}"],
+        "(a) pretrained (new head)": [f"model.pretrained={folder}"],
         f"(b) pretrained + layer decay {args.layer_decay}": [f"model.pretrained={folder}",
                                                               f"optim.layer_decay={args.layer_decay}"],
         "(c) scratch": [],
