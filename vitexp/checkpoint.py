@@ -105,10 +105,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The module a checkpoint holds, rebuilt from its `arch` with its weights (on the CPU), and the checkpoint."""
-    from vitexp.models import build_from_arch
+    from vitexp.models import build_from_arch, without_weights_source
 
     checkpoint = load(path)
-    model = build_from_arch(checkpoint["arch"])
+    # the weights are the checkpoint's: pretrained weights an arch might name are never read
+    model = build_from_arch(without_weights_source(checkpoint["arch"]))
     load_weights(model, checkpoint["model"], str(path))
     return model, checkpoint
 

@@ -21,6 +21,8 @@ CARRIED_ON_RESUME = (*FIXED_ON_RESUME, "trainer", "logger")
 CODE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # `_target_`s of vitexp's own YAML in earlier versions, accepted (and replaced by today's) in older run folders.
 LEGACY_TARGETS = {"vitexp.models.vit", "vitexp.models.vit_distilled", "vitexp.models.pruned_vit", "vitexp.models.cnn"}
+# Nodes of free-form keyword arguments (timm's): a run's own keys are kept on resume, not checked against vitexp's.
+FREE_FORM = ("model.kwargs", "task.teacher.kwargs")
 # Keys renamed since earlier versions: (task, old key) -> new key.
 # keys renamed since a run could have been saved: (the task that had it, or None for all, old key) -> its new name
 RENAMED = {
@@ -181,6 +183,9 @@ def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: st
         if key in CODE_KEYS:
             if value != mine and not (key == "_target_" and value in LEGACY_TARGETS):
                 raise _refuse(source, where, "names code to run that vitexp's own config does not")
+        elif where in FREE_FORM and isinstance(value, dict):
+            _check_data(value, where, source)
+            ours[key] = value
         elif isinstance(value, dict) and isinstance(mine, dict):
             _overlay(mine, value, f"{where}.", changed, source, task)
         elif isinstance(value, str) and "${" in value and value == mine:

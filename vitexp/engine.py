@@ -70,6 +70,12 @@ def _reraise(e: BaseException, device: torch.device, batch: int, fix: str) -> No
     raise e
 
 
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's rate: with layer decay a group's rate is this times its `lr_scale`."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
     total = len(loader)
     n = total if limit is None else min(limit, total)
@@ -211,7 +217,7 @@ def train_one_epoch(
             sums.steps += 1
             if opt.ema is not None:
                 opt.ema.update(model, step=step)
-            lr = opt.optimizer.param_groups[0]["lr"]
+            lr = base_lr(opt.optimizer)
             if logging and step % monitor.log_every == 0:
                 loss, norm = sums.interval_means()
                 monitor.on_log(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
@@ -238,7 +244,7 @@ def _epoch_figures(sums: _Sums, opt: Optimization, s: StepSettings, start: float
     return {
         "train/loss": train_loss,
         "grad_norm": sums.norm.item() / max(sums.steps, 1),
-        "lr": opt.optimizer.param_groups[0]["lr"],
+        "lr": base_lr(opt.optimizer),
         "throughput/img_s": n_seen / elapsed,
         **({"skipped_steps": sums.skipped} if s.skip_nonfinite else {}),
     }

@@ -8,12 +8,15 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import VitexpError
+from vitexp import pretrained as pretrained_weights
+from vitexp.pretrained import load as load_pretrained
 
 
 def vit(name: str, **kwargs: Any) -> VisionTransformer:
@@ -32,15 +35,25 @@ def vit_distilled(name: str, **kwargs: Any) -> VisionTransformerDistilled:
     return model
 
 
-def cnn(name: str, model_name: str, img_size: int, in_chans: int, num_classes: int, small_input: bool) -> nn.Module:
-    """Any timm model by name, randomly initialised (e.g. a ResNet teacher for distillation).
+def cnn(
+    name: str,
+    model_name: str,
+    img_size: int,
+    in_chans: int,
+    num_classes: int,
+    small_input: bool,
+    pretrained: bool | str = False,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Any timm model by name (e.g. a ResNet teacher for distillation), randomly initialised or from `pretrained`
+    weights (as `timm_model`), with timm's keyword arguments `kwargs`.
 
     `small_input` adapts ResNet-style stems to 32x32 images as CIFAR ResNets do: a 3x3 stride-1 first
     convolution and no max-pool, so the last stage still sees 4x4 feature maps.
     """
-    if not timm.is_model(model_name):
-        raise VitexpError(f"{model_name!r} is not a timm model name; pick one of timm.list_models()")
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    model = _create(model_name, img_size, in_chans, num_classes, dict(kwargs or {}))
+    if pretrained:
+        load_pretrained(model, pretrained)
     if small_input and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -48,9 +61,76 @@ def cnn(name: str, model_name: str, img_size: int, in_chans: int, num_classes: i
         "builder": "cnn",
         "name": name,
         "kwargs": {"model_name": model_name, "img_size": img_size, "in_chans": in_chans,
-                   "num_classes": num_classes, "small_input": small_input},
+                   "num_classes": num_classes, "small_input": small_input, "kwargs": dict(kwargs or {})},
     }  # fmt: skip
     return model
+
+
+def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretrained: bool | str = False,
+               drop_rate: float | None = None, drop_path_rate: float | None = None, patch_size: int | None = None,
+               embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
+               kwargs: dict[str, Any] | None = None, layout: list[list[int]] | None = None) -> nn.Module:  # fmt: skip
+    """Any timm model by registered `name` (`model=timm`) with timm's own keyword arguments `kwargs`, from
+    `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model arguments it takes
+    as defaults, or true for timm's tag); `patch_size`, `embed_dim`, `depth`, `num_heads` and the drop rates, when
+    not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) is a pruned ViT's. The `arch` it
+    records rebuilds the module without the weights' source: a checkpoint brings its own weights."""
+    args = dict(kwargs or {})
+    if pretrained_weights.is_folder(pretrained):
+        architecture, saved, _ = pretrained_weights.folder_config(pretrained)
+        if split_model_name_tag(name)[0] != architecture:
+            raise VitexpError(f"model.pretrained={pretrained} holds a {architecture}, not a {name}; set "
+                              f"model.name={architecture}")  # fmt: skip
+        args = {**{k: v for k, v in saved.items() if k not in ("img_size", "in_chans", "num_classes")}, **args}
+    # the ViT sizes debug=fast shrinks, and the drop rates; None: timm's default (create_model drops None values)
+    named = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "patch_size": patch_size,
+             "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}  # fmt: skip
+    model = _create(
+        name, img_size, in_chans, num_classes, {**args, **{k: v for k, v in named.items() if v is not None}}
+    )
+    if pretrained:
+        load_pretrained(model, pretrained)
+    if layout:
+        from vitexp.pruning import apply_layout
+
+        if not isinstance(model, VisionTransformer):
+            raise VitexpError(f"model.layout is for pruned ViTs; {name} is a {type(model).__name__}")
+        apply_layout(model, [list(map(int, b)) for b in layout])
+    model.vitexp_arch = {"builder": "timm", "name": name, "kwargs": {
+        "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False, **named,
+        "kwargs": args, "layout": [list(map(int, b)) for b in layout] if layout else None}}  # fmt: skip
+    return model
+
+
+def _create(model_name: str, img_size: int, in_chans: int, num_classes: int, args: dict[str, Any]) -> nn.Module:
+    """`timm.create_model` without weights; `img_size` is passed to models whose input size is fixed (ViT, DeiT,
+    Swin, ...), convolutional networks take any size."""
+    if not timm.is_model(model_name):
+        raise VitexpError(f"{model_name!r} is not a timm model name; pick one of timm.list_models()")
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is not None and cfg.fixed_input_size:
+        args = {**args, "img_size": img_size}
+    try:
+        return timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **args)
+    except TypeError as e:
+        raise VitexpError(f"timm's {model_name} refused its arguments ({e}); fix model.kwargs") from None
+
+
+def without_weights_source(arch: dict[str, Any]) -> dict[str, Any]:
+    """`arch` with its pretrained weights left out (a resumed run or `ckpt_path` brings the weights)."""
+    if "pretrained" not in arch["kwargs"]:
+        return arch
+    return {**arch, "kwargs": {**arch["kwargs"], "pretrained": False}}
+
+
+def train_only_head(model: nn.Module, head_only: bool) -> None:
+    """Freeze every parameter but the classifier's (timm's `get_classifier()`: a linear probe), or none."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if heads is None:
+        raise VitexpError(f"{type(model).__name__} has no get_classifier(); optim.head_only_epochs needs a timm model")
+    model.requires_grad_(not head_only)
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        head.requires_grad_(True)
 
 
 def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, **kwargs: Any) -> VisionTransformer:
@@ -78,6 +158,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vit_distilled": vit_distilled,
     "pruned_vit": pruned_vit,
     "cnn": cnn,
+    "timm": timm_model,
 }
 
 
@@ -95,6 +176,11 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def _timm_kwargs(value: Any) -> bool:
+    # timm's keyword arguments (model.kwargs): a flat dict of plain values
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     """Rebuild the exact module an `arch` dict describes (a checkpoint's, or `arch_from_config`'s): one of
     `BUILDERS`, a name, and keyword arguments that are plain values, never objects or code to run."""
@@ -102,7 +188,11 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     if builder is None:
         raise VitexpError(f"checkpoint names an unknown architecture {arch!r}; known builders: {', '.join(BUILDERS)}")
     kwargs = arch.get("kwargs")
-    if not isinstance(arch.get("name"), str) or not isinstance(kwargs, dict) or not _plain(list(kwargs.values())):
+    if (
+        not isinstance(arch.get("name"), str)
+        or not isinstance(kwargs, dict)
+        or not all(_plain(v) or k == "kwargs" and _timm_kwargs(v) for k, v in kwargs.items())
+    ):
         raise VitexpError(f"architecture {arch.get('name')!r} has arguments that are not plain values; refused")
     size, patch = kwargs.get("img_size"), kwargs.get("patch_size")
     if isinstance(size, int) and isinstance(patch, int) and size % patch:

@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitexp import __version__, checkpoint, distributed, engine, plots, tracking
+from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots, tracking
 from vitexp.data import LoaderSettings, Splits, set_epoch
 from vitexp.hardware import precision_name, seed_everything
-from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
+from vitexp.models import (
+    arch_of,
+    build_from_arch,
+    count_macs,
+    count_params,
+    inference_img_per_s,
+    train_only_head,
+    without_weights_source,
+)
 from vitexp.records import EpochLog, completed, read_metrics, write_results
 from vitexp.stop import check_stop
 
@@ -71,6 +79,8 @@ class Recipe:
     loop: Loop
     config: dict[str, Any]  # the resolved config, kept in every checkpoint
     log_checkpoints: bool = False  # best.pt as a W&B artifact at the end
+    layer_decay: float | None = None  # lr of layer i scaled by layer_decay ** (layers - i) (timm's groups); None: off
+    head_only_epochs: int = 0  # the first N epochs train only the classifier (a linear probe when N >= max_epochs)
     wrap: Callable[[nn.Module], nn.Module] | None = None  # what the step calls, e.g. student + frozen teacher
     views: Callable[[nn.Module], dict[str, nn.Module]] = lambda model: {}  # extra val accuracies by name
 
@@ -94,19 +104,23 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     if last is not None:
         log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']})")
     seed_everything(recipe.seed)
-    model = build_from_arch(recipe.arch).to(loop.device)
+    # pretrained weights are read only when nothing else brings them (a resumed run's last.pt, ckpt_path)
+    fresh = last is None and not recipe.init_weights
+    model = build_from_arch(recipe.arch if fresh else without_weights_source(recipe.arch)).to(loop.device)
     if recipe.init_weights and last is None:
         checkpoint.load_weights(model, checkpoint.load(recipe.init_weights)["model"], recipe.init_weights)
     train_loader, val_loader = recipe.loaders
     opt = optimization(recipe, model, min(len(train_loader), loop.limit_train_batches or len(train_loader)))
-    train_model, eval_model = _step_models(recipe, model)
     state = restore(last, model, opt, out) if last is not None else RunState()
+    _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
+    train_model, eval_model = _step_models(recipe, model)
     records = EpochLog(out, state.epoch, prefix)
     settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm, loop.skip_nonfinite,
                                    distributed.sum_all if distributed.world_size() > 1 else None)  # fmt: skip
     _announce(recipe, model, out)
     for epoch in range(state.epoch + 1, loop.max_epochs + 1):
         epoch_start = time.perf_counter()
+        _set_trainable(recipe, model, epoch)
         set_epoch(train_loader, recipe.seed, epoch)
         monitor = engine.Monitor(loop.progress, f"epoch {epoch}", records.step if tracking.active() else None,
                                  loop.log_every)  # fmt: skip
@@ -129,9 +143,18 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
 
 
 def optimization(recipe: Recipe, model: nn.Module, batches_per_epoch: int) -> engine.Optimization:
-    """The optimizer (no weight decay on norms, biases and tokens), its per-step schedule, the GradScaler (fp16),
-    the weight EMA and mixup/cutmix: what `engine.train_one_epoch` updates."""
-    params = param_groups_weight_decay(model, recipe.weight_decay, getattr(model, "no_weight_decay", set)())
+    """The optimizer (no weight decay on norms, biases, position embeddings and tokens; with layer decay, timm's
+    groups by layer, each with its `lr_scale`), its per-step schedule (timm's schedulers multiply each group's rate
+    by its `lr_scale`), the GradScaler (fp16), the weight EMA and mixup/cutmix: what `engine.train_one_epoch`
+    updates."""
+    skip = getattr(model, "no_weight_decay", set)()
+    params = (
+        param_groups_weight_decay(model, recipe.weight_decay, no_weight_decay_list=skip)
+        if recipe.layer_decay is None
+        else param_groups_layer_decay(
+            model, recipe.weight_decay, no_weight_decay_list=skip, layer_decay=recipe.layer_decay
+        )  # fmt: skip
+    )
     optimizer = recipe.optimizer(params)
     steps_per_epoch = math.ceil(batches_per_epoch / recipe.loop.accumulate)
     scheduler = recipe.scheduler(optimizer, t_initial=recipe.loop.max_epochs * steps_per_epoch,
@@ -139,6 +162,16 @@ def optimization(recipe: Recipe, model: nn.Module, batches_per_epoch: int) -> en
     scaler = torch.amp.GradScaler(recipe.loop.device.type) if recipe.loop.fp16_scaler else None
     ema = ModelEmaV3(model, decay=recipe.loop.ema_decay) if recipe.loop.ema_decay else None
     return engine.Optimization(optimizer, scheduler, scaler, ema, recipe.mixup)
+
+
+def _set_trainable(recipe: Recipe, model: nn.Module, epoch: int) -> None:
+    """Only the classifier trains in the first `head_only_epochs` epochs, everything after them."""
+    if recipe.head_only_epochs == 0:
+        return
+    if distributed.world_size() > 1 and recipe.head_only_epochs < recipe.loop.max_epochs:
+        raise VitexpError("optim.head_only_epochs with unfreezing needs one process (DDP fixes the parameters that "
+                          "train when it starts); set it to 0 or >= trainer.max_epochs, or train on one device")  # fmt: skip
+    train_only_head(model, epoch <= recipe.head_only_epochs)
 
 
 def _step_models(recipe: Recipe, model: nn.Module) -> tuple[nn.Module, nn.Module]:

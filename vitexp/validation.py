@@ -24,6 +24,7 @@ NON_NEGATIVE_COUNT = ("a whole number >= 0", lambda v: _integer(v) and v >= 0)
 OPTIONAL_COUNT = ("null or a whole number >= 1", lambda v: v is None or (_integer(v) and v >= 1))
 OPTIONAL_POSITIVE = ("null or a number > 0", lambda v: v is None or (_number(v) and v > 0))
 FRACTION = ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+OPTIONAL_FRACTION = ("null or a number in [0, 1)", lambda v: v is None or (_number(v) and 0 <= v < 1))
 WEIGHT = ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
 OPTIONAL_DECAY = ("null or a number in (0, 1)", lambda v: v is None or (_number(v) and 0 < v < 1))
 
@@ -48,8 +49,8 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "trainer.limit_train_batches": OPTIONAL_COUNT,
     "trainer.limit_val_batches": OPTIONAL_COUNT,
     "trainer.ema_decay": OPTIONAL_DECAY,
-    "model.drop_path_rate": FRACTION,
-    "model.drop_rate": FRACTION,
+    "model.drop_path_rate": OPTIONAL_FRACTION,  # null: a timm model's own default (model=timm)
+    "model.drop_rate": OPTIONAL_FRACTION,
     "model.ratio": FRACTION,
     "task.ratio": FRACTION,
     "task.alpha": WEIGHT,
@@ -60,7 +61,9 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "task.warmup_steps": NON_NEGATIVE_COUNT,
     "task.repeats": COUNT,
     "task.finetune_epochs": NON_NEGATIVE_COUNT,
-    "task.teacher_epochs": COUNT,
+    "task.teacher_epochs": NON_NEGATIVE_COUNT,
+    "optim.layer_decay": ("null or a number in (0, 1]", lambda v: v is None or (_number(v) and 0 < v <= 1)),
+    "optim.head_only_epochs": NON_NEGATIVE_COUNT,
     "logger.log_every_n_steps": COUNT,
     "logger.init_timeout": POSITIVE,
 }

@@ -14,7 +14,7 @@ from vitexp import VitexpError, checkpoint, engine
 from vitexp.config import plain
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
-from vitexp.models import arch_from_config, count_macs, count_params, input_shape
+from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
 from vitexp.tasks.recipe import open_run, read_recipe
 from vitexp.training import Recipe, fit, train_in
 
@@ -31,9 +31,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if token and cfg.model.builder not in ("vit", "vit_distilled"):
         raise VitexpError(f"distill_type=token needs a ViT student, not a {cfg.model.builder}; use soft or hard")
     given = _teacher(task.teacher_ckpt, cfg.data) if task.teacher_ckpt else None  # a bad teacher fails first
+    if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
+        given = _built_teacher(arch_from_config(plain(task.teacher)), cfg.data)
     recipe = read_recipe(cfg)
-    teacher_path = task.teacher_ckpt or train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)),
-                                                 task.teacher_epochs)  # fmt: skip
+    teacher_path = task.teacher_ckpt or (
+        f"{task.teacher.model_name} ({task.teacher.pretrained or 'random init'})" if given
+        else train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)), task.teacher_epochs)
+    )  # fmt: skip
     teacher, saved, statistics, size = given or _teacher(teacher_path, cfg.data)
     teacher = teacher.to(recipe.loop.device)
 
@@ -58,13 +62,26 @@ def _teacher(path: str | Path, data: DictConfig) -> tuple[nn.Module, dict[str, A
     """The teacher in `path`, its checkpoint, the normalisation it was trained with and its input size; a teacher
     for other classes or channels than `data` is a one-line error."""
     teacher, saved = checkpoint.load_model(path)
+    return teacher, saved, _teacher_statistics(saved, path), _fits(teacher, path, data)
+
+
+def _built_teacher(arch: dict[str, Any], data: DictConfig) -> tuple[nn.Module, dict[str, Any], tuple, int]:
+    """`task.teacher` as built, without training (`teacher_epochs=0`): its own weights (`pretrained`) and this
+    data's normalisation."""
+    teacher = build_from_arch(arch)
+    statistics = tuple(map(float, data.mean)), tuple(map(float, data.std))
+    return teacher, {"arch": arch_of(teacher)}, statistics, _fits(teacher, "task.teacher", data)
+
+
+def _fits(teacher: nn.Module, where: str | Path, data: DictConfig) -> int:
+    """The teacher's input size; a teacher for other classes or channels than `data` is a one-line error."""
     chans, size, _ = input_shape(teacher)
     if teacher.num_classes != data.num_classes or chans != data.in_chans:
         raise VitexpError(
-            f"teacher {path} predicts {teacher.num_classes} classes from {chans}-channel images but data={data.name} "
+            f"teacher {where} predicts {teacher.num_classes} classes from {chans}-channel images but data={data.name} "
             f"has {data.num_classes} and {data.in_chans}; pick a teacher for this data"
         )
-    return teacher, saved, _teacher_statistics(saved, path), size
+    return size
 
 
 def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots
@@ -84,7 +85,8 @@ def prune_checkpoint(
     """Prune the ViT in `source`, measuring it before and after each round; writes checkpoints/pruned.pt,
     prune.json and the accuracy-vs-MACs plot. Returns the figures for results.json and the plot's points."""
     model, trained = checkpoint.load_model(source)
-    if trained["arch"]["builder"] not in ("vit", "pruned_vit"):
+    builder = trained["arch"]["builder"]
+    if not (builder in ("vit", "pruned_vit") or builder == "timm" and type(model) is VisionTransformer):
         raise VitexpError(f"{source} holds a {trained['arch']['builder']} model; task=prune takes a ViT checkpoint")
     device = recipe.loop.device
     model.to(device)
@@ -97,9 +99,7 @@ def prune_checkpoint(
     prune(model, pruning.ratio, pruning.importance, example, pruning.rounds, calibration, pruning.prune_embed,
           after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")), allocation=pruning.allocation,
           round_to=pruning.round_to)  # fmt: skip
-    kwargs = {k: v for k, v in trained["arch"]["kwargs"].items() if k not in ("ratio", "layout")}
-    arch = {"builder": "pruned_vit", "name": "pruned",
-            "kwargs": {**kwargs, "ratio": pruning.ratio, "layout": layout_of(model)}}  # fmt: skip
+    arch = _pruned_arch(trained["arch"], pruning.ratio, layout_of(model))
     figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", rounds[-1])) for k, v in f.items()
                if k != "layout"}  # fmt: skip
     figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance,
@@ -121,6 +121,14 @@ def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | No
     tune = replace(recipe, arch=checkpoint.load(pruned)["arch"], init_weights=str(pruned),
                    loop=replace(recipe.loop, max_epochs=epochs))  # fmt: skip
     return _distilled_from(tune, teacher, alpha) if teacher else tune
+
+
+def _pruned_arch(trained: dict[str, Any], ratio: float, layout: list[list[int]]) -> dict[str, Any]:
+    """The pruned model's `arch`: a timm model (model=timm) keeps its name and arguments and gains the layout."""
+    if trained["builder"] == "timm":
+        return {**trained, "kwargs": {**trained["kwargs"], "layout": layout}}
+    kwargs = {k: v for k, v in trained["kwargs"].items() if k not in ("ratio", "layout")}
+    return {"builder": "pruned_vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout}}
 
 
 def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:

@@ -143,4 +143,6 @@ def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
         loop=loop,
         config=plain(cfg),
         log_checkpoints=cfg.logger.log_checkpoints,
+        layer_decay=cfg.optim.layer_decay,
+        head_only_epochs=cfg.optim.head_only_epochs,
     )
