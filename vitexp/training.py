@@ -101,6 +101,7 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     if recipe.init_weights and last is None:
         checkpoint.load_weights(model, checkpoint.load(recipe.init_weights)["model"], recipe.init_weights)
     train_loader, val_loader = recipe.loaders
+    set_epoch(train_loader, recipe.seed, 0)  # whole epochs: a sub-run before this one may have left it mid-epoch
     opt = optimization(recipe, model, min(len(train_loader), loop.limit_train_batches or len(train_loader)))
     train_model, eval_model = _step_models(recipe, model)
     state = restore(last, model, opt, out) if last is not None else RunState()
@@ -170,8 +171,8 @@ def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, ou
     if opt.ema is not None:
         opt.ema.load_state_dict(last["ema"])
     checkpoint.set_rng_state(last["rng"])
-    return RunState(last["epoch"], last["step"], last["metrics"]["best_val_acc1"], last.get("val_images"),
-                    last["metrics"], last.get("position"))  # fmt: skip
+    best = last["metrics"]["best_val_acc1"] if last["metrics"] else -1.0  # {}: stopped inside the first epoch
+    return RunState(last["epoch"], last["step"], best, last.get("val_images"), last["metrics"], last.get("position"))
 
 
 def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
