@@ -39,6 +39,9 @@ def _child(entry: str, argv: list[str], cwd: str, env: dict[str, str], out: str,
     for name, limit in limits.items():
         resource.setrlimit(name, (limit, limit))
     os.chdir(cwd)
+    # A child of the forkserver inherits its start method; `python -m vitexp` starts loader workers by fork, and
+    # forked workers end when their process is SIGKILLed (a forkserver's never notice and are left behind).
+    multiprocessing.set_start_method("fork", force=True)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):

@@ -163,3 +163,43 @@ def test_distill_and_prune_run_under_torchrun(task, tmp_path):
     for folder in (run, sub):  # the sub-run (teacher / model to prune) trained with both processes too
         results = json.loads((folder / "results.json").read_text())
         assert results["status"] == "completed" and results["processes"] == 2
+
+
+# Mid-epoch: 20 global batches an epoch, stopped by a signal in step 27 (epoch 2, batch 7), random crops on.
+MID = [*SAME, "trainer.max_epochs=2", "trainer.limit_train_batches=20", "data.splits.train_transform.crop_padding=2"]
+INJECT = str(Path(__file__).parent / "reliability" / "inject.py")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One process, never stopped, no step checkpoints."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    vitexp(*MID, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    return cwd / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("started", "resumed"), [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample_on_another_world_size(started, resumed, uninterrupted,
+                                                                                   tmp_path):  # fmt: skip
+    run = tmp_path / "run"
+    args = [INJECT, "SIGTERM", "27", *MID, f"hydra.run.dir={run}"]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if started == 2 else []
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert proc.returncode != 0 and "interrupted (SIGTERM)" in proc.stderr, proc.stderr[-3000:]
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    # the signal reached rank 0 only, in step 27: every rank stopped after it, and it was saved there
+    assert (stopped["epoch"], stopped["step"], stopped["position"]["batch"]) == (1, 27, 7)
+    assert len(stopped["position"]["sums"]) == started
+    args = [f"resume={run}", "trainer.device=cpu"]
+    torchrun(2, *args, cwd=tmp_path) if resumed == 2 else vitexp(*args, cwd=tmp_path)
+    # epoch 2 went on from batch 7 with the same images, crops and flips: the same figures as one process
+    # (up to float summation order), and the epoch's loss sums what both attempts saw
+    for one, two in zip(rows(uninterrupted), rows(run), strict=True):
+        assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5)
+        assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+        assert two["lr"] == one["lr"] and two["val/acc1"] == one["val/acc1"]
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step"] == 40 and last["position"] is None
+    assert json.loads((run / "results.json").read_text())["processes"] == resumed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -13,17 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp import VitexpError, distributed, tracking
+from vitexp import VitexpError, distributed, stop, tracking
 from vitexp.config import config_dir, register_resolvers, resume_overrides, run_dir, validate
 from vitexp.records import completed, write_results
 from vitexp.rundir import ensure_new_run_dir
-from vitexp.stop import request_stop
 
 log = logging.getLogger("vitexp")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    stop.install()  # again here: a submitit job runs this function alone, and its requeue handler is chained
     distributed.from_slurm()
     distributed.init()
     if not distributed.is_main():
@@ -47,7 +46,7 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt as e:
         where = run_dir()
-        since = "its last finished epoch" if (where / "checkpoints" / "last.pt").exists() else "where it stopped"
+        since = "its last checkpoint" if (where / "checkpoints" / "last.pt").exists() else "where it stopped"
         log.error(f"interrupted ({str(e) or 'SIGINT'}); continue from {since} with: python -m vitexp resume={where}")
         sys.exit(130)
     finally:
@@ -133,16 +132,9 @@ def _share_run_dir(argv: list[str]) -> list[str]:
     return [f"{key}={folder}"] + ([] if distributed.is_main() else ["hydra.output_subdir=null"])
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # A polite kill (scheduler, torchrun) ends like Ctrl-C. Raised here, it can land inside a C call that
-    # swallows exceptions, so the request is also kept for the training loop to honour at its next epoch end.
-    request_stop(signal.Signals(signum).name)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main() -> None:
     """Console entry point (`vitexp`, `python -m vitexp`)."""
-    signal.signal(signal.SIGTERM, _terminate)
+    stop.install()
     register_resolvers()
     try:
         sys.argv[1:] = resume_overrides(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
+import signal
 import urllib.error
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from timm.data import auto_augment_transform, create_transform, rand_augment_tra
 from timm.data.auto_augment import augment_and_mix_transform
 from timm.data.random_erasing import RandomErasing
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import datasets, transforms
 
 from vitexp import VitexpError, distributed
@@ -297,25 +299,94 @@ def image_splits(
     )
 
 
-class ShardedSampler(Sampler[int]):
+class ShardedSampler(Sampler):
     """The indices one rank reads: a shared permutation (train) or the split in order (eval), every
     `world`-th index from `rank` on.
 
-    The permutation is drawn from the loader's own generator after the DataLoader has drawn its workers' base
-    seed from it, exactly as torch's RandomSampler does, so a single process (rank 0 of 1) sees the batches
-    it always saw, and N ranks with batch B/N together see those same batches of B.
+    A training permutation is drawn from a generator seeded from the (seed, epoch) of `set_epoch` alone, so it
+    does not depend on what else draws from a loader's generator (a persistent loader draws its workers' base
+    seed once, a fresh one every epoch). Global batch b is positions [b*B, (b+1)*B) of the permutation for any
+    number of ranks (rank r reads every `world`-th of them), so `start_batch` skips to the same sample in a run
+    resumed mid-epoch, on as many processes as it likes. With `keyed`, it yields (index, seed, epoch) for
+    `SeededSamples`.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, generator: torch.Generator | None) -> None:
-        self.n, self.rank, self.world, self.generator = n, rank, world, generator
-        self.keep = n // (batch_size * world) * batch_size * world if generator is not None else n
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, shuffle: bool, keyed: bool = False) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.shuffle, self.keyed = shuffle, keyed
+        self.keep = n // (batch_size * world) * batch_size * world if shuffle else n
+        self.seed, self.epoch, self.start = 0, 0, 0
+
+    def set_epoch(self, seed: int, epoch: int, start_batch: int = 0) -> None:
+        """The permutation of (seed, epoch), read from global batch `start_batch` on."""
+        self.seed, self.epoch, self.start = seed, epoch, start_batch * self.batch_size * self.world
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.keep, self.world))
+        return len(range(self.start + self.rank, self.keep, self.world))
 
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=self.generator) if self.generator is not None else torch.arange(self.n)
-        return iter(order[: self.keep][self.rank :: self.world].tolist())
+    def indices(self) -> list[int]:
+        """This rank's remaining indices of the epoch, in order."""
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        return order[self.start : self.keep][self.rank :: self.world].tolist()
+
+    def __iter__(self) -> Iterator:
+        if not self.keyed:
+            return iter(self.indices())
+        return iter([(i, self.seed, self.epoch) for i in self.indices()])
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, from (seed, epoch, sample index) alone (splitmix64 mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index * 0x8CB92BA72F3D8DD7) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class SeededSamples(Dataset):
+    """`dataset` read by (index, seed, epoch) keys, each sample's augmentation drawn from Python's, NumPy's and
+    torch's generators seeded by `sample_seed`: what a sample looks like depends on (seed, epoch, index) only, not
+    on which worker or process decodes it, nor on what that worker decoded before (persistent workers included).
+    In the main process (no workers) the generators are put back afterwards: the model's own draws (dropout,
+    mixup) must not depend on the data."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        index, seed, epoch = key
+        saved = _generators() if get_worker_info() is None else None
+        s = sample_seed(seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        torch.default_generator.manual_seed(s)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def _generators() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _quiet_worker(worker_id: int) -> None:
+    # A stop signal is the main process's to honour (it saves, then stops the workers): SLURM and a terminal's
+    # Ctrl-C signal every process of the job, and a worker killed by one would end the epoch with an error.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:
@@ -337,31 +408,92 @@ def make_loader(
     rank: int = 0,
     world: int = 1,
 ) -> DataLoader:
-    """A loader of this rank's share (`batch_size` is the global batch); training ones shuffle with their own
-    generator (see `set_epoch`) and drop the last partial batch."""
+    """A loader of this rank's share (`batch_size` is the global batch); training ones shuffle by (seed, epoch),
+    augment each sample from (seed, epoch, index) (see `set_epoch`) and drop the last partial batch."""
     per_rank = per_rank_batch(batch_size, world)
-    generator = torch.Generator() if train else None
     return DataLoader(
-        dataset,
+        SeededSamples(dataset) if train else dataset,
         batch_size=per_rank,
-        sampler=ShardedSampler(len(dataset), per_rank, rank, world, generator),
+        sampler=ShardedSampler(len(dataset), per_rank, rank, world, shuffle=train, keyed=train),
         drop_last=train,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
-        generator=generator,
+        worker_init_fn=_quiet_worker,
+        generator=torch.Generator(),  # the workers' base seed: not from the global generator the model draws from
     )
 
 
-class DeviceLoader:
-    """A whole split held on the device as uint8 and shuffled, cropped, flipped and normalised there, a batch
-    at a time, so that no loader process has to keep up with the step (`data.on_device=true`).
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32's shape, multipliers below 2**31 so that int64 never overflows)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
-    Behaves like a `make_loader` loader: `len()`, iteration over (images, labels), and a `generator` that
-    `set_epoch` seeds, from which both the shuffle order and the augmentation draws follow. Crops and flips
-    have the distribution of torchvision's RandomCrop(padding, fill 0) and RandomHorizontalFlip, and the
-    normalisation is ToTensor's and Normalize's, in the same order. `policy` (a `vitexp.augment.DeviceAugment`)
-    then augments each image from its own row of uniform draws, `policy.n_draws` per image.
+
+def uniform_draws(seed: int, epoch: int, indices: torch.Tensor, k: int) -> torch.Tensor:
+    """u[B, k] in [0, 1): `k` random numbers per sample, a counter-based hash of (seed, epoch, sample index) in
+    torch integer ops on the samples' device, the same whichever process or batch holds the sample."""
+    key = sample_seed(seed, epoch, 0) & 0xFFFFFFFF
+    base = _mix32((indices.to(torch.int64) & 0xFFFFFFFF) ^ key)
+    draws = torch.arange(1, k + 1, device=indices.device, dtype=torch.int64) * 0x61C88647
+    bits = _mix32(_mix32((base[:, None] + draws) & 0xFFFFFFFF) ^ (key >> 7))
+    return (bits >> 8).to(torch.float32) * 2.0**-24  # 24 bits: exact in float32, never 1.0
+
+
+class CropFlip:
+    """Random shift (crop of the zero-padded image) and horizontal flip, per image, from its draws u[:, :3] (top,
+    left, flip): the distribution of torchvision's RandomCrop(padding, fill 0) and RandomHorizontalFlip.
+
+    A device augmentation is any callable `aug(images_uint8[B, C, H, W], u[B, n_draws]) -> images`."""
+
+    n_draws = 3
+
+    def __init__(self, padding: int, hflip: float) -> None:
+        self.padding, self.hflip = padding, hflip
+
+    def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = images.shape
+        device = images.device
+        if self.padding:
+            p = self.padding
+            padded = nn.functional.pad(images, (p, p, p, p))
+            top, left = (u[:, :2] * (2 * p + 1)).long().clamp_(max=2 * p).unbind(1)
+            rows = (top[:, None] + torch.arange(h, device=device))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(w, device=device))[:, None, None, :]
+            images = padded[torch.arange(b, device=device)[:, None, None, None],
+                            torch.arange(c, device=device)[None, :, None, None], rows, cols]  # fmt: skip
+        if self.hflip:
+            images = torch.where((u[:, 2] < self.hflip)[:, None, None, None], images.flip(3), images)
+        return images
+
+
+class Chain:
+    """Device augmentations applied one after another, each reading its own columns of the draws."""
+
+    def __init__(self, *steps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.steps = steps
+        self.n_draws = sum(step.n_draws for step in steps)
+
+    def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        first = 0
+        for step in self.steps:
+            images, first = step(images, u[:, first : first + step.n_draws]), first + step.n_draws
+        return images
+
+
+class DeviceLoader:
+    """A whole split held on the device as uint8 and shuffled, augmented and normalised there, a batch at a time,
+    so that no loader process has to keep up with the step (`data.on_device=true`).
+
+    Behaves like a `make_loader` loader: `len()`, iteration over (images, labels), and a sampler that `set_epoch`
+    places. The order is the worker loader's for the same (seed, epoch); each image's augmentation reads draws
+    that are a function of (seed, epoch, sample index) alone (`uniform_draws`), so a run resumed mid-epoch, on
+    any number of processes, augments every image as the uninterrupted run did. `augment` defaults to `CropFlip`
+    (`crop_padding`, `hflip`), followed by `policy` (a `vitexp.augment.DeviceAugment`) when given; the
+    normalisation is ToTensor's and Normalize's, in the same order.
     """
 
     def __init__(
@@ -376,13 +508,16 @@ class DeviceLoader:
         hflip: float = 0.0,
         rank: int = 0,
         world: int = 1,
+        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         policy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.images, self.labels = images, labels  # uint8 [N, C, H, W] and int64 [N], on the device
         self.batch_size = per_rank_batch(batch_size, world)
-        self.train, self.crop_padding, self.hflip, self.policy = train, crop_padding, hflip, policy
-        self.generator = torch.Generator()
-        self.shard = ShardedSampler(len(images), self.batch_size, rank, world, self.generator if train else None)
+        self.train = train
+        self.augment = augment or CropFlip(crop_padding, hflip)
+        if policy is not None:
+            self.augment = Chain(self.augment, policy)
+        self.shard = ShardedSampler(len(images), self.batch_size, rank, world, shuffle=train)
         device = images.device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -392,37 +527,14 @@ class DeviceLoader:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.images.device
-        if self.train:
-            # The generator is consumed as a DataLoader's is (its workers' base seed, then the sampler's
-            # permutation), so that both loaders visit the images in the same order for the same seed.
-            draws = torch.Generator(device=device)
-            draws.manual_seed(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-        order = torch.tensor(list(self.shard), device=device)
+        order = torch.tensor(self.shard.indices(), device=self.images.device, dtype=torch.int64)
+        seed, epoch, k = self.shard.seed, self.shard.epoch, self.augment.n_draws
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images = self.augment(self.images[idx], draws) if self.train else self.images[idx]
+            images = self.images[idx]
+            if self.train:
+                images = self.augment(images, uniform_draws(seed, epoch, idx, k))
             yield images.float().div_(255).sub_(self.mean).div_(self.std), self.labels[idx]
-
-    def augment(self, images: torch.Tensor, draws: torch.Generator) -> torch.Tensor:
-        """Random shift (crop of the zero-padded image) and horizontal flip, then the policy, drawn per image."""
-        b, c, h, w = images.shape
-        device = images.device
-        if self.crop_padding:
-            p = self.crop_padding
-            padded = nn.functional.pad(images, (p, p, p, p))
-            top = torch.randint(0, 2 * p + 1, (b,), generator=draws, device=device)
-            left = torch.randint(0, 2 * p + 1, (b,), generator=draws, device=device)
-            rows = (top[:, None] + torch.arange(h, device=device))[:, None, :, None]
-            cols = (left[:, None] + torch.arange(w, device=device))[:, None, None, :]
-            images = padded[torch.arange(b, device=device)[:, None, None, None],
-                            torch.arange(c, device=device)[None, :, None, None], rows, cols]  # fmt: skip
-        if self.hflip:
-            flip = torch.rand(b, generator=draws, device=device) < self.hflip
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        if self.policy is not None:
-            images = self.policy(images, torch.rand(b, self.policy.n_draws, generator=draws, device=device))
-        return images
 
 
 def to_device(
@@ -440,12 +552,14 @@ def to_device(
     return torch.cat(images).to(device), torch.cat(labels).to(device)
 
 
-def set_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int) -> None:
-    """Make the shuffle order and the workers' augmentation seeds a function of (seed, epoch) alone.
+def set_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int, start_batch: int = 0) -> None:
+    """Make the shuffle order and every sample's augmentation a function of (seed, epoch) alone, and start the
+    epoch at global batch `start_batch` (a run resumed mid-epoch; the skipped images are not read).
 
     This is what lets a resumed run see exactly the batches an uninterrupted one would have seen.
     """
-    loader.generator.manual_seed(seed * 100_003 + epoch)
+    sampler = loader.shard if isinstance(loader, DeviceLoader) else loader.sampler
+    sampler.set_epoch(seed, epoch, start_batch)
 
 
 @dataclass(frozen=True)
@@ -501,7 +615,7 @@ def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> t
         raise VitexpError(f"data.on_device=true does not run train_transform.{key}: set data.splits.train_transform."
                           f"{key}=0 (or null){instead}, or data.on_device=false")  # fmt: skip
     train = DeviceLoader(*to_device(splits.train, s.img_size, device, s.num_workers), s.batch_size, True, s.mean,
-                         s.std, s.crop_padding, s.hflip, rank, world, s.device_augment)  # fmt: skip
+                         s.std, s.crop_padding, s.hflip, rank, world, policy=s.device_augment)  # fmt: skip
     val = DeviceLoader(*to_device(splits.val, s.img_size, device, s.num_workers), s.eval_batch_size, False, s.mean,
                        s.std, rank=rank, world=world)  # fmt: skip
     return train, val

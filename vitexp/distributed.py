@@ -76,3 +76,20 @@ def broadcast(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value: object) -> list[object]:
+    """Every rank's `value`, in rank order, on every rank (`[value]` in a single process)."""
+    if not dist.is_initialized():
+        return [value]
+    box: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, value)
+    return box
+
+
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Each flag, true if it is true on any rank: one small all-reduce on the CPU (gloo), so that every rank takes
+    the same decision at the same step."""
+    if not dist.is_initialized():
+        return flags
+    return [bool(v) for v in sum_all(torch.tensor(flags, dtype=torch.int64)).tolist()]

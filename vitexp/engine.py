@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vitexp import VitexpError
+from vitexp import VitexpError, distributed
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,10 +76,12 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
     return group["lr"] / group.get("lr_scale", 1.0)
 
 
-def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
-    total = len(loader)
+def _limited(loader: Iterable, limit: int | None, start: int = 0) -> tuple[Iterable, int]:
+    """The batches `start` to the epoch's last (`limit`: at most that many in all), and how many the epoch has.
+    A loader placed at `start` (`data.set_epoch`) yields the batches from there."""
+    total = start + len(loader)
     n = total if limit is None else min(limit, total)
-    return (batch for i, batch in zip(range(n), loader)), n
+    return (batch for i, batch in zip(range(start, n), loader)), n
 
 
 class _Sums:
@@ -131,6 +133,17 @@ class _Sums:
         self.interval_steps = 0
         return means
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running figures as plain values and CPU tensors (for a mid-epoch checkpoint)."""
+        tensors = {k: getattr(self, k).detach().cpu().clone() for k in _SUMS_TENSORS}
+        return tensors | {k: getattr(self, k) for k in _SUMS_COUNTS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in _SUMS_TENSORS:
+            getattr(self, k).copy_(state[k])
+        for k in _SUMS_COUNTS:
+            setattr(self, k, int(state[k]))
+
     def running_loss(self) -> float:
         return self.loss.item() / max(self.counted.item() if self.skip_nonfinite else self.seen, 1)
 
@@ -139,6 +152,40 @@ class _Sums:
         counted = self.counted if self.skip_nonfinite else torch.tensor(float(self.seen), device=self.device)
         totals = torch.stack([self.loss, counted, torch.tensor(float(self.seen), device=self.device)])
         return tuple((reduce(totals) if reduce else totals).tolist())
+
+
+_SUMS_TENSORS = ("loss", "norm", "counted", "pending", "interval")
+_SUMS_COUNTS = ("seen", "steps", "skipped", "interval_steps")
+
+
+def sums_for_rank(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's share of the running figures that `states` (one per rank of the run that saved them) hold.
+
+    On as many ranks as saved them, each takes its own. On another number, rank 0 takes the images and losses
+    summed over the saved ranks and the others none; gradient norms and step counts are those of the global
+    gradient, the same on every rank."""
+    if len(states) == distributed.world_size():
+        return states[rank]
+    first, additive = states[0], rank == 0
+    merged = {k: (sum(s[k] for s in states) if additive else torch.zeros_like(first[k]))
+              for k in ("loss", "counted", "pending")}  # fmt: skip
+    interval = sum(s["interval"] for s in states) if additive else torch.zeros_like(first["interval"])
+    interval[2] = first["interval"][2]
+    seen = sum(s["seen"] for s in states) if additive else 0
+    return {**first, **merged, "interval": interval, "seen": seen}
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch begins: its first batch (0, or where a mid-epoch checkpoint left it) and the running figures
+    (`_Sums.state_dict`) summed up to there."""
+
+    batch: int = 0
+    sums: dict[str, Any] | None = None
+
+
+# called after each optimizer step but an epoch's last: (step count, batches done in the epoch, the running figures)
+AfterStep = Callable[[int, int, "_Sums"], None]
 
 
 def _optimizer_step(params: list[nn.Parameter], opt: Optimization, s: StepSettings, sums: _Sums, logging: bool) -> bool:
@@ -188,21 +235,25 @@ def train_one_epoch(
     *,
     limit_batches: int | None = None,
     monitor: Monitor = Monitor(),
+    start: EpochStart = EpochStart(),
+    after_step: AfterStep | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Train for one pass over `loader`; returns the epoch's figures and the new optimizer-step count.
+    """Train for one pass over `loader` (from `start`); returns the epoch's figures and the new optimizer-step count.
 
     The schedule is stepped per optimizer step (`step_update`). A non-finite epoch loss is an error naming the
     epoch; running out of memory is an error suggesting a smaller batch with gradient accumulation.
     """
     model.train()
-    batches, n_batches = _limited(loader, limit_batches)
+    batches, n_batches = _limited(loader, limit_batches, start.batch)
     s, sums, logging = settings, _Sums(settings.device, settings.skip_nonfinite), monitor.on_log is not None
+    if start.sums is not None:
+        sums.load_state_dict(start.sums)
     params = [p for p in model.parameters() if p.requires_grad]
-    start, batch = time.perf_counter(), 0
-    bar = tqdm(batches, total=n_batches, desc=monitor.desc, leave=False, disable=not monitor.progress,
-               dynamic_ncols=True)  # fmt: skip
+    time_start, batch = time.perf_counter(), 0
+    bar = tqdm(batches, total=n_batches, initial=start.batch, desc=monitor.desc, leave=False,
+               disable=not monitor.progress, dynamic_ncols=True)  # fmt: skip
     try:
-        for i, (images, targets) in enumerate(bar):
+        for i, (images, targets) in enumerate(bar, start.batch):
             batch = images.shape[0]
             stepping = (i + 1) % s.accumulate == 0 or i + 1 == n_batches
             micro = min(s.accumulate, n_batches - (i // s.accumulate) * s.accumulate)
@@ -212,21 +263,26 @@ def train_one_epoch(
             stepped = _optimizer_step(params, opt, s, sums, logging)
             step += 1
             opt.scheduler.step_update(step)
-            if not stepped:
-                continue
-            sums.steps += 1
-            if opt.ema is not None:
-                opt.ema.update(model, step=step)
-            lr = base_lr(opt.optimizer)
-            if logging and step % monitor.log_every == 0:
-                loss, norm = sums.interval_means()
-                monitor.on_log(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
-            if monitor.progress and sums.steps % 10 == 0:
-                bar.set_postfix(loss=f"{sums.running_loss():.4f}", lr=f"{lr:.2e}")
+            if stepped:
+                sums.steps += 1
+                if opt.ema is not None:
+                    opt.ema.update(model, step=step)
+                _report(monitor, bar, sums, step, base_lr(opt.optimizer), logging)
+            if after_step is not None and i + 1 < n_batches:
+                after_step(step, i + 1, sums)
     except (RuntimeError, MemoryError) as e:
         _reraise(e, s.device, batch, f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
                                      f"trainer.accumulate_grad_batches={s.accumulate * 2} to keep the effective batch")  # fmt: skip
-    return _epoch_figures(sums, opt, s, start, monitor.desc, step), step
+    return _epoch_figures(sums, opt, s, time_start, monitor.desc, step), step
+
+
+def _report(monitor: Monitor, bar: Any, sums: _Sums, step: int, lr: float, logging: bool) -> None:
+    """The per-step log every `log_every` steps and the progress bar's figures every 10."""
+    if logging and step % monitor.log_every == 0:
+        loss, norm = sums.interval_means()
+        monitor.on_log(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
+    if monitor.progress and sums.steps % 10 == 0:
+        bar.set_postfix(loss=f"{sums.running_loss():.4f}", lr=f"{lr:.2e}")
 
 
 def _epoch_figures(sums: _Sums, opt: Optimization, s: StepSettings, start: float, desc: str, step: int) -> dict:

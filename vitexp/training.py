@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots, tracking
+from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots, stop, tracking
 from vitexp.data import LoaderSettings, Splits, set_epoch
 from vitexp.hardware import precision_name, seed_everything
 from vitexp.models import (
@@ -30,7 +30,6 @@ from vitexp.models import (
     without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
-from vitexp.stop import check_stop
 
 log = logging.getLogger("vitexp")
 
@@ -51,6 +50,8 @@ class Loop:
     limit_train_batches: int | None
     limit_val_batches: int | None
     ckpt_every: int  # also keep epoch_NNNN.pt every N epochs (0: never)
+    ckpt_every_steps: int  # also write last.pt every N optimizer steps, mid-epoch (0: epoch ends only)
+    ckpt_every_minutes: float | None  # also write last.pt when this much wall clock passed since the last one
     ema_decay: float | None
     progress: bool
     log_every: int  # per-step figures to W&B every N optimizer steps
@@ -94,6 +95,7 @@ class RunState:
     best_acc1: float = -1.0
     val_images: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place: epoch, batch, each rank's sums
 
 
 def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix: str = "",
@@ -102,7 +104,8 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json."""
     started, loop = time.perf_counter(), recipe.loop
     if last is not None:
-        log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']})")
+        where = f", mid-epoch at batch {last['position']['batch']}" if last.get("position") else ""
+        log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']}{where})")
     seed_everything(recipe.seed)
     # pretrained weights are read only when nothing else brings them (a resumed run's last.pt, ckpt_path)
     fresh = last is None and not recipe.init_weights
@@ -110,6 +113,7 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     if recipe.init_weights and last is None:
         checkpoint.load_weights(model, checkpoint.load(recipe.init_weights)["model"], recipe.init_weights)
     train_loader, val_loader = recipe.loaders
+    set_epoch(train_loader, recipe.seed, 0)  # whole epochs: a sub-run before this one may have left it mid-epoch
     opt = optimization(recipe, model, min(len(train_loader), loop.limit_train_batches or len(train_loader)))
     state = restore(last, model, opt, out) if last is not None else RunState()
     _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
@@ -118,26 +122,30 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm, loop.skip_nonfinite,
                                    distributed.sum_all if distributed.world_size() > 1 else None)  # fmt: skip
     _announce(recipe, model, out)
-    for epoch in range(state.epoch + 1, loop.max_epochs + 1):
-        epoch_start = time.perf_counter()
-        _set_trainable(recipe, model, epoch)
-        set_epoch(train_loader, recipe.seed, epoch)
-        monitor = engine.Monitor(loop.progress, f"epoch {epoch}", records.step if tracking.active() else None,
-                                 loop.log_every)  # fmt: skip
-        train, state.step = engine.train_one_epoch(train_model, train_loader, recipe.loss, opt, state.step, settings,
-                                                   limit_batches=loop.limit_train_batches, monitor=monitor)  # fmt: skip
-        if skipped := train.pop("skipped_steps", 0):
-            log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
-        metrics = {"epoch": epoch, **train, **validate(recipe, eval_model, model, opt.ema, settings.reduce)}
-        state.val_images = metrics.pop("val/images")
-        # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
-        metrics["time/epoch_s"] = time.perf_counter() - epoch_start
-        records.epoch(metrics, loop.max_epochs)
-        is_best = metrics["val/acc1"] > state.best_acc1
-        state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
-        state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
-        save_checkpoints(checkpoint_state(model, opt, state, recipe.config), out, is_best, loop.ckpt_every)
-        check_stop()
+    saver = StepCheckpoints(loop.ckpt_every_steps, loop.ckpt_every_minutes, out, model, opt, state, recipe.config)
+    with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
+        for epoch in range(state.epoch + 1, loop.max_epochs + 1):
+            epoch_start, start = time.perf_counter(), _epoch_start(state, epoch)
+            _set_trainable(recipe, model, epoch)
+            set_epoch(train_loader, recipe.seed, epoch, start.batch)
+            monitor = engine.Monitor(loop.progress, f"epoch {epoch}", records.step if tracking.active() else None,
+                                     loop.log_every)  # fmt: skip
+            train, state.step = engine.train_one_epoch(train_model, train_loader, recipe.loss, opt, state.step,
+                                                       settings, limit_batches=loop.limit_train_batches,
+                                                       monitor=monitor, start=start, after_step=saver.at(epoch))  # fmt: skip
+            if skipped := train.pop("skipped_steps", 0):
+                log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
+            metrics = {"epoch": epoch, **train, **validate(recipe, eval_model, model, opt.ema, settings.reduce)}
+            state.val_images = metrics.pop("val/images")
+            # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
+            metrics["time/epoch_s"] = time.perf_counter() - epoch_start
+            records.epoch(metrics, loop.max_epochs)
+            is_best = metrics["val/acc1"] > state.best_acc1
+            state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
+            state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+            save_checkpoints(checkpoint_state(model, opt, state, recipe.config), out, is_best, loop.ckpt_every)
+            saver.saved()
+            stop.check_stop()
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {})
 
@@ -196,8 +204,58 @@ def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, ou
     if opt.ema is not None:
         opt.ema.load_state_dict(last["ema"])
     checkpoint.set_rng_state(last["rng"])
-    return RunState(last["epoch"], last["step"], last["metrics"]["best_val_acc1"], last.get("val_images"),
-                    last["metrics"])  # fmt: skip
+    best = last["metrics"]["best_val_acc1"] if last["metrics"] else -1.0  # {}: stopped inside the first epoch
+    return RunState(last["epoch"], last["step"], best, last.get("val_images"), last["metrics"], last.get("position"))
+
+
+def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
+    """Where `epoch` begins: at its first batch, or where the mid-epoch checkpoint resumed from left it."""
+    at = state.position
+    if at is None or at["epoch"] != epoch:
+        return engine.EpochStart()
+    return engine.EpochStart(at["batch"], engine.sums_for_rank(at["sums"], distributed.rank()))
+
+
+class StepCheckpoints:
+    """Mid-epoch last.pt: every `every` optimizer steps, when `minutes` of wall clock passed since the last
+    checkpoint, and when a stop is asked for (a signal), after which the run stops there.
+
+    The file holds what the epoch-end one does (weights, optimizer, schedule, scaler, EMA, every generator),
+    with the step count, and `position`: the epoch, the batches done in it and each rank's running sums."""
+
+    def __init__(self, every: int, minutes: float | None, out: Path, model: nn.Module, opt: engine.Optimization,
+                 state: RunState, config: dict[str, Any]) -> None:  # fmt: skip
+        self.every, self.minutes, self.out = every, minutes, out
+        self.model, self.opt, self.state, self.config = model, opt, state, config
+        self.last = time.monotonic()
+
+    def saved(self) -> None:
+        """An epoch-end checkpoint was written: the wall-clock interval starts again."""
+        self.last = time.monotonic()
+
+    def at(self, epoch: int) -> engine.AfterStep:
+        """The engine's `after_step` for `epoch`."""
+
+        def after_step(step: int, batch: int, sums: engine._Sums) -> None:
+            timed = self.minutes is not None and time.monotonic() - self.last >= 60 * self.minutes
+            stopping, timed = distributed.any_rank([stop.requested() is not None, timed])
+            if stopping or timed or (self.every and step % self.every == 0):
+                self.save(epoch, step, batch, sums)
+            if stopping:
+                log.warning(f"stop asked ({stop.requested() or 'by another process'}): saved step {step} (epoch "
+                            f"{epoch}, batch {batch}) to {self.out / 'checkpoints' / 'last.pt'}")  # fmt: skip
+                stop.check_stop()
+
+        return after_step
+
+    def save(self, epoch: int, step: int, batch: int, sums: engine._Sums) -> None:
+        """Write last.pt at this step (rank 0; every rank's sums gathered)."""
+        ckpt = checkpoint_state(self.model, self.opt, replace(self.state, step=step), self.config)
+        ckpt["position"] = {"epoch": epoch, "batch": batch, "sums": distributed.gather(sums.state_dict())}
+        if distributed.is_main():
+            checkpoint.save(ckpt, self.out / "checkpoints" / "last.pt")
+        distributed.barrier()
+        self.last = time.monotonic()
 
 
 def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
@@ -242,6 +300,7 @@ def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState
         "config": config,
         "metrics": state.metrics,
         "val_images": state.val_images,
+        "position": None,  # a mid-epoch checkpoint's place in its epoch (StepCheckpoints)
         "wandb_run_id": tracking.wandb_run_id(),
         "version": __version__,
         "format": checkpoint.FORMAT_VERSION,

@@ -46,6 +46,8 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "trainer.accumulate_grad_batches": COUNT,
     "trainer.gradient_clip_val": OPTIONAL_POSITIVE,
     "trainer.ckpt_every_n_epochs": NON_NEGATIVE_COUNT,
+    "trainer.ckpt_every_n_steps": ("null or a whole number >= 0", lambda v: v is None or (_integer(v) and v >= 0)),
+    "trainer.ckpt_every_n_minutes": OPTIONAL_POSITIVE,
     "trainer.limit_train_batches": OPTIONAL_COUNT,
     "trainer.limit_val_batches": OPTIONAL_COUNT,
     "trainer.ema_decay": OPTIONAL_DECAY,

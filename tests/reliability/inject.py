@@ -1,12 +1,16 @@
 """`python -m vitexp` with one fault injected, for the kill-and-resume trials.
 
     python tests/reliability/inject.py step|eval|save N OVERRIDES...   SIGKILL at the N-th such event
+    python tests/reliability/inject.py SIGTERM|SIGINT|SIGUSR1|SIGUSR2 N OVERRIDES...
+                                                                       that signal, sent to itself (rank 0 only
+                                                                       under torchrun) in the N-th optimizer step
     python tests/reliability/inject.py count FILE OVERRIDES...         run cleanly, write the event counts to FILE
 
 (or `main([...])` in a child process, as `tests/cli.py` runs it)
 
 Events: an optimizer step (before it runs), an evaluation pass (after its first batch), a checkpoint write
-(after half of its bytes reached the disk).
+(after half of its bytes reached the disk). A run that ends without SIGKILL writes the number of optimizer steps it
+completed to ./inject_steps.json, to be compared with the step counts its checkpoints hold.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 EVENTS = ("step", "eval", "save")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 
 
 def die() -> None:
@@ -48,15 +53,23 @@ class DyingLoader:
 def main(argv: list[str]) -> None:
     """Run `python -m vitexp OVERRIDES` with the fault `argv[0]` at its `argv[1]`-th event (or count the events)."""
     mode, arg, overrides = argv[0], argv[1], argv[2:]
-    if mode not in (*EVENTS, "count"):
-        raise SystemExit(f"unknown fault {mode}; choose one of {', '.join(EVENTS)}, count")
+    if mode not in (*EVENTS, *SIGNALS, "count"):
+        raise SystemExit(f"unknown fault {mode}; choose one of {', '.join(EVENTS + SIGNALS)}, count")
     counts = dict.fromkeys(EVENTS, 0)
+    done = [0]
 
     def hit(event: str) -> bool:
         counts[event] += 1
         return mode == event and counts[event] == int(arg)
 
-    register_optimizer_step_pre_hook(lambda *_: die() if hit("step") else None)
+    def before_step(*_) -> None:
+        if hit("step"):
+            die()
+        if mode in SIGNALS and counts["step"] == int(arg) and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), getattr(signal, mode))  # handled here, in the step: the step itself completes
+
+    register_optimizer_step_pre_hook(before_step)
+    register_optimizer_step_post_hook(lambda *_: done.__setitem__(0, done[0] + 1))
 
     from vitexp import engine
 
@@ -84,6 +97,7 @@ def main(argv: list[str]) -> None:
     finally:
         if mode == "count":
             Path(arg).write_text(json.dumps(counts))
+        Path(f"inject_steps{os.environ.get('RANK', '')}.json").write_text(json.dumps({"completed": done[0]}))
 
 
 if __name__ == "__main__":

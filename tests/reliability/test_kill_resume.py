@@ -99,6 +99,12 @@ def _trial(task: str, fault: str, n: float, reference, tmp_path: Path, requeue: 
         else:  # killed before Hydra made the run folder: nothing ran, start again
             vitexp(*args, cwd=tmp_path)
 
+    assert_same_run(run, ref, task)
+
+
+def assert_same_run(run: Path, ref: Path, task: str) -> None:
+    """`run` finished with `ref`'s results.json figures, checkpoints (weights, optimizer state, epoch and step) and
+    metrics.csv rows (its sub-runs' included), bitwise."""
     results, expected = (json.loads((folder / "results.json").read_text()) for folder in (run, ref))
     assert results["status"] == "completed"
     varies = ("img_per_s", "latency", "wall_s", "_ckpt")  # timings, and paths into each run's own folder

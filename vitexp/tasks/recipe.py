@@ -109,6 +109,8 @@ def loop_settings(cfg: DictConfig) -> Loop:
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         ckpt_every=t.ckpt_every_n_epochs,
+        ckpt_every_steps=t.ckpt_every_n_steps or 0,
+        ckpt_every_minutes=t.ckpt_every_n_minutes,
         ema_decay=t.ema_decay,
         progress=show_progress(t.progress),
         log_every=cfg.logger.log_every_n_steps,
