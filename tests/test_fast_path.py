@@ -70,7 +70,7 @@ def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip()
 
 def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
     n = 100
-    data = TransformSubset(Gradient(n), range(n), eval_transform(SIZE, [0.5], [0.25]))
+    data = TransformSubset(Gradient(n), range(n), eval_transform(SIZE, [0.5], [0.25], 1.0, "bilinear"))
     cpu = make_loader(data, 16, 0, False, True, False)
     device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, True, [0.5], [0.25])
     for epoch in (1, 2):

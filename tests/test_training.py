@@ -52,12 +52,13 @@ def test_fit_leaves_checkpoints_metrics_plots_and_results(trained):
     assert checkpoint.load(out / "checkpoints" / "best.pt")["metrics"]["val/acc1"] == results["best_val_acc1"]
 
 
-def test_a_fit_stopped_after_its_first_epoch_and_resumed_equals_an_uninterrupted_one(recipe, trained, tmp_path,
+def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_one(recipe, trained, tmp_path,
                                                                                      monkeypatch):  # fmt: skip
-    monkeypatch.setattr(stop, "_requested", ["SIGTERM"])  # as if the signal arrived during epoch 1
+    monkeypatch.setattr(stop, "_requested", ["SIGTERM"])  # as if the signal arrived during epoch 1's first step
     with pytest.raises(KeyboardInterrupt):
         fit(recipe, tmp_path)
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["position"]["batch"]) == (0, 1, 1)  # saved after that step
     monkeypatch.setattr(stop, "_requested", [])
     fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
     reference, _ = trained

@@ -82,7 +82,7 @@ def _trial(task: str, loader: str, fault: str, n: int, reference, tmp_path: Path
     "task, loader, fault, n",
     [
         ("train", "workers", "step", 7),  # epoch 2, one step after its mid-epoch checkpoint at step 6
-        ("distill", "device", "SIGUSR1", 10),  # the student's first epoch, batch 2 of 4
+        ("train", "device", "SIGUSR1", 6),  # epoch 2, batch 2 of 4, on the device loader (distill's: -m slow)
         ("prune", "workers", "SIGTERM", 11),  # the fine-tuning's first epoch, batch 3 of 4
     ],
 )
