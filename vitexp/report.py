@@ -121,12 +121,14 @@ def aggregate(runs: list[dict[str, Any]], by: tuple[str, ...] = ("seed",)) -> li
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         rest = tuple(sorted(o for o in r["job_overrides"] if _key(o) not in by))
-        key = (r["task"], r["model"], r["part"], rest) if by else (r["run"],)
+        named = tuple(r[k] for k in ("task", "model") if k not in by)  # a sweep over task or model may be pooled too
+        key = (r["part"], rest, *named) if by else (r["run"],)
         groups.setdefault(key, []).append(r)
     rows = []
     for members in groups.values():
         counted = [r for r in members if r["status"] == "completed"] or members
         row = {**members[0], "run": ",".join(r["run"] for r in members), "n": len(members)}
+        row |= {k: ",".join(dict.fromkeys(r[k] for r in members)) for k in ("task", "model")}
         row["overrides"] = _group_overrides([r["overrides"].split() for r in members], by)
         statuses = Counter(r["status"] for r in members)
         row["status"] = ", ".join(f"{c} {s}" if len(members) > 1 else s for s, c in statuses.items())
