@@ -14,14 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError, distributed, tracking
-from vitexp.config import (
-    command_line,
-    config_dir,
-    register_resolvers,
-    resume_overrides,
-    run_dir,
-    validate,
-)
+from vitexp.config import command_line, config_dir, register_resolvers, resume_overrides, run_dir, validate
 from vitexp.records import completed, write_results
 from vitexp.rundir import earlier_job, ensure_new_run_dir
 from vitexp.stop import request_stop
