@@ -226,7 +226,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.step(*zip(*front), where="post", color="black", alpha=0.5, marker="o", markersize=11,
                 markerfacecolor="none", label="Pareto front")  # fmt: skip
         ax.legend(fontsize=8, loc="best")
-    ax.set(xlabel="MMACs per image", ylabel="best val top-1", title="accuracy vs compute")
+    ax.set(
+        xlabel="MMACs per image", ylabel="best val top-1 (bar: ± 1 std over a row's runs)", title="accuracy vs compute"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(out / "report_acc_vs_macs.png")
