@@ -58,7 +58,9 @@ def check_command(argv: list[str]) -> None:
     try:
         started = yaml.safe_load(record.read_text())["hydra"]["overrides"]["task"]
     except (OSError, yaml.YAMLError, TypeError, KeyError):
-        raise VitexpError(f"{record} is unreadable; pick a new hydra.sweep.dir") from None
+        started = None
+    if not isinstance(started, list):
+        raise VitexpError(f"{record} is unreadable (no hydra.overrides.task list); pick a new hydra.sweep.dir")
     try:
         now = task_overrides(argv)
     except HydraException:  # an override Hydra cannot parse: Hydra says which, next
