@@ -21,7 +21,7 @@ from tests.conftest import TINY, vitexp
 from vitexp import VitexpError
 from vitexp.report import aggregate, pareto_front, summarize
 from vitexp.rundir import earlier_job, fresh_dir, output_subdir
-from vitexp.sweeps import STUDY_FILE, load_study
+from vitexp.sweeps import STUDY_FILE, check_command, load_study
 from vitexp.tracking import run_name
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "logger.log_every_n_steps=1"]
@@ -322,3 +322,17 @@ def test_an_unreadable_study_file_is_one_line(tmp_path):
         with pytest.raises(VitexpError, match=f"{path} is unreadable") as e:
             load_study(path)
         assert "\n" not in str(e.value)
+
+
+def test_a_sweep_folder_is_continued_only_with_its_own_overrides(tmp_path):
+    record = {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["seed=0,1", "model=patch8"]}}}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(record))
+    folder = f"hydra.sweep.dir={tmp_path}"
+    check_command(["--multirun", "seed=0,1", folder, "model=patch8", "hydra.sweeper.n_trials=3"])  # Hydra's may change
+    check_command(["--multirun", "seed=0,1"])  # a new sweep folder: nothing to check
+    for other in (["seed=0,1,2", "model=patch8"], ["model=patch8", "seed=0,1"]):  # other jobs, or in another order
+        with pytest.raises(VitexpError, match=r"holds a sweep of other overrides \(seed=0,1 model=patch8\)"):
+            check_command(["--multirun", *other, folder])
+    (tmp_path / "multirun.yaml").write_text("hydra: [")
+    with pytest.raises(VitexpError, match="multirun.yaml is unreadable"):
+        check_command(["--multirun", "seed=0,1", folder])
