@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,14 @@ import matplotlib.image
 import pytest
 import torch
 import yaml
+from hydra.types import RunMode
 
 from tests import cli
 from tests.conftest import TINY, vitexp
-from vitexp.report import pareto_front
-from vitexp.rundir import fresh_dir
+from vitexp import VitexpError
+from vitexp.report import aggregate, pareto_front, summarize
+from vitexp.rundir import earlier_job, fresh_dir, output_subdir
+from vitexp.sweeps import STUDY_FILE, check_command, load_study
 from vitexp.tracking import run_name
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "logger.log_every_n_steps=1"]
@@ -149,8 +153,8 @@ def test_a_failing_sweep_job_is_recorded_and_the_others_finish(tmp_path):
     assert statuses == {"0": "failed", "1": "completed"}
 
 
-def _report_csv(folder: Path):
-    report(str(folder), cwd=folder)
+def _report_csv(folder: Path, *args: str):
+    report(str(folder), *args, cwd=folder)
     return (folder / "report.csv").open()
 
 
@@ -212,3 +216,123 @@ def test_report_covers_train_distill_and_prune_runs(tmp_path):
 def test_report_on_a_folder_without_runs_is_one_line(tmp_path):
     proc = cli.run([str(tmp_path)], tmp_path, entry="report")
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "no run folders" in proc.stderr
+
+
+def _fake_run(folder: Path, overrides: list[str], acc: float, curve: list[float], status: str = "completed") -> None:
+    """A run folder as vitexp leaves it: .hydra/overrides.yaml, results.json and metrics.csv."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    model = next(o.split("=")[1] for o in overrides if o.startswith("model="))
+    results = {"task": "train", "model": model, "best_val_acc1": acc, "params": 1000, "macs": 2e6, "status": status}
+    (folder / "results.json").write_text(json.dumps(results))
+    rows = "".join(f"{e},{a}\n" for e, a in enumerate(curve, 1))
+    (folder / "metrics.csv").write_text("epoch,val/acc1\n" + rows)
+
+
+def test_report_gives_the_mean_std_and_n_of_runs_that_differ_only_in_seed(tmp_path):
+    runs = [("baseline", 0, 0.50, [0.3, 0.50]), ("baseline", 1, 0.60, [0.4, 0.60]), ("baseline", 2, 0.70, [0.2, 0.7]),
+            ("patch8", 0, 0.40, [0.3, 0.40]), ("patch8", 1, 0.45, [0.1, 0.45])]  # fmt: skip
+    for i, (model, seed, acc, curve) in enumerate(runs):
+        _fake_run(tmp_path / str(i), [f"model={model}", f"seed={seed}", "trainer.max_epochs=2"], acc, curve)
+    _fake_run(tmp_path / "5", ["model=patch8", "seed=2", "trainer.max_epochs=2"], 0.1, [0.1], status="failed")
+    rows = {r["model"]: r for r in csv.DictReader(_report_csv(tmp_path))}
+    assert set(rows) == {"baseline", "patch8"}
+    base, patch8 = rows["baseline"], rows["patch8"]
+    assert base["run"] == "0,1,2" and base["n"] == "3" and base["best_val_acc1_n"] == "3"
+    assert float(base["best_val_acc1"]) == pytest.approx(0.6) and float(base["best_val_acc1_std"]) == pytest.approx(0.1)
+    # the failed run is counted in n and status, not in the figures
+    assert patch8["n"] == "3" and patch8["status"] == "2 completed, 1 failed" and patch8["best_val_acc1_n"] == "2"
+    assert float(patch8["best_val_acc1"]) == pytest.approx(0.425)
+    assert float(patch8["best_val_acc1_std"]) == pytest.approx(statistics.stdev([0.40, 0.45]))
+    table = report(str(tmp_path), cwd=tmp_path).stdout
+    assert "| 60.00% ± 10.00 |" in table and "| 42.50% ± 3.54 (n=2) |" in table
+    assert "seed=0,1,2" in table.split("\n\n")[0]  # said once, above the table
+
+    runs = [summarize(tmp_path / str(i), tmp_path) for i in range(6)]
+    row = next(r for r in aggregate(runs) if r["model"] == "baseline")
+    assert [e for e, _, _ in row["curve"]] == [1, 2]
+    for (_, mean, std), accs in zip(row["curve"], [(0.3, 0.4, 0.2), (0.5, 0.6, 0.7)]):  # the band of the plot
+        assert mean == pytest.approx(statistics.mean(accs)) and std == pytest.approx(statistics.stdev(accs))
+    assert len(aggregate(runs, by=())) == 6  # --by none: a row per run
+    (pooled,) = list(csv.DictReader(_report_csv(tmp_path, "--by", "seed,model")))
+    assert pooled["n"] == "6" and pooled["model"] == "baseline,patch8"
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_reports_one_row_per_setting_with_mean_and_std(tmp_path):
+    vitexp("--multirun", "seed=0,1,2", "model=baseline,patch8", *TINY, "trainer.max_epochs=1", cwd=tmp_path)
+    (sweep,) = (tmp_path / "multirun_outputs").iterdir()
+    by_model: dict[str, list[float]] = {}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        results = json.loads((job / "results.json").read_text())
+        by_model.setdefault(results["model"], []).append(results["best_val_acc1"])
+    assert {m: len(a) for m, a in by_model.items()} == {"baseline": 3, "patch8": 3}
+    table = report(str(sweep), cwd=tmp_path).stdout
+    assert len(table_rows(table)) == 2
+    rows = {r["model"]: r for r in csv.DictReader((sweep / "report.csv").open())}
+    for model, accs in by_model.items():
+        mean, std = statistics.mean(accs), statistics.stdev(accs)
+        assert float(rows[model]["best_val_acc1"]) == pytest.approx(mean, abs=1e-12)
+        assert float(rows[model]["best_val_acc1_std"] or 0) == pytest.approx(std, abs=1e-12)
+        assert rows[model]["n"] == rows[model]["best_val_acc1_n"] == "3"
+        assert f"| {100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if std else "") + " |" in table
+    for png in ("report_val_acc.png", "report_acc_vs_macs.png"):
+        height, width, _ = matplotlib.image.imread(sweep / png).shape
+        assert height >= 300 and width >= 500
+
+
+def test_a_sweep_job_finds_its_own_earlier_start_and_refuses_another_jobs_folder(tmp_path):
+    job = tmp_path / "0"
+    _fake_run(job, ["model=baseline", "seed=0"], 0.5, [0.5])
+    (job / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    assert earlier_job(job, ["seed=0", "model=baseline"])["best_val_acc1"] == 0.5  # completed: kept, its results
+    with pytest.raises(
+        VitexpError, match="holds a run of model=baseline seed=0, not of this job's model=baseline seed=1"
+    ):
+        earlier_job(job, ["model=baseline", "seed=1"])
+    assert earlier_job(tmp_path / "1", ["seed=1"]) is None  # never started
+    # Hydra records nothing in a completed job's folder that a sweep run again skips, nor in another job's
+    assert output_subdir(None, str(job), RunMode.MULTIRUN, ["model=baseline", "seed=0"]) is None
+    assert output_subdir(None, str(job), RunMode.MULTIRUN, ["model=patch8", "seed=0"]) is None
+    assert output_subdir(None, str(job), RunMode.RUN, []).startswith(".hydra/resume_")  # auto_resume: recorded
+    (job / "results.json").write_text(json.dumps({"status": "failed"}))
+    assert earlier_job(job, ["model=baseline", "seed=0"]) is None  # failed: run again
+    assert output_subdir(None, str(job), RunMode.MULTIRUN, ["model=baseline", "seed=0"]).startswith(".hydra/resume_")
+
+
+def test_a_sweep_run_again_reruns_its_failed_job_and_refuses_another_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", *TINY, "data.val_size=5000", f"hydra.sweep.dir={sweep}"]
+    vitexp(*args, cwd=tmp_path)
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "failed"
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*")}
+    proc = vitexp(*args[:-2], "data.val_size=4000", args[-1], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{sweep} holds a sweep of other overrides (" in proc.stderr and "data.val_size=5000" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*")} == before
+    vitexp(*args, cwd=tmp_path)  # the same command: the failed job runs again, in its folder
+    assert [p.name for p in (sweep / "0" / ".hydra").iterdir() if p.is_dir()][0].startswith("resume_")
+    assert (sweep / "0" / "train_baseline.log").read_text().count("error: data.val_size=5000") == 2
+
+
+def test_an_unreadable_study_file_is_one_line(tmp_path):
+    path = tmp_path / STUDY_FILE
+    for text in ("{not json", json.dumps({"study_name": "vitexp", "directions": ["MAXIMIZE"], "trials": [{}]})):
+        path.write_text(text)
+        with pytest.raises(VitexpError, match=f"{path} is unreadable") as e:
+            load_study(path)
+        assert "\n" not in str(e.value)
+
+
+def test_a_sweep_folder_is_continued_only_with_its_own_overrides(tmp_path):
+    record = {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["seed=0,1", "model=patch8"]}}}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(record))
+    folder = f"hydra.sweep.dir={tmp_path}"
+    check_command(["--multirun", "seed=0,1", folder, "model=patch8", "hydra.sweeper.n_trials=3"])  # Hydra's may change
+    check_command(["--multirun", "seed=0,1"])  # a new sweep folder: nothing to check
+    for other in (["seed=0,1,2", "model=patch8"], ["model=patch8", "seed=0,1"]):  # other jobs, or in another order
+        with pytest.raises(VitexpError, match=r"holds a sweep of other overrides \(seed=0,1 model=patch8\)"):
+            check_command(["--multirun", *other, folder])
+    (tmp_path / "multirun.yaml").write_text("hydra: [")
+    with pytest.raises(VitexpError, match="multirun.yaml is unreadable"):
+        check_command(["--multirun", "seed=0,1", folder])

@@ -13,9 +13,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import VitexpError, distributed, stop, tracking
-from vitexp.config import config_dir, register_resolvers, resume_overrides, run_dir, validate
+from vitexp.config import command_line, config_dir, register_resolvers, resume_overrides, run_dir, validate
 from vitexp.records import completed, write_results
-from vitexp.rundir import ensure_new_run_dir
+from vitexp.rundir import earlier_job, ensure_new_run_dir
+from vitexp.sweeps import check_command, register_sweeper
 
 log = logging.getLogger("vitexp")
 
@@ -30,6 +31,9 @@ def _main(cfg: DictConfig) -> float | None:
     failed = True
     name = HydraConfig.get().runtime.choices["task"]  # one of conf/task/*.yaml: the module of that name runs
     task = importlib.import_module(f"vitexp.tasks.{name}")
+    earlier = _completed_before(cfg)
+    if earlier is not None:
+        return earlier.get(task.SWEEP_METRIC, earlier.get("val_acc1"))
     try:
         if not cfg.resume:  # (a resumed run's config is checked when its saved values are in: open_run)
             validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
@@ -52,6 +56,31 @@ def _main(cfg: DictConfig) -> float | None:
     finally:
         tracking.finish_wandb(failed)  # one W&B run per job, closed (as failed when it raised) before the next starts
     return results.get(task.SWEEP_METRIC, results.get("val_acc1"))
+
+
+def _completed_before(cfg: DictConfig) -> dict | None:
+    """The results of this sweep job's own earlier start when it completed (a sweep run again into its folder): the
+    job is then skipped. Refuses, exit 2, a folder that holds another job's run. Either way the folder is
+    left as it was: these lines go to the console only, not to the job's log."""
+    if cfg.resume or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    try:
+        earlier = earlier_job(run_dir(), command_line())
+    except VitexpError as e:
+        _console_only()
+        log.error(f"error: {e}")
+        sys.exit(2)
+    if earlier is not None:
+        _console_only()
+        log.info(f"{run_dir()} completed before: kept as it is, its results returned to the sweep")
+    return earlier
+
+
+def _console_only() -> None:
+    for handler in logging.getLogger().handlers[:]:  # Hydra configures the next job's logging afresh
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _preflight(argv: list[str]) -> None:
@@ -136,11 +165,13 @@ def main() -> None:
     """Console entry point (`vitexp`, `python -m vitexp`)."""
     stop.install()
     register_resolvers()
+    register_sweeper()
     try:
         sys.argv[1:] = resume_overrides(
             sys.argv[1:]
         )  # a resumed run is composed with the group choices it started with
         _preflight(sys.argv[1:])
+        check_command(sys.argv[1:])
     except VitexpError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -81,6 +82,12 @@ def register_resolvers() -> None:
 def run_dir() -> Path:
     """This job's output folder, as Hydra made it."""
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def continues_its_folder(cfg: DictConfig) -> bool:
+    """Whether this job continues what its folder already holds: a sweep job run again into its sweep's folder, or a
+    job requeued with `auto_resume` (`resume=` names the run to continue itself)."""
+    return not cfg.resume and (cfg.auto_resume or HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 def command_line() -> list[str]:

@@ -1,7 +1,8 @@
-"""`python -m vitexp.report <sweep folder or run folders>`: one table of every run, and plots that compare them.
+"""`python -m vitexp.report <sweep folder or run folders>`: one table of the runs, and plots that compare them.
 
 Reads what the runs left behind (results.json, metrics.csv, .hydra/overrides.yaml), so it works offline, on
-finished, failed and still-running runs, and on train, distill, prune and evaluate runs alike.
+finished, failed and still-running runs, and on train, distill, prune and evaluate runs alike. Runs whose overrides
+differ only in `seed` (or the keys `--by` names) are one row: the mean, standard deviation and n of each figure.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,9 @@ import yaml
 from vitexp.records import read_metrics
 
 COLUMNS = ["run", "task", "model", "overrides", "status", "best_val_acc1", "epochs", "params", "macs",
-           "train_img_per_s", "infer_img_per_s", "wall_s"]  # fmt: skip
+           "train_img_per_s", "infer_img_per_s", "wall_s", "n"]  # fmt: skip
+# the figures a row of several runs gives as mean, standard deviation and n
+FIGURES = ["best_val_acc1", "epochs", "params", "macs", "train_img_per_s", "infer_img_per_s", "wall_s"]
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -33,12 +38,26 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
+def _job(run: Path, root: Path) -> tuple[list[str], str]:
+    """The overrides of the job `run` belongs to (its own, or, for a sub-run such as a distill job's teacher/, its
+    job's) and its path inside that job ("." for the job itself)."""
+    for folder in (run, *run.parents):
+        if (folder / ".hydra" / "overrides.yaml").is_file():
+            return yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or [], str(
+                run.relative_to(folder)
+            )
+        if folder == root:
+            break
+    return [], "."
+
+
 def summarize(run: Path, root: Path) -> dict[str, Any]:
     """One row: what the run was (task, model, overrides) and what it reached."""
     results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
     rows = read_metrics(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    job_overrides, part = _job(run, root)
     config_file = run / ".hydra" / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     accs = [r["val/acc1"] for r in rows if "val/acc1" in r]
@@ -59,7 +78,68 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "wall_s": results.get("wall_s", sum(r.get("time/epoch_s", 0) for r in rows) or None),
         "error": results.get("error"),
         "curve": [(r["epoch"], r["val/acc1"]) for r in rows if "val/acc1" in r],
+        "job_overrides": [o for o in job_overrides if not o.startswith("hydra.")],
+        "part": part,
     }
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (None for one value) and n."""
+    if not values:
+        return None, None, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float, float | None]]:
+    """(epoch, mean, std) of the runs' val accuracy at each epoch that any of them reached."""
+    by_epoch: dict[float, list[float]] = {}
+    for curve in curves:
+        for epoch, acc in curve:
+            by_epoch.setdefault(epoch, []).append(acc)
+    return [(epoch, *_stats(accs)[:2]) for epoch, accs in sorted(by_epoch.items())]
+
+
+def _group_overrides(overrides: list[list[str]], by: tuple[str, ...]) -> str:
+    """The overrides a group of runs shares, then the values it takes of the keys `by`, in sweep syntax (seed=0,1,2)."""
+    varied: dict[str, list[str]] = {}
+    for own in overrides:
+        for o in own:
+            if _key(o) in by and o.split("=", 1)[1] not in varied.setdefault(_key(o), []):
+                varied[_key(o)].append(o.split("=", 1)[1])
+    kept = [o for o in overrides[0] if _key(o) not in by]
+    return " ".join(kept + [f"{k}={','.join(v)}" for k, v in varied.items()])
+
+
+def aggregate(runs: list[dict[str, Any]], by: tuple[str, ...] = ("seed",)) -> list[dict[str, Any]]:
+    """One row per group of runs whose overrides differ only in the keys `by` (same task, model and sub-run): each
+    figure's mean (under its own name), `<figure>_std` and `<figure>_n`, over the group's completed runs (over all
+    of them while none has completed). No keys: one row per run."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        rest = tuple(sorted(o for o in r["job_overrides"] if _key(o) not in by))
+        named = tuple(r[k] for k in ("task", "model") if k not in by)  # a sweep over task or model may be pooled too
+        key = (r["part"], rest, *named) if by else (r["run"],)
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for members in groups.values():
+        counted = [r for r in members if r["status"] == "completed"] or members
+        row = {**members[0], "run": ",".join(r["run"] for r in members), "n": len(members)}
+        row |= {k: ",".join(dict.fromkeys(r[k] for r in members)) for k in ("task", "model")}
+        row["overrides"] = _group_overrides([r["overrides"].split() for r in members], by)
+        statuses = Counter(r["status"] for r in members)
+        row["status"] = ", ".join(f"{c} {s}" if len(members) > 1 else s for s, c in statuses.items())
+        row["error"] = next((r["error"] for r in members if r["error"]), None)
+        for figure in FIGURES:
+            values = [r[figure] for r in counted if isinstance(r[figure], (int, float))]
+            row[figure], row[f"{figure}_std"], row[f"{figure}_n"] = _stats(values)
+        row["curves"] = [r["curve"] for r in counted]
+        row["curve"] = _mean_curve(row["curves"])
+        rows.append(row)
+    return rows
 
 
 def _cell(key: str, value: Any) -> str:
@@ -76,10 +156,20 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
+def _figure(row: dict[str, Any], key: str) -> str:
+    """A cell: the value, or for a row of several runs the mean ± standard deviation (accuracy in percentage points),
+    with its n when fewer runs than the row's have the figure."""
+    text, std, n = _cell(key, row[key]), row.get(f"{key}_std"), row.get(f"{key}_n")
+    if std:
+        text += f" ± {100 * std:.2f}" if key == "best_val_acc1" else f" ± {_cell(key, std)}"
+    return text + (f" (n={n})" if n is not None and 0 < n < row["n"] else "")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table as Markdown, best accuracy first."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(k, r[k]).replace("|", "\\|") for k in COLUMNS) + " |" for r in rows]
+    cells = [[_figure(r, k) if k in FIGURES else _cell(k, r[k]) for k in COLUMNS] for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -98,7 +188,8 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """val accuracy vs epoch for every run, and accuracy vs MACs with the Pareto front."""
+    """val accuracy vs epoch for every row, and accuracy vs MACs with the Pareto front; a row of several runs shows
+    its mean with a band (curves) or error bar (MACs) of one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +199,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         if r["curve"]:
-            ax.plot(*zip(*r["curve"]), marker=".", label=_label(r)[:70])
-    ax.set(xlabel="epoch", ylabel="val top-1", title="validation accuracy", ylim=(0, 1))
+            epochs, means, stds = zip(*r["curve"])
+            (line,) = ax.plot(epochs, means, marker=".", label=_label(r)[:70])
+            if any(stds):  # the spread of a row of several runs: mean ± one standard deviation
+                low, high = zip(*[(m - (s or 0), m + (s or 0)) for m, s in zip(means, stds)])
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="val top-1 (band: ± 1 std over a row's runs)", title="validation accuracy",
+           ylim=(0, 1))  # fmt: skip
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
@@ -121,7 +217,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     scored = [r for r in rows if r["macs"] and r["best_val_acc1"] is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, r in enumerate(sorted(scored, key=lambda r: (r["macs"], r["best_val_acc1"]))):
-        ax.scatter(r["macs"] / 1e6, r["best_val_acc1"], s=30)
+        ax.errorbar(r["macs"] / 1e6, r["best_val_acc1"], yerr=r["best_val_acc1_std"], fmt="o", markersize=5, capsize=4)
         # alternate above/below so that runs at the same MACs stay readable
         ax.annotate(f"{r['run']}: {r['model']}", (r["macs"] / 1e6, r["best_val_acc1"]), fontsize=7,
                     textcoords="offset points", xytext=(6, 4 if i % 2 else -10))  # fmt: skip
@@ -130,7 +226,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.step(*zip(*front), where="post", color="black", alpha=0.5, marker="o", markersize=11,
                 markerfacecolor="none", label="Pareto front")  # fmt: skip
         ax.legend(fontsize=8, loc="best")
-    ax.set(xlabel="MMACs per image", ylabel="best val top-1", title="accuracy vs compute")
+    ax.set(
+        xlabel="MMACs per image", ylabel="best val top-1 (bar: ± 1 std over a row's runs)", title="accuracy vs compute"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(out / "report_acc_vs_macs.png")
@@ -139,15 +237,16 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
-def report(paths: list[Path], out: Path | None = None) -> tuple[str, list[Path]]:
-    """Summarise the runs under `paths`: Markdown table (returned), report.csv and PNGs in `out`."""
+def report(paths: list[Path], out: Path | None = None, by: tuple[str, ...] = ("seed",)) -> tuple[str, list[Path]]:
+    """Summarise the runs under `paths`, those that differ only in the keys `by` as one row: Markdown table
+    (returned), report.csv and PNGs in `out`."""
     runs = find_runs(paths)
     if not runs:
         raise SystemExit(f"error: no run folders (with results.json or metrics.csv) under {' '.join(map(str, paths))}")
     root = Path(os.path.commonpath([p.resolve() for p in paths]))
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
-    rows = [summarize(run.resolve(), root) for run in runs]
+    rows = aggregate([summarize(run.resolve(), root) for run in runs], by)
     # Overrides every job shares (the sweep's fixed settings) are said once, above the table.
     own = [set(r["overrides"].split()) for r in rows if r["overrides"]]
     common = set.intersection(*own) if len(own) > 1 else set()
@@ -155,7 +254,8 @@ def report(paths: list[Path], out: Path | None = None) -> tuple[str, list[Path]]
         r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common)
     rows.sort(key=lambda r: -(r["best_val_acc1"] if r["best_val_acc1"] is not None else -1))
     with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
+        spread = [f"{figure}_{what}" for figure in FIGURES for what in ("std", "n")]
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *spread, "error"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     text = (f"all runs: {' '.join(sorted(common))}\n\n" if common else "") + markdown(rows)
@@ -171,11 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vitexp.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (multirun_outputs/<time>) or run folders")
     parser.add_argument("--out", type=Path, help="where report.csv and the PNGs go (default: the common folder)")
+    parser.add_argument("--by", default="seed", help="runs whose overrides differ only in these keys (comma-separated; "
+                        "default: seed) are one row with mean, std and n of each figure; none: one row per run")  # fmt: skip
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
         parser.exit(2, f"error: {', '.join(missing)}: no such folder; pass a sweep or run folder\n")
-    text, written = report(args.paths, args.out)
+    by = () if args.by.strip().lower() == "none" else tuple(k.strip() for k in args.by.split(",") if k.strip())
+    text, written = report(args.paths, args.out, by)
     print(text)
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
 

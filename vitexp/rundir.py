@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from vitexp import VitexpError, checkpoint
+from vitexp.records import completed
 
 
 def resume_run_dir(resume: str) -> Path:
@@ -38,9 +40,19 @@ def run_dir_for(resume: str | None, default: str) -> str:
     return str(resume_run_dir(resume)) if resume else fresh_dir(default)
 
 
-def output_subdir(resume: str | None, output_dir: str) -> str:
-    """A run folder keeps the .hydra/ of its first start; each resume (or auto-resume) records its own beside it."""
-    again = resume or (Path(output_dir) / ".hydra" / "config.yaml").is_file()
+def output_subdir(resume: str | None, output_dir: str, mode: Any = None, overrides: Any = ()) -> str | None:
+    """A run folder keeps the .hydra/ of its first start; each resume (or auto-resume) records its own beside it. A
+    sweep job run again into its folder records nothing when the folder holds a completed run (the job is skipped)
+    or another job's (it is refused): that folder stays as it was."""
+    folder = Path(output_dir)
+    if not resume and getattr(mode, "name", mode) == "MULTIRUN":
+        try:
+            other = other_job(folder, [str(o) for o in overrides])
+        except VitexpError:  # unreadable: refused by the job itself, with the reason
+            other = []
+        if completed(folder) or other is not None:
+            return None
+    again = resume or (folder / ".hydra" / "config.yaml").is_file()
     return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}" if again else ".hydra"
 
 
@@ -64,6 +76,27 @@ def started(folder: Path) -> bool:
 
 def _sub_run_checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("*/checkpoints/last.pt"))
+
+
+def other_job(folder: Path, overrides: list[str]) -> list[str] | None:
+    """The first-start overrides of the run `folder` holds when they are not `overrides` (in any order): another
+    job's run. None when they are the same, or the folder holds none."""
+    if not (folder / ".hydra" / "overrides.yaml").is_file():
+        return None
+    theirs = _first_overrides(folder)
+    return theirs if sorted(theirs) != sorted(overrides) else None
+
+
+def earlier_job(folder: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """What an earlier start of this sweep job left in `folder`: its results.json when it completed, else None (a
+    stopped or failed start is continued, a folder never used is started). A folder that holds a run started with
+    other `overrides` belongs to another job: refused."""
+    theirs = other_job(folder, overrides)
+    if theirs is not None:
+        raise VitexpError(f"{folder} holds a run of {' '.join(theirs) or 'no overrides'}, not of this job's "
+                          f"{' '.join(overrides) or 'no overrides'}; continue a sweep with the command it started "
+                          f"with, or pick a new hydra.sweep.dir")  # fmt: skip
+    return json.loads((folder / "results.json").read_text()) if completed(folder) else None
 
 
 def _read_yaml(path: Path, what: str) -> Any:

@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vitexp import VitexpError, distributed, rundir, tracking
-from vitexp.config import build, command_line, plain, resumed, run_dir, validate
+from vitexp.config import build, command_line, continues_its_folder, plain, resumed, run_dir, validate
 from vitexp.data import LoaderSettings, loaders
 from vitexp.hardware import autocast_dtype, resolve_device, show_progress, use_compile, use_fused
 from vitexp.models import arch_from_config
@@ -34,13 +34,14 @@ class Run:
 
 
 def open_run(cfg: DictConfig) -> Run:
-    """This job's run: a new one in a fresh folder, or, with `resume=` (or `auto_resume` in a folder that has a
-    checkpoint, a requeued job), the interrupted run with its own config; opens the job's W&B run."""
+    """This job's run: a new one in a fresh folder, or, with `resume=` (or in a folder that has a checkpoint: a job
+    requeued with `auto_resume`, a sweep run again into its folder), the interrupted run with its own config; opens
+    the job's W&B run."""
     out = run_dir()
     if cfg.resume:
         folder = rundir.resume_run_dir(cfg.resume)
     else:
-        folder = out if cfg.auto_resume and rundir.started(out) else None
+        folder = out if continues_its_folder(cfg) and rundir.started(out) else None
     if folder is None:
         rundir.ensure_new_run_dir(out)
         start_tracking(cfg, out)
