@@ -76,6 +76,7 @@ def _state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow  # the default set kills and resumes in tests/reliability (test_kill_resume, test_step_resume)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "trainer.max_epochs=4", "trainer.limit_train_batches=40"]
     vitexp(*args, "hydra.run.dir=straight", cwd=tmp_path)

@@ -130,7 +130,8 @@ def assert_same_run(run: Path, ref: Path, task: str) -> None:
     [
         ("train", "save", 3),  # half-way through epoch 2's best.pt
         ("distill", "step", 6),  # inside the teacher's second epoch: the run folder has no last.pt yet
-        ("distill", "eval", 5),  # the student's second evaluation: resume= must go on distilling, not training
+        pytest.param("distill", "eval", 5, marks=pytest.mark.slow),  # the student's 2nd evaluation: resume= must
+        # go on distilling, not training (slow: the default set already distils once)
         ("prune", "save", 6),  # inside the fine-tuning's first last.pt, after pruned.pt
         ("prune_kd", "step", 14),  # fine-tuning from the unpruned teacher, epoch 2: resume= keeps the teacher
     ],
