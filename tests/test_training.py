@@ -6,13 +6,15 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 
 import pytest
 import torch
 from torch import nn
 
 from tests.conftest import TINY, compose_config
-from vitexp import checkpoint, stop
+from vitexp import VitexpError, checkpoint, stop
+from vitexp.config import validate
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.models import build_from_arch
 from vitexp.tasks.distill import score_teacher
@@ -114,3 +116,21 @@ def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessi
                           recipe.data.std, 16)  # fmt: skip
     # the same statistics on both sides: the teacher sees exactly what it was trained on, so its score is best.pt's
     assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])
+
+
+def test_trainer_deterministic_selects_deterministic_kernels_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        fit(read_recipe(compose_config(*TINY, "trainer.deterministic=true", "trainer.max_epochs=1")), tmp_path)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # before cuBLAS starts
+        read_recipe(compose_config(*TINY, "trainer.deterministic=warn"))
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        read_recipe(compose_config(*TINY))
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    with pytest.raises(VitexpError, match="trainer.deterministic"):
+        validate(compose_config(*TINY, "trainer.deterministic=sometimes"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import sys
 from pathlib import Path
@@ -20,6 +21,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def use_deterministic(setting: bool | str) -> None:
+    """trainer.deterministic: true makes every kernel deterministic (torch raises on an op that has no deterministic
+    version), so a resumed CUDA run equals an uninterrupted one bitwise, as CPU runs always do; `warn` warns on such
+    an op instead; false (the default) lets CUDA pick its fastest kernels, some of which add in a varying order
+    (attention's backward). cuBLAS reads its workspace setting when it starts, before the first matrix product."""
+    if setting:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(setting), warn_only=setting == "warn")
+    torch.backends.cudnn.deterministic = bool(setting)
 
 
 def resolve_device(name: str) -> torch.device:

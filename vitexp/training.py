@@ -3,6 +3,7 @@ fine-tuning): plain settings in; checkpoints, metrics.csv, plots and results.jso
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -191,7 +192,11 @@ def _step_models(recipe: Recipe, model: nn.Module) -> tuple[nn.Module, nn.Module
                                               else None)  # fmt: skip
     if not loop.compile:
         return train_model, model
-    return torch.compile(train_model, mode=loop.compile_mode), torch.compile(model, mode=loop.compile_mode)
+    # static shapes: without dynamic=False, torch.compile turns a dimension symbolic once it has seen a second size
+    # of it in the process (a pruned model after its unpruned one, the last smaller evaluation batch), and those
+    # kernels sum in another order than the static ones a resumed process compiles: a resume would not be exact
+    compile = functools.partial(torch.compile, mode=loop.compile_mode, dynamic=False)
+    return compile(train_model), compile(model)
 
 
 def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, out: Path) -> RunState:

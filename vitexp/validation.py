@@ -74,6 +74,7 @@ CHOICES = {
     "trainer.compile": ("auto", True, False),
     "optim.fused": ("auto", True, False),
     "trainer.skip_nonfinite": (True, False),
+    "trainer.deterministic": (True, False, "warn"),
     "logger.mode": ("online", "offline", "disabled"),
     "task.mode": ("synthetic", "real"),
     "task.distill_type": ("soft", "hard", "token"),

@@ -25,7 +25,9 @@ from vitexp import checkpoint
 from vitexp.rundir import resumable
 
 DEVICE = os.environ.get("VITEXP_RELIABILITY_DEVICE", "cpu")  # cuda: the same trials on a GPU
-BASE = ["debug=fast", f"trainer.device={DEVICE}", "logger=none", "trainer.limit_train_batches=4"]
+# on a GPU, deterministic kernels: CUDA's fastest ones (attention's backward) add in a varying order
+BASE = ["debug=fast", f"trainer.device={DEVICE}", "logger=none", "trainer.limit_train_batches=4",
+        *(["trainer.deterministic=true"] if DEVICE == "cuda" else [])]  # fmt: skip
 TASKS = {
     "train": [*BASE, "trainer.max_epochs=3"],
     "distill": [*BASE, "task=distill", "task.teacher_epochs=2", "trainer.max_epochs=2"],

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise VitexpError(f"{len(data)} batches are fewer than task.warmup_steps + task.steps; lower them")
     opt = optimization(recipe, model, len(data))
     flops_per_batch = train_flops(model, recipe.loss, *_batch(batch, shape, recipe), loop.amp)
-    step_model = torch.compile(model, mode=loop.compile_mode) if loop.compile else model
+    step_model = torch.compile(model, mode=loop.compile_mode, dynamic=False) if loop.compile else model
     settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm)
 
     def timed(n: int, epoch: int) -> float:

@@ -15,7 +15,14 @@ from omegaconf import DictConfig
 from vitexp import VitexpError, distributed, rundir, tracking
 from vitexp.config import build, command_line, continues_its_folder, plain, resumed, run_dir, validate
 from vitexp.data import LoaderSettings, loaders
-from vitexp.hardware import autocast_dtype, resolve_device, show_progress, use_compile, use_fused
+from vitexp.hardware import (
+    autocast_dtype,
+    resolve_device,
+    show_progress,
+    use_compile,
+    use_deterministic,
+    use_fused,
+)
 from vitexp.models import arch_from_config
 from vitexp.training import Loop, Recipe
 
@@ -97,6 +104,7 @@ def loop_settings(cfg: DictConfig) -> Loop:
     """The `trainer.*` settings, with the `auto` choices made for this machine."""
     t = cfg.trainer
     device = resolve_device(t.device)
+    use_deterministic(t.deterministic)
     return Loop(
         max_epochs=t.max_epochs,
         device=device,
