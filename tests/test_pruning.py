@@ -17,6 +17,8 @@ from vitexp import VitexpError, checkpoint
 from vitexp.bench import prune_speed, prune_vs_scratch
 from vitexp.models import arch_of, build_from_arch, cnn, count_macs, count_params
 from vitexp.pruning import global_layout, layout_of, prune, uniform_layout
+from vitexp.tasks.recipe import read_recipe
+from vitexp.training import _step_models
 
 X = torch.randn(3, 3, 32, 32)
 
@@ -221,3 +223,29 @@ def test_prune_vs_scratch_bench_runs_end_to_end(pipeline, tmp_path):
     assert all(0 <= r["val_acc1"] <= 1 and r["img_per_s_eager_b256"] > 0 for r in rows)
     assert (tmp_path / "plots" / "prune_vs_scratch.png").is_file() and (tmp_path / "table.md").is_file()
     assert (tmp_path / "global_kd_1ep" / "checkpoints" / "best.pt").is_file()
+
+
+def test_a_pruned_model_compiled_after_its_unpruned_one_gets_static_shapes(monkeypatch):
+    """torch.compile in the training step specializes every shape: a pruned model compiled in the process that
+    trained its unpruned one gets the same (static) kernels as a resumed process compiling it first, so the
+    fine-tuning resumes exactly. Recorded with a backend that notes whether dynamo handed it symbolic shapes."""
+    symbolic = []
+
+    def recording(gm, example_inputs):
+        sizes = [s for x in example_inputs for s in (x.shape if isinstance(x, torch.Tensor) else [x])]
+        symbolic.append(any(isinstance(s, torch.SymInt) for s in sizes))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": recording}))
+    torch._dynamo.reset()
+    recipe = read_recipe(compose_config(*TINY, "trainer.compile=true"), with_data=False)
+    x = torch.randn(4, 1, 16, 16)
+    for width in (64, 48, 32):  # the unpruned model, then pruned ones (new sizes of the same dimensions)
+        model = build_from_arch({**recipe.arch, "kwargs": {**recipe.arch["kwargs"], "embed_dim": width}})
+        train_step, evaluate = _step_models(recipe, model)
+        train_step(x).sum().backward()
+        with torch.no_grad():
+            evaluate(x[:3])  # a last, smaller evaluation batch
+    torch._dynamo.reset()
+    assert symbolic and not any(symbolic)
