@@ -18,7 +18,7 @@ from vitexp.config import validate
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.models import build_from_arch
 from vitexp.tasks.distill import score_teacher
-from vitexp.tasks.prune import Pruning, measure_stage, prune_checkpoint
+from vitexp.tasks.prune import Pruning, finetune_recipe, measure_stage, prune_checkpoint
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, fit, optimization, restore, sub_run, train_in
 
@@ -107,6 +107,28 @@ def test_prune_checkpoint_reports_each_stage_and_writes_a_rebuildable_pruned_mod
     assert saved["arch"]["builder"] == "pruned_vit" and [h for h, _ in saved["arch"]["kwargs"]["layout"]] == [1, 1]
     assert json.loads((tmp_path / "prune.json").read_text())["ratio"] == 0.5
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, trained, tmp_path):
+    """`task.prune_embed=true` narrows the residual stream: its `arch` records the width, rebuilds the same function
+    from `weights_only` files, fine-tunes, and keeps the width when the pruned model is pruned again."""
+    out, _ = trained
+    measure = functools.partial(measure_stage, recipe, recipe.loaders[1])
+    figures, _ = prune_checkpoint(recipe, out / "checkpoints" / "best.pt",
+                                  Pruning(0.5, "magnitude", 1, True, 1, "uniform", 8), measure, tmp_path / "a")  # fmt: skip
+    pruned, saved = checkpoint.load_model(tmp_path / "a" / "checkpoints" / "pruned.pt")
+    rebuilt = measure(pruned, "rebuilt")
+    assert (rebuilt["val_acc1"], rebuilt["macs"]) == (figures["pruned_val_acc1"], figures["pruned_macs"])
+    assert saved["arch"]["kwargs"]["embed_width"] == 32 and pruned.patch_embed.proj.out_channels == 32
+    assert pruned.blocks[0].attn.head_dim == 32  # heads keep their width: embed_dim / num_heads of the original
+    x = torch.randn(3, 1, 16, 16)
+    assert pruned.eval()(x).shape == (3, 10)
+    tune = finetune_recipe(recipe, tmp_path / "a" / "checkpoints" / "pruned.pt", 1, None, 0.5)
+    assert fit(tune, tmp_path / "tuned")["status"] == "completed"
+    prune_checkpoint(recipe, tmp_path / "a" / "checkpoints" / "pruned.pt",
+                     Pruning(0.5, "magnitude", 1, False, 1, "uniform", 8), measure, tmp_path / "b")  # fmt: skip
+    again, saved = checkpoint.load_model(tmp_path / "b" / "checkpoints" / "pruned.pt")
+    assert saved["arch"]["kwargs"]["embed_width"] == 32 and again.eval()(x).shape == (3, 10)
 
 
 def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessing(recipe, trained):

@@ -69,11 +69,13 @@ def cnn(
 def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretrained: bool | str = False,
                drop_rate: float | None = None, drop_path_rate: float | None = None, patch_size: int | None = None,
                embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-               kwargs: dict[str, Any] | None = None, layout: list[list[int]] | None = None) -> nn.Module:  # fmt: skip
+               kwargs: dict[str, Any] | None = None, layout: list[list[int]] | None = None,
+               embed_width: int | None = None) -> nn.Module:  # fmt: skip
     """Any timm model by registered `name` (`model=timm`) with timm's own keyword arguments `kwargs`, from
     `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model arguments it takes
     as defaults, or true for timm's tag); `patch_size`, `embed_dim`, `depth`, `num_heads` and the drop rates, when
-    not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) is a pruned ViT's. The `arch` it
+    not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) and `embed_width` (a narrower
+    residual stream) are a pruned ViT's. The `arch` it
     records rebuilds the module without the weights' source: a checkpoint brings its own weights."""
     args = dict(kwargs or {})
     if pretrained_weights.is_folder(pretrained):
@@ -96,9 +98,14 @@ def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretra
         if not isinstance(model, VisionTransformer):
             raise VitexpError(f"model.layout is for pruned ViTs; {name} is a {type(model).__name__}")
         apply_layout(model, [list(map(int, b)) for b in layout])
+    if embed_width:
+        from vitexp.pruning import set_embed_width
+
+        set_embed_width(model, int(embed_width))
     model.vitexp_arch = {"builder": "timm", "name": name, "kwargs": {
         "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False, **named,
-        "kwargs": args, "layout": [list(map(int, b)) for b in layout] if layout else None}}  # fmt: skip
+        "kwargs": args, "layout": [list(map(int, b)) for b in layout] if layout else None,
+        **({"embed_width": int(embed_width)} if embed_width else {})}}  # fmt: skip
     return model
 
 
@@ -133,10 +140,12 @@ def train_only_head(model: nn.Module, head_only: bool) -> None:
         head.requires_grad_(True)
 
 
-def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, **kwargs: Any) -> VisionTransformer:
+def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, embed_width: int | None = None,
+               **kwargs: Any) -> VisionTransformer:  # fmt: skip
     """A timm ViT with fewer attention heads and MLP channels per block: `layout` ([heads, MLP width] per
-    block, as a prune run records it) or, when null, `ratio` of both removed uniformly."""
-    from vitexp.pruning import apply_layout, uniform_layout
+    block, as a prune run records it) or, when null, `ratio` of both removed uniformly; `embed_width`: a residual
+    stream narrower than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels)."""
+    from vitexp.pruning import apply_layout, set_embed_width, uniform_layout
 
     if not 0 <= ratio < 1:
         raise VitexpError(f"model.ratio={ratio} must be in [0, 1)")
@@ -148,7 +157,10 @@ def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, *
         else uniform_layout(len(model.blocks), model.blocks[0].attn.num_heads, hidden, ratio)
     )
     apply_layout(model, layout)
-    model.vitexp_arch = {"builder": "pruned_vit", "name": name, "kwargs": {**kwargs, "ratio": ratio, "layout": layout}}
+    if embed_width:
+        set_embed_width(model, int(embed_width))
+    model.vitexp_arch = {"builder": "pruned_vit", "name": name, "kwargs": {
+        **kwargs, "ratio": ratio, "layout": layout, **({"embed_width": int(embed_width)} if embed_width else {})}}  # fmt: skip
     return model
 
 

@@ -80,6 +80,50 @@ def apply_layout(model: VisionTransformer, layout: Sequence[Sequence[int]]) -> V
     return model
 
 
+def set_embed_width(model: VisionTransformer, width: int) -> VisionTransformer:
+    """Rebuild every layer that reads or writes the residual stream at `width` channels (fresh weights): what
+    `task.prune_embed=true` leaves, so that its `arch` rebuilds. Head widths (`head_dim`) stay as they are."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise VitexpError("model.embed_width needs a ViT without attention pooling (global_pool=map)")
+
+    def linear(layer: nn.Linear, n_in: int | None = None, n_out: int | None = None) -> nn.Linear:
+        return nn.Linear(n_in or layer.in_features, n_out or layer.out_features, bias=layer.bias is not None)
+
+    def norm(layer: nn.Module) -> nn.Module:
+        if not isinstance(layer, nn.LayerNorm):
+            return layer
+        return nn.LayerNorm(
+            width, eps=layer.eps, elementwise_affine=layer.elementwise_affine, bias=layer.bias is not None
+        )
+
+    proj = model.patch_embed.proj
+    model.patch_embed.proj = nn.Conv2d(proj.in_channels, width, proj.kernel_size, proj.stride, proj.padding,
+                                       bias=proj.bias is not None)  # fmt: skip
+    model.patch_embed.norm = norm(model.patch_embed.norm)
+    for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        if isinstance(token := getattr(model, name, None), nn.Parameter):
+            setattr(model, name, nn.Parameter(token.new_zeros(*token.shape[:-1], width)))
+    for block in model.blocks:
+        block.norm1, block.norm2 = norm(block.norm1), norm(block.norm2)
+        block.attn.qkv, block.attn.proj = linear(block.attn.qkv, n_in=width), linear(block.attn.proj, n_out=width)
+        block.mlp.fc1, block.mlp.fc2 = linear(block.mlp.fc1, n_in=width), linear(block.mlp.fc2, n_out=width)
+        for scale in (block.ls1, block.ls2):
+            if isinstance(gamma := getattr(scale, "gamma", None), nn.Parameter):
+                scale.gamma = nn.Parameter(gamma.new_ones(width))
+    model.norm_pre, model.norm, model.fc_norm = norm(model.norm_pre), norm(model.norm), norm(model.fc_norm)
+    if isinstance(model.head, nn.Linear):
+        model.head = linear(model.head, n_in=width)
+    model.embed_dim = model.num_features = width
+    if hasattr(model, "head_hidden_size"):
+        model.head_hidden_size = width
+    return model
+
+
+def embed_width(model: VisionTransformer) -> int:
+    """The residual stream's width as the weights have it (pruning leaves timm's `embed_dim` attribute behind)."""
+    return model.patch_embed.proj.out_channels
+
+
 def _set_heads(attn: Attention, heads: int) -> None:
     # torch-pruning shrinks the weights; the attributes timm's forward reshapes with must follow.
     attn.num_heads = heads

@@ -20,7 +20,7 @@ from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.hardware import seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
-from vitexp.pruning import layout_of, prune
+from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
 from vitexp.tasks.recipe import open_run, read_recipe
 from vitexp.training import Recipe, fit, train_in
@@ -90,7 +90,7 @@ def prune_checkpoint(
         raise VitexpError(f"{source} holds a {trained['arch']['builder']} model; task=prune takes a ViT checkpoint")
     device = recipe.loop.device
     model.to(device)
-    before = measure(model, "before pruning")
+    before, width0 = measure(model, "before pruning"), embed_width(model)
     train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, False, True, False)
     calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))
                    ] if pruning.importance == "taylor" else None  # fmt: skip
@@ -99,7 +99,8 @@ def prune_checkpoint(
     prune(model, pruning.ratio, pruning.importance, example, pruning.rounds, calibration, pruning.prune_embed,
           after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")), allocation=pruning.allocation,
           round_to=pruning.round_to)  # fmt: skip
-    arch = _pruned_arch(trained["arch"], pruning.ratio, layout_of(model))
+    width = embed_width(model)
+    arch = _pruned_arch(trained["arch"], pruning.ratio, layout_of(model), width if width != width0 else None)
     figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", rounds[-1])) for k, v in f.items()
                if k != "layout"}  # fmt: skip
     figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance,
@@ -123,12 +124,16 @@ def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | No
     return _distilled_from(tune, teacher, alpha) if teacher else tune
 
 
-def _pruned_arch(trained: dict[str, Any], ratio: float, layout: list[list[int]]) -> dict[str, Any]:
-    """The pruned model's `arch`: a timm model (model=timm) keeps its name and arguments and gains the layout."""
+def _pruned_arch(trained: dict[str, Any], ratio: float, layout: list[list[int]], width: int | None = None
+                 ) -> dict[str, Any]:  # fmt: skip
+    """The pruned model's `arch`: a timm model (model=timm) keeps its name and arguments and gains the layout;
+    `width`: the residual stream's, when `task.prune_embed` narrowed it."""
+    narrowed = {"embed_width": width} if width else {}
     if trained["builder"] == "timm":
-        return {**trained, "kwargs": {**trained["kwargs"], "layout": layout}}
+        return {**trained, "kwargs": {**trained["kwargs"], "layout": layout, **narrowed}}
     kwargs = {k: v for k, v in trained["kwargs"].items() if k not in ("ratio", "layout")}
-    return {"builder": "pruned_vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout}}
+    return {"builder": "pruned_vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout,
+                                                                  **narrowed}}  # fmt: skip
 
 
 def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
