@@ -24,14 +24,13 @@ from vitexp.data import (
     LoaderSettings,
     Splits,
     eval_transform,
-    image_folder,
     image_splits,
-    load_image,
     loaders,
     make_loader,
     set_epoch,
     train_transform,
 )
+from vitexp.images import image_folder, load_image
 from vitexp.models import build
 from vitexp.shards import ShardSet
 from vitexp.shards import main as write_shards

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitexp import VitexpError
+from vitexp.images import image_folder, to_mode
 
 log = logging.getLogger("vitexp")
 
@@ -97,8 +98,6 @@ class ShardSet(Dataset):
         s, stream, (image_at, size, label, _, _) = self._member(i)
         stream.seek(image_at)
         try:
-            from vitexp.data import to_mode
-
             return to_mode(Image.open(io.BytesIO(stream.read(size))), self.mode), int(label)
         except (OSError, SyntaxError, ValueError) as e:
             raise VitexpError(f"cannot decode {self.source(i)} in shard {self.folder / self.shards[s].file} ({e}); "
@@ -191,8 +190,6 @@ def _write_shard(path: Path, first: int, files: Sequence[tuple[str, int]], root:
 def write_split(source: Path, out: Path, samples_per_shard: int, workers: int) -> int:
     """Write the class folders under `source` (an ImageFolder split) as shards and an index under `out`;
     unreadable files are skipped and counted, as the folder loader does. Returns the number of samples."""
-    from vitexp.data import image_folder
-
     folder = image_folder(source, "RGB", check=True)
     out.mkdir(parents=True, exist_ok=True)
     chunks = [folder.samples[i : i + samples_per_shard] for i in range(0, len(folder.samples), samples_per_shard)]
