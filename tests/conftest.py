@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import tarfile
 from pathlib import Path
@@ -16,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 # A 2-block model, a few batches, CPU, no W&B.
 TINY = ["debug=fast", "trainer.device=cpu", "logger=none"]
+
+
+def metric_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the metrics.csv at `path` without the columns a clock measures (time/..., throughput/...), which
+    differ between two runs of the same command."""
+    with path.open(newline="") as f:
+        return [
+            {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in csv.DictReader(f)
+        ]
 
 
 def compose_config(*overrides: str, hydra: bool = False):

@@ -18,7 +18,7 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from tests.conftest import TINY, vitexp
+from tests.conftest import TINY, metric_rows, vitexp
 from vitexp import VitexpError
 from vitexp.data import (
     LoaderSettings,
@@ -274,19 +274,9 @@ def test_a_run_on_shards_killed_and_resumed_equals_an_uninterrupted_one(shards, 
     assert child.wait().returncode == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     vitexp(f"resume={run}", cwd=tmp_path)
-    assert stopped_at < 3 and _figures(run) == _figures(tmp_path / "straight")
+    assert stopped_at < 3 and metric_rows(run / "metrics.csv") == metric_rows(tmp_path / "straight" / "metrics.csv")
     straight, resumed = (
         torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (tmp_path / "straight", run)
     )
     assert resumed["epoch"] == 3 and resumed["scheduler"] == straight["scheduler"]
     assert all(torch.equal(t, resumed["model"][k]) for k, t in straight["model"].items())
-
-
-def _figures(run: Path) -> list[dict[str, str]]:
-    """metrics.csv without the columns a clock measures."""
-    import csv
-
-    with (run / "metrics.csv").open() as f:
-        return [
-            {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in csv.DictReader(f)
-        ]

@@ -3,7 +3,6 @@ resume, sub-runs, the results, and the pruning and distillation steps."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, metric_rows
 from vitexp import VitexpError, checkpoint, stop
 from vitexp.config import validate
 from vitexp.distill import Distiller, TeacherOnly
@@ -21,8 +20,6 @@ from vitexp.tasks.distill import score_teacher
 from vitexp.tasks.prune import Pruning, finetune_recipe, measure_stage, prune_checkpoint
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, fit, optimization, restore, sub_run, train_in
-
-TIMING = ("time/epoch_s", "throughput/img_s")
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +34,12 @@ def trained(recipe, tmp_path_factory):
     return out, fit(recipe, out)
 
 
-def _rows(path):
-    with path.open(newline="") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-
-
 def test_fit_leaves_checkpoints_metrics_plots_and_results(trained):
     out, results = trained
     assert results["status"] == "completed" and results["task"] == "train" and results["epochs"] == 2
     assert results["val_images"] == 128 and 0 <= results["best_val_acc1"] <= 1  # 2 val batches of 64
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert len(_rows(out / "metrics.csv")) == 2 and (out / "plots" / "learning_curves.png").is_file()
+    assert len(metric_rows(out / "metrics.csv")) == 2 and (out / "plots" / "learning_curves.png").is_file()
     last = checkpoint.load(out / "checkpoints" / "last.pt")
     assert (last["epoch"], last["step"], last["format"]) == (2, 6, checkpoint.FORMAT_VERSION)
     assert last["arch"] == {**last["arch"], "builder": "vit", "name": "baseline"}
@@ -64,7 +56,7 @@ def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_on
     monkeypatch.setattr(stop, "_requested", [])
     fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
     reference, _ = trained
-    assert _rows(tmp_path / "metrics.csv") == _rows(reference / "metrics.csv")
+    assert metric_rows(tmp_path / "metrics.csv") == metric_rows(reference / "metrics.csv")
     ours, theirs = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path, reference))
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
     assert ours["step"] == theirs["step"]

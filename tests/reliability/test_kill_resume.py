@@ -7,7 +7,6 @@ The default suite runs one chosen trial per task; `pytest -m slow tests/reliabil
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from tests import cli
-from tests.conftest import vitexp
+from tests.conftest import metric_rows, vitexp
 from vitexp import checkpoint
 from vitexp.rundir import resumable
 
@@ -63,13 +62,6 @@ def reference(tmp_path_factory):
         return found[task]
 
     return get
-
-
-def _rows(run: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
-    with (run / name).open() as f:
-        return [
-            {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in csv.DictReader(f)
-        ]
 
 
 def _trial(task: str, fault: str, n: float, reference, tmp_path: Path, requeue: bool = False) -> None:
@@ -121,9 +113,9 @@ def assert_same_run(run: Path, ref: Path, task: str) -> None:
         for a, b in zip(want.get("optimizer", {}).get("state", {}).values(),
                         got.get("optimizer", {}).get("state", {}).values()):  # fmt: skip
             assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: optimizer state differs"
-    assert _rows(run) == _rows(ref)
+    assert metric_rows(run / "metrics.csv") == metric_rows(ref / "metrics.csv")
     for sub in {"distill": ["teacher"], "prune": ["unpruned"], "prune_kd": ["unpruned"]}.get(task, []):
-        assert _rows(run / sub) == _rows(ref / sub)
+        assert metric_rows(run / sub / "metrics.csv") == metric_rows(ref / sub / "metrics.csv")
 
 
 # the default suite: one trial per task, each at a point that once went wrong or is easy to get wrong
