@@ -4,6 +4,7 @@
 # 10 epochs, 1,000 validation images), then `python -m vitexp.bench.prune_vs_scratch` on each with budgets of 1, 3 and 10 epochs.
 #
 #   bash vitexp/bench/prune_vs_scratch.sh <out> <cifar10 root: train/<class>/*.jpg> [overrides for every run]
+#   SKIP_CIFAR=1 bash vitexp/bench/prune_vs_scratch.sh <out> -     (the digits only; SKIP_DIGITS=1: CIFAR-10 only)
 #
 # Every arm of a comparison uses the same recipe (optim.warmup_epochs=0.5, so that a 1-epoch budget reaches its
 # peak learning rate); trainer.compile=false keeps compilation time out of short budgets.
@@ -21,7 +22,9 @@ if [[ "${SKIP_DIGITS:-0}" != 1 ]]; then
         "ckpt_path=$out/digits/dense/checkpoints/best.pt" --budgets 1,3,10 --out "$out/digits/compare"
 fi
 
-python -m vitexp "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" trainer.max_epochs=10 optim.warmup_epochs=1 \
-    "hydra.run.dir=$out/cifar/dense"
-python -m vitexp.bench.prune_vs_scratch "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" optim.warmup_epochs=0.5 \
-    "ckpt_path=$out/cifar/dense/checkpoints/best.pt" --budgets 1,3,10 --out "$out/cifar/compare"
+if [[ "${SKIP_CIFAR:-0}" != 1 ]]; then
+    python -m vitexp "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" trainer.max_epochs=10 optim.warmup_epochs=1 \
+        "hydra.run.dir=$out/cifar/dense"
+    python -m vitexp.bench.prune_vs_scratch "${common[@]}" "${cifar_data[@]}" "${cifar_model[@]}" optim.warmup_epochs=0.5 \
+        "ckpt_path=$out/cifar/dense/checkpoints/best.pt" --budgets 1,3,10 --out "$out/cifar/compare"
+fi
