@@ -75,8 +75,8 @@ def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretra
     `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model arguments it takes
     as defaults, or true for timm's tag); `patch_size`, `embed_dim`, `depth`, `num_heads` and the drop rates, when
     not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) and `embed_width` (a narrower
-    residual stream) are a pruned ViT's. The `arch` it
-    records rebuilds the module without the weights' source: a checkpoint brings its own weights."""
+    residual stream) are a pruned ViT's. The `arch` it records rebuilds the module without the weights' source: a
+    checkpoint brings its own weights."""
     args = dict(kwargs or {})
     if pretrained_weights.is_folder(pretrained):
         architecture, saved, _ = pretrained_weights.folder_config(pretrained)
@@ -92,16 +92,15 @@ def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretra
     )
     if pretrained:
         load_pretrained(model, pretrained)
-    if layout:
-        from vitexp.pruning import apply_layout
+    if layout or embed_width:
+        from vitexp.pruning import apply_layout, set_embed_width
 
         if not isinstance(model, VisionTransformer):
             raise VitexpError(f"model.layout is for pruned ViTs; {name} is a {type(model).__name__}")
-        apply_layout(model, [list(map(int, b)) for b in layout])
-    if embed_width:
-        from vitexp.pruning import set_embed_width
-
-        set_embed_width(model, int(embed_width))
+        if layout:
+            apply_layout(model, [list(map(int, b)) for b in layout])
+        if embed_width:
+            set_embed_width(model, int(embed_width))
     model.vitexp_arch = {"builder": "timm", "name": name, "kwargs": {
         "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False, **named,
         "kwargs": args, "layout": [list(map(int, b)) for b in layout] if layout else None,
@@ -159,8 +158,9 @@ def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, e
     apply_layout(model, layout)
     if embed_width:
         set_embed_width(model, int(embed_width))
-    model.vitexp_arch = {"builder": "pruned_vit", "name": name, "kwargs": {
-        **kwargs, "ratio": ratio, "layout": layout, **({"embed_width": int(embed_width)} if embed_width else {})}}  # fmt: skip
+    narrowed = {"embed_width": int(embed_width)} if embed_width else {}
+    model.vitexp_arch = {"builder": "pruned_vit", "name": name,
+                         "kwargs": {**kwargs, "ratio": ratio, "layout": layout, **narrowed}}  # fmt: skip
     return model
 
 

@@ -1,10 +1,10 @@
 #!/bin/bash
-# The mid-epoch resume and the kill trials on a GPU, in one short run (about 6 minutes on one H200):
+# The mid-epoch resume and the kill trials on a GPU in one short run (about 4 minutes of trials on one H200):
 #   1. the device loader's draws and crop/flip on CUDA equal the CPU's
 #   2. two uninterrupted runs with trainer.deterministic=false, and two with true: bitwise equal or not
 #   3. on cuda, with trainer.deterministic=true: the default step-resume trials, VITEXP_TRIALS (default 4) random
-#      ones per task (train, distill, prune; SIGKILL at a step or a signal mid-epoch, on the worker and the on-device loader), and the default
-#      kill-and-resume trials of train, distill, prune and prune with distillation
+#      ones per task (train, distill, prune; SIGKILL at a step or a signal mid-epoch, on the worker and the
+#      on-device loader), and the default kill-and-resume trials of train, distill, prune and prune with distillation
 #   4. (unless BENCH_S=0) the ViT-Ti/4 training step at batch 1024 beside the in-process reference loop (compiled, bf16)
 #   bash vitexp/bench/step_resume_gpu.sh      (from the repository root; writes $OUT/step_resume_gpu.log if set)
 set -u
