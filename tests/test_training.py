@@ -146,5 +146,7 @@ def test_trainer_deterministic_selects_deterministic_kernels_and_is_checked(tmp_
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
-    with pytest.raises(VitexpError, match="trainer.deterministic"):
+    with pytest.raises(
+        VitexpError, match="trainer.deterministic='sometimes' is not valid: choose one of true, false, warn"
+    ):
         validate(compose_config(*TINY, "trainer.deterministic=sometimes"))

@@ -106,7 +106,8 @@ def validate(config: dict[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         value = _select(config, key)
         if value is not _ABSENT and value not in allowed and str(value) not in allowed:
-            raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, allowed))}")
+            spelled = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # as YAML writes them
+            raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(spelled)}")
     val_size = _select(config, "data.val_size")
     if not _number(val_size) or val_size <= 0:
         raise VitexpError(f"data.val_size={val_size!r} is not valid: it must be a count >= 1 or a fraction in (0, 1)")
