@@ -158,7 +158,7 @@ def prune(
     tokens = {
         p: p.dim() - 1 for name, p in model.named_parameters() if name in ("cls_token", "dist_token", "pos_embed")
     }
-    depth, heads0, hidden0, embed0 = len(model.blocks), *layout_of(model)[0], model.embed_dim
+    depth, heads0, hidden0, embed0 = len(model.blocks), *layout_of(model)[0], embed_width(model)
     layouts = []
     for round_ in range(1, steps + 1):
         # after round r, (1 - ratio * r / steps) of the original heads and channels are kept
