@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitexp import VitexpError
+from vitexp import VitexpError, files
 
 # The layout of the checkpoint dict; a file of a newer layout is refused with a clear error, not misread.
 FORMAT_VERSION = 1
@@ -29,25 +27,14 @@ def save(checkpoint: dict[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise VitexpError(f"cannot write {path} ({e.strerror}); make {path.parent} writable") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with files.atomic(path, durable=True) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a failed write as RuntimeError
-            kept = f"; the previous {path.name} is kept" if path.exists() else ""
-            raise VitexpError(f"cannot write {path} ({_why(e, path.parent)}): free disk space or pick another "
-                              f"hydra.run.dir{kept}") from None  # fmt: skip
-        raise
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise VitexpError(f"cannot write {path} ({_why(e, path.parent)}): free disk space or pick another "
+                          f"hydra.run.dir{kept}") from None  # fmt: skip
 
 
 def _why(e: BaseException, folder: Path) -> str:
