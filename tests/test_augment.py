@@ -53,7 +53,8 @@ def draws(op: int, n_ops: int, level: float, positive: bool, n: int = 4) -> torc
 def test_trivial_operations_match_torchvision(index):
     """TrivialAugmentWide's operations at two of its 31 bins, both signs, against torchvision's `_apply_op` on the
     same uint8 tensors (bilinear, same fill). Exact, except the enhance blends: within 1 (we round as PIL does,
-    torchvision truncates)."""
+    torchvision truncates); geometric ones on a CPU whose kernels round a tie the other way: within 1
+    on a few pixels."""
     op, images = TRIVIAL_WIDE[index], photos()
     aug = DeviceAugment("trivial", 1, 0, 0, 1.0, 0.0, FILL)
     space = tv_autoaugment.TrivialAugmentWide()._augmentation_space(31)
@@ -68,8 +69,12 @@ def test_trivial_operations_match_torchvision(index):
             theirs = torch.stack([tv_autoaugment._apply_op(image, TORCHVISION[op.name], magnitude,
                                                            InterpolationMode.BILINEAR, [255 * f for f in FILL])
                                   for image in images]).int()  # fmt: skip
-            diff = (ours - theirs).abs().max().item()
-            assert diff <= (1 if op.name in BLENDS else 0), (op.name, bin_, positive, diff)
+            diff = (ours - theirs).abs()
+            assert diff.max().item() <= (1 if op.name in BLENDS | GEOMETRIC else 0), (op.name, bin_, positive)
+            # a sample that falls on a rounding tie may round the other way where a CPU's vector kernels sum the
+            # bilinear weights in another order: a few pixels off by one, never more
+            if op.name in GEOMETRIC:
+                assert (diff > 0).float().mean().item() < 1e-3, (op.name, bin_, positive)
 
 
 def _timm(name: str, magnitude: float, image: torch.Tensor, positive: bool) -> torch.Tensor:
