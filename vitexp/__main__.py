@@ -12,8 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp import VitexpError, distributed, stop, tracking
-from vitexp.config import command_line, config_dir, register_resolvers, resume_overrides, run_dir, validate
+from vitexp import VitexpError, distributed, files, stop, tracking
+from vitexp.config import (
+    command_line,
+    config_dir,
+    continues_its_folder,
+    register_resolvers,
+    resume_overrides,
+    run_dir,
+    validate,
+)
+from vitexp.files import printable
 from vitexp.records import completed, write_results
 from vitexp.rundir import earlier_job, ensure_new_run_dir
 from vitexp.sweeps import check_command, register_sweeper
@@ -34,6 +43,7 @@ def _main(cfg: DictConfig) -> float | None:
     earlier = _completed_before(cfg)
     if earlier is not None:
         return earlier.get(task.SWEEP_METRIC, earlier.get("val_acc1"))
+    _refuse_linked_folder(cfg)
     try:
         if not cfg.resume:  # (a resumed run's config is checked when its saved values are in: open_run)
             validate(cfg)  # again here: sweep jobs and launchers do not pass through _preflight
@@ -76,6 +86,19 @@ def _completed_before(cfg: DictConfig) -> dict | None:
     return earlier
 
 
+def _refuse_linked_folder(cfg: DictConfig) -> None:
+    """A job that continues what its folder holds (requeued with `auto_resume`, a sweep job run again) refuses, exit 2,
+    a folder with a symlink in it before it writes there; the line goes to the console only: the log may be the link."""
+    if not continues_its_folder(cfg):
+        return
+    try:
+        files.refuse_links(run_dir())
+    except VitexpError as e:
+        _console_only()
+        log.error(f"error: {e}")
+        sys.exit(2)
+
+
 def _console_only() -> None:
     for handler in logging.getLogger().handlers[:]:  # Hydra configures the next job's logging afresh
         if isinstance(handler, logging.FileHandler):
@@ -95,7 +118,7 @@ def _preflight(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=argv)
     except OverrideParseException as e:
-        raise VitexpError(f"cannot parse {_unparsable(argv)}: {_one_line(e)}") from None
+        raise VitexpError(f"cannot parse {printable(_unparsable(argv))}: {printable(_one_line(e))}") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise VitexpError(_one_line(e)) from None
     missing = [f"{group}.{key}" for group, node in cfg.items() if isinstance(node, DictConfig)
@@ -106,11 +129,13 @@ def _preflight(argv: list[str]) -> None:
         validate(cfg)
     explicit = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     folder = Path(explicit[-1] if explicit else "outputs")  # a new run goes there (Hydra would create it next)
+    if explicit:  # Hydra writes .hydra/ and appends the log there next, through any link; a requeued job's too
+        files.refuse_links(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise VitexpError(f"cannot create {folder} ({e.strerror}); run from a writable folder or pick a writable "
-                          f"hydra.run.dir") from None  # fmt: skip
+        raise VitexpError(f"cannot create {printable(folder)} ({e.strerror}); run from a writable folder or pick a "
+                          f"writable hydra.run.dir") from None  # fmt: skip
     if explicit and not (cfg.resume or cfg.auto_resume):
         ensure_new_run_dir(folder, before_hydra=True)
 

@@ -19,15 +19,16 @@ from vitexp import VitexpError, files
 FORMAT_VERSION = 1
 
 
-def save(checkpoint: dict[str, Any], path: str | Path) -> None:
+def save(checkpoint: dict[str, Any], path: str | Path, root: str | Path | None = None) -> None:
     """Write `checkpoint` to `path` through a temp file in the same folder, fsync, then rename.
 
     A crash at any moment leaves either the previous file or the new one, never a partial file; the temp
-    file a killed writer left behind is removed by the next save of the same file.
+    file a killed writer left behind is removed by the next save of the same file. `root`: the run folder `path`
+    lies in (a symlinked folder from it down is refused; default: `path`'s own folder).
     """
     path = Path(path)
     try:
-        with files.atomic(path, durable=True) as f:
+        with files.atomic(path, root, durable=True) as f:
             torch.save(checkpoint, f)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -54,7 +55,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VitexpError(
-            f"refused to load {path}: it holds objects other than tensors and plain data ({first})"
+            f"refused to load {path}: it holds objects other than tensors and plain data ({files.printable(first)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise VitexpError(
@@ -62,10 +63,32 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
         raise VitexpError(f"{path} is not a vitexp checkpoint (no 'model' and 'arch' entries)")
-    if checkpoint.get("format", 1) != FORMAT_VERSION:
-        raise VitexpError(f"{path} has checkpoint format {checkpoint.get('format')!r}, this vitexp reads format "
-                          f"{FORMAT_VERSION}; use the vitexp version that wrote it ({checkpoint.get('version')})")  # fmt: skip
+    _check_fields(checkpoint, path)
     return checkpoint
+
+
+def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
+    """The fields every reader of a checkpoint takes: its layout's format and version, the weights, the `arch`."""
+    from vitexp.models import check_arch
+
+    version, layout = checkpoint.get("version"), checkpoint.get("format", FORMAT_VERSION)
+    if version is not None and not isinstance(version, str):
+        raise VitexpError(f"{path}: version is a {type(version).__name__}, not a string; pass one vitexp wrote")
+    if type(layout) is not int or layout != FORMAT_VERSION:
+        raise VitexpError(
+            f"{path} has checkpoint format {files.printable(repr(layout), 60)}, this vitexp reads format "
+            f"{FORMAT_VERSION}; use the vitexp version that wrote it ({files.printable(version, 60)})"
+        )
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict):
+        raise VitexpError(f"{path}: model is a {type(weights).__name__}, not a dict of tensors; pass one vitexp wrote")
+    for key, value in weights.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise VitexpError(
+                f"{path}: model.{files.printable(key, 80)} is a {type(value).__name__}, not a tensor named by a "
+                f"string; pass a checkpoint vitexp wrote"
+            )
+    check_arch(checkpoint["arch"], str(path))
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -75,7 +98,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
     heads = [k for k in shapes if k.startswith(("head.", "fc.", "classifier."))]
-    if heads and heads == shapes and not (missing or unexpected):
+    if heads and heads == shapes and not (missing or unexpected) and state_dict[heads[0]].ndim:
         raise VitexpError(
             f"{source} predicts {state_dict[heads[0]].shape[0]} classes but this model has {own[heads[0]].shape[0]} "
             f"(data.num_classes); pick the data= it was trained on"
@@ -87,7 +110,13 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             else ""
         )
         raise VitexpError(f"{source} does not fit this model ({detail}); pick the model= it was trained with")
-    model.load_state_dict(state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # a tensor torch cannot copy into the parameter (a complex or quantized one)
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VitexpError(
+            f"{source} does not fit this model ({files.printable(first, 160)}); pass one vitexp wrote"
+        ) from None
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -96,7 +125,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     checkpoint = load(path)
     # the weights are the checkpoint's: pretrained weights an arch might name are never read
-    model = build_from_arch(without_weights_source(checkpoint["arch"]))
+    model = build_from_arch(without_weights_source(checkpoint["arch"]), where=f"{path}: arch.kwargs")
     load_weights(model, checkpoint["model"], str(path))
     return model, checkpoint
 

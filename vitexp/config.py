@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from vitexp import VitexpError, rundir, validation
+from vitexp import VitexpError, files, rundir, validation
+from vitexp.files import printable
 
 # Config groups a resumed run takes from its first start; the first six define what the run is and cannot change.
 FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
@@ -118,9 +119,11 @@ def resume_overrides(argv: list[str]) -> list[str]:
     if any(a.startswith("-") for a in argv) or resume in (None, "", "null"):
         return argv
     folder = rundir.resume_run_dir(resume)
+    # before Hydra writes .hydra/resume_<time>/ there and the run appends to its log: a link would take them elsewhere
+    files.refuse_links(folder)
     if not rundir.resumable(folder):
-        raise VitexpError(f"resume={resume}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); pass a run "
-                          f"folder vitexp wrote")  # fmt: skip
+        raise VitexpError(f"resume={printable(resume)}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); "
+                          f"pass a run folder vitexp wrote")  # fmt: skip
     overrides, saved = rundir.first_start(folder)
     named = {a.split("=", 1)[0].lstrip("+~") for a in argv}
     return argv + [f"{g}={o}" for g, o in saved_choices(saved, overrides).items() if g not in named]
@@ -146,7 +149,8 @@ def resumed(
         if started_with.get(key) != option:
             changed.append(key)
     ours = OmegaConf.to_container(cfg, resolve=False)
-    task = saved.get("task", {}).get("name") if isinstance(saved.get("task"), dict) else None
+    task = saved["task"].get("name") if isinstance(saved.get("task"), dict) else None
+    task = task if isinstance(task, str) else None
     _overlay(ours, saved, "", changed, source, task)
     merged = OmegaConf.create(ours)
     OmegaConf.resolve(merged)
@@ -188,7 +192,7 @@ def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: st
             key, where = new, f"{path}{new}"
         mine = ours.get(key) if key in ours else _ABSENT
         if key in CODE_KEYS:
-            if value != mine and not (key == "_target_" and value in LEGACY_TARGETS):
+            if value != mine and not (key == "_target_" and isinstance(value, str) and value in LEGACY_TARGETS):
                 raise _refuse(source, where, "names code to run that vitexp's own config does not")
         elif where in FREE_FORM and isinstance(value, dict):
             _check_data(value, where, source)

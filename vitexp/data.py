@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import datasets, transforms
 
 from vitexp import VitexpError, distributed
+from vitexp.files import printable
 from vitexp.images import image_folder
 from vitexp.shards import INDEX, ShardSet
 
@@ -230,8 +231,8 @@ def image_splits(
     classes = list(bases["train"].classes)
     for split, base in bases.items():
         if list(base.classes) != classes:
-            raise VitexpError(f"{split}/ has classes {base.classes[:5]}..., train/ has {classes[:5]}...; give every "
-                              f"split the same class folders")  # fmt: skip
+            raise VitexpError(f"{split}/ has classes {printable(base.classes[:5])}..., train/ has "
+                              f"{printable(classes[:5])}...; give every split the same class folders")  # fmt: skip
     if "val" in bases:
         train_idx, val_idx = list(range(len(bases["train"])))[:train_subset], range(len(bases["val"]))
     else:

@@ -5,7 +5,10 @@ pretrained=True)` loads without vitexp and `model.pretrained=<folder>` fine-tune
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from vitexp import VitexpError, checkpoint
+from vitexp import VitexpError, checkpoint, files
 
 # The timm architecture a vitexp-built ViT is written as: its own arguments (all of them) replace the entrypoint's.
 TIMM_TWINS = {"vit": "vit_tiny_patch16_224", "vit_distilled": "deit_tiny_distilled_patch16_224"}
@@ -56,16 +59,31 @@ def export(path: str | Path, out: str | Path) -> float:
     model, saved = checkpoint.load_model(path)
     module = timm_module(model, saved["arch"]).eval()
     config = data_config(saved, module)
-    try:
-        # the tag names where the weights come from (the architecture's own tag would name timm's weights)
-        save_for_hf(module, str(out), model_config={"pretrained_cfg": {"tag": "vitexp"}}, safe_serialization=True,
-                    data_config=config)  # fmt: skip
-    except OSError as e:
-        raise VitexpError(f"cannot write {out} ({e.strerror}); pick a writable --out folder") from None
+    write_folder(module, config, Path(out))
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.randn(4, *config["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (model.eval()(x) - reloaded(x)).abs().max().item()
+
+
+def write_folder(module: nn.Module, config: dict[str, Any], out: Path) -> None:
+    """timm's files for `module` in `out`: written by timm into a temporary folder inside `out`, then each renamed
+    into place, so that a symlink planted in `out` is replaced, never written through."""
+    try:
+        files.make_folder(out, root=out)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    except OSError as e:
+        raise VitexpError(f"cannot write {out} ({e.strerror}); pick a writable --out folder") from None
+    try:
+        # the tag names where the weights come from (the architecture's own tag would name timm's weights)
+        tag = {"pretrained_cfg": {"tag": "vitexp"}}
+        save_for_hf(module, str(staging), model_config=tag, safe_serialization=True, data_config=config)
+        for written in sorted(staging.iterdir()):
+            os.replace(written, out / written.name)  # a rename replaces a link there, it never writes through it
+    except OSError as e:
+        raise VitexpError(f"cannot write {out} ({e.strerror}); pick a writable --out folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,11 +4,13 @@ that stay inside their folder, folders refused when they hold symlinks, and stri
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +26,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(value: Any, limit: int = 200) -> str:
-    """`value` as text that is safe to print, log or write into a CSV cell or a plot's title: control characters
-    escaped (`\\n`, `\\x1b`), `$` escaped so that matplotlib never reads it as mathtext, cut at `limit` characters."""
+    """`value` as text that is safe to print, log or write into a CSV cell: control characters escaped (`\\n`,
+    `\\x1b`), cut at `limit` characters."""
     text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text
@@ -72,7 +74,10 @@ def refuse_links(folder: str | Path, what: str = "vitexp") -> None:
                 continue
             inside_wandb = "wandb" in entry.relative_to(folder).parts[:-1]
             target = Path(top) / os.readlink(entry)
-            if inside_wandb and WANDB_LINKS.fullmatch(name) and _within(target, Path(top)):
+            # a wandb run's logs/debug-core.log points at wandb's cache in the home folder; no one writes through
+            # it later (a resumed run gets a new wandb run folder)
+            core = name == "debug-core.log" and Path(top).name == "logs" and target.suffix == ".log"
+            if inside_wandb and WANDB_LINKS.fullmatch(name) and (core or _within(target, Path(top))):
                 continue
             raise _link_error(entry, what)
 
@@ -108,6 +113,7 @@ def atomic(
         raise VitexpError(
             f"cannot write {printable(path)} ({e.strerror}); make {printable(path.parent)} writable"
         ) from None
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: the file gets the mode an open() would have given it
     try:
         with os.fdopen(fd, "w" if text else "wb", **({"newline": "", "encoding": "utf-8"} if text else {})) as f:
             yield f
@@ -118,6 +124,13 @@ def atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: set it back at once, once per process
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str, root: str | Path | None = None) -> Path:
@@ -200,3 +213,12 @@ class NoFollowFileHandler(logging.FileHandler):
 
     def _open(self) -> IO[str]:
         return open_append(self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A link planted after the run folder was checked: one line on stderr (not logging's traceback), and the
+        file is not written."""
+        error = sys.exc_info()[1]
+        if isinstance(error, VitexpError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            super().handleError(record)

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
 from torchvision import datasets
 
 from vitexp import VitexpError
+from vitexp.files import printable
 
 log = logging.getLogger("vitexp")
+
+# The most pixels an image may declare in its header, on every read whatever PIL's own global says: PIL's default
+# limit (a quarter of a GiB of 24-bit RGB). A larger image (a decompression bomb: a few KB on disk that decode to
+# gigabytes) is refused before its pixels are decoded, and skipped like any other unreadable file.
+MAX_PIXELS = 89_478_485
+# What reading a bad or hostile image file raises (UnidentifiedImageError is an OSError).
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -28,15 +38,29 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+def open_image(file: str | Path | IO[bytes]) -> Image.Image:
+    """The image in `file` with only its header read (pixels are decoded on `load()`); one that declares more than
+    `MAX_PIXELS` pixels raises `Image.DecompressionBombError`, as do PIL's own bomb warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns between 1x and 2x its limit
+        image = Image.open(file)
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} pixels, more than the {MAX_PIXELS} an image may have (a decompression bomb?)"
+        )
+    return image
+
+
 def load_image(path: str, mode: str = "RGB") -> Image.Image:
     """The image file at `path` in `mode`; a file that fails to decode (say, truncated after its header) is named."""
     try:
         with open(path, "rb") as f:
-            image = Image.open(f)
+            image = open_image(f)
             image.load()  # decode now, while the file is open (and fail here if it is truncated)
         return to_mode(image, mode)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise VitexpError(f"cannot decode {path} ({e}); delete or replace the file") from None
+    except UNREADABLE as e:
+        raise VitexpError(f"cannot decode {printable(path)} ({printable(e)}); delete or replace the file") from None
 
 
 def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFolder:
@@ -46,15 +70,15 @@ def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFol
 
     def readable(file: str) -> bool:
         if not file.lower().endswith(datasets.folder.IMG_EXTENSIONS):
-            skipped.append(f"{file} (not an image file name)")
+            skipped.append(f"{printable(file)} (not an image file name)")
             return False
         if not check:
             return True
         try:
-            with Image.open(file):  # reads the header only
+            with open_image(file):  # reads the header only
                 return True
-        except (OSError, SyntaxError, ValueError) as e:
-            skipped.append(f"{file} ({type(e).__name__}: {e})")
+        except UNREADABLE as e:
+            skipped.append(f"{printable(file)} ({type(e).__name__}: {printable(e)})")
             return False
 
     try:
@@ -62,9 +86,15 @@ def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFol
     except FileNotFoundError as e:
         if "for the classes" in str(e):
             empty = str(e).split("for the classes ", 1)[1].split(". ")[0]
-            raise VitexpError(f"no readable images in class folder(s) {empty} under {path}: add images or remove "
-                              f"the folder") from None  # fmt: skip
-        raise VitexpError(f"no images in {path}: put them in class folders {path}/<class>/*.jpg ({e})") from None
+            raise VitexpError(f"no readable images in class folder(s) {printable(empty)} under {printable(path)}: add "
+                              f"images or remove the folder") from None  # fmt: skip
+        raise VitexpError(
+            f"no images in {printable(path)}: put them in class folders {printable(path)}/<class>/*.jpg "
+            f"({printable(e)})"
+        ) from None
     if skipped:
-        log.warning(f"skipped {len(skipped)} files under {path} that are not readable images, e.g. {skipped[0]}")
+        examples = "; ".join(skipped[:3])
+        log.warning(
+            f"skipped {len(skipped)} files under {printable(path)} that are not readable images, e.g. {examples}"
+        )
     return folder

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
 
 import timm
 import torch
-from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models import build_model_with_cfg, get_pretrained_cfg, split_model_name_tag
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -16,7 +18,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import VitexpError
 from vitexp import pretrained as pretrained_weights
+from vitexp.files import printable
 from vitexp.pretrained import load as load_pretrained
+
+# timm's keyword arguments that load or fetch weights or files: never taken from a file, nor from model.kwargs (weights
+# come from `pretrained`, and a checkpoint brings its own)
+TIMM_FETCHES = frozenset(
+    {
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_model_args",
+        "pretrained_filter_fn",
+        "pretrained_strict",
+        "checkpoint_path",
+        "cache_dir",
+        "proxy",
+    }
+)
+# The rest of timm's factory arguments (create_model's, build_model_with_cfg's and the keys the latter pops): they are
+# not the model's, and turn it into something else (a feature extractor, a pruned variant) or place it
+_TIMM_FACTORY = (
+    set(inspect.signature(timm.create_model).parameters)
+    | set(inspect.signature(build_model_with_cfg).parameters)
+    | {"pruned", "features_only", "out_indices", "feature_cls", "device", "dtype"}
+) - {"model_name", "model_cls", "variant", "kwargs"}
+# What a timm builder sets from data.*: never in its timm keyword arguments
+_FROM_DATA = frozenset({"img_size", "in_chans", "num_classes"})
 
 
 def vit(name: str, **kwargs: Any) -> VisionTransformer:
@@ -44,16 +72,18 @@ def cnn(
     small_input: bool,
     pretrained: bool | str = False,
     kwargs: dict[str, Any] | None = None,
+    *,
+    where: str = "model",
 ) -> nn.Module:
     """Any timm model by name (e.g. a ResNet teacher for distillation), randomly initialised or from `pretrained`
-    weights (as `timm_model`), with timm's keyword arguments `kwargs`.
+    weights (as `timm_model`), with timm's keyword arguments `kwargs`; `where`: the config node errors name.
 
     `small_input` adapts ResNet-style stems to 32x32 images as CIFAR ResNets do: a 3x3 stride-1 first
     convolution and no max-pool, so the last stage still sees 4x4 feature maps.
     """
-    model = _create(model_name, img_size, in_chans, num_classes, dict(kwargs or {}))
+    model = _create(model_name, img_size, in_chans, num_classes, dict(kwargs or {}), where)
     if pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, where=where)
     if small_input and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -70,33 +100,35 @@ def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretra
                drop_rate: float | None = None, drop_path_rate: float | None = None, patch_size: int | None = None,
                embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                kwargs: dict[str, Any] | None = None, layout: list[list[int]] | None = None,
-               embed_width: int | None = None) -> nn.Module:  # fmt: skip
+               embed_width: int | None = None, *, where: str = "model") -> nn.Module:  # fmt: skip
     """Any timm model by registered `name` (`model=timm`) with timm's own keyword arguments `kwargs`, from
     `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model arguments it takes
     as defaults, or true for timm's tag); `patch_size`, `embed_dim`, `depth`, `num_heads` and the drop rates, when
     not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) and `embed_width` (a narrower
     residual stream) are a pruned ViT's. The `arch` it records rebuilds the module without the weights' source: a
-    checkpoint brings its own weights."""
+    checkpoint brings its own weights. `where`: the config node errors name."""
     args = dict(kwargs or {})
     if pretrained_weights.is_folder(pretrained):
-        architecture, saved, _ = pretrained_weights.folder_config(pretrained)
+        architecture, saved, _ = pretrained_weights.folder_config(pretrained, where=where)
         if split_model_name_tag(name)[0] != architecture:
-            raise VitexpError(f"model.pretrained={pretrained} holds a {architecture}, not a {name}; set "
-                              f"model.name={architecture}")  # fmt: skip
-        args = {**{k: v for k, v in saved.items() if k not in ("img_size", "in_chans", "num_classes")}, **args}
+            raise VitexpError(f"{where}.pretrained={pretrained} holds a {printable(architecture)}, not a {name}; set "
+                              f"{where}.name={printable(architecture)}")  # fmt: skip
+        saved = {k: v for k, v in saved.items() if k not in _FROM_DATA}
+        check_timm_kwargs(name, saved, f"{pretrained}/config.json: model_args")
+        args = {**saved, **args}
     # the ViT sizes debug=fast shrinks, and the drop rates; None: timm's default (create_model drops None values)
     named = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "patch_size": patch_size,
              "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}  # fmt: skip
     model = _create(
-        name, img_size, in_chans, num_classes, {**args, **{k: v for k, v in named.items() if v is not None}}
+        name, img_size, in_chans, num_classes, {**args, **{k: v for k, v in named.items() if v is not None}}, where
     )
     if pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, where=where)
     if layout or embed_width:
         from vitexp.pruning import apply_layout, set_embed_width
 
         if not isinstance(model, VisionTransformer):
-            raise VitexpError(f"model.layout is for pruned ViTs; {name} is a {type(model).__name__}")
+            raise VitexpError(f"{where}.layout is for pruned ViTs; {name} is a {type(model).__name__}")
         if layout:
             apply_layout(model, [list(map(int, b)) for b in layout])
         if embed_width:
@@ -108,18 +140,20 @@ def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretra
     return model
 
 
-def _create(model_name: str, img_size: int, in_chans: int, num_classes: int, args: dict[str, Any]) -> nn.Module:
+def _create(
+    model_name: str, img_size: int, in_chans: int, num_classes: int, args: dict[str, Any], where: str
+) -> nn.Module:
     """`timm.create_model` without weights; `img_size` is passed to models whose input size is fixed (ViT, DeiT,
     Swin, ...), convolutional networks take any size."""
     if not timm.is_model(model_name):
-        raise VitexpError(f"{model_name!r} is not a timm model name; pick one of timm.list_models()")
+        raise VitexpError(f"{printable(repr(model_name))} is not a timm model name; pick one of timm.list_models()")
     cfg = get_pretrained_cfg(model_name)
     if cfg is not None and cfg.fixed_input_size:
         args = {**args, "img_size": img_size}
     try:
         return timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **args)
     except TypeError as e:
-        raise VitexpError(f"timm's {model_name} refused its arguments ({e}); fix model.kwargs") from None
+        raise VitexpError(f"timm's {model_name} refused its arguments ({printable(e)}); fix {where}.kwargs") from None
 
 
 def without_weights_source(arch: dict[str, Any]) -> dict[str, Any]:
@@ -139,15 +173,16 @@ def train_only_head(model: nn.Module, head_only: bool) -> None:
         head.requires_grad_(True)
 
 
-def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, embed_width: int | None = None,
-               **kwargs: Any) -> VisionTransformer:  # fmt: skip
+def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, embed_width: int | None = None, *,
+               where: str = "model", **kwargs: Any) -> VisionTransformer:  # fmt: skip
     """A timm ViT with fewer attention heads and MLP channels per block: `layout` ([heads, MLP width] per
     block, as a prune run records it) or, when null, `ratio` of both removed uniformly; `embed_width`: a residual
-    stream narrower than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels)."""
+    stream narrower than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels); `where`:
+    the config node errors name."""
     from vitexp.pruning import apply_layout, set_embed_width, uniform_layout
 
     if not 0 <= ratio < 1:
-        raise VitexpError(f"model.ratio={ratio} must be in [0, 1)")
+        raise VitexpError(f"{where}.ratio={ratio} must be in [0, 1)")
     model = VisionTransformer(**kwargs)
     hidden = model.blocks[0].mlp.fc1.out_features
     layout = (
@@ -182,36 +217,180 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     return arch
 
 
+# The timm class whose keyword arguments a builder that takes `**kwargs` passes on
+_FORWARDS_TO: dict[str, type[nn.Module]] = {
+    "vit": VisionTransformer,
+    "vit_distilled": VisionTransformerDistilled,
+    "pruned_vit": VisionTransformer,
+}
+_PLAIN = "not plain values (numbers, strings, bools, lists of them, null)"
+
+
 def _plain(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _timm_kwargs(value: Any) -> bool:
-    # timm's keyword arguments (model.kwargs): a flat dict of plain values
-    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+def _kind(value: Any) -> str:
+    return f"a {type(value).__name__} ({printable(repr(value), 60)})"
 
 
-def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+@functools.cache
+def _class_arguments(cls: type) -> frozenset[str] | None:
+    """The keyword arguments `cls(...)` takes, following `**kwargs` to the base class it is passed on to; None where
+    they end in an `nn.Module` that would take anything."""
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            return None
+        if "__init__" in vars(base):
+            params = inspect.signature(base.__init__).parameters.values()
+            names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return frozenset(names)
+    return None
+
+
+@functools.cache
+def _timm_class(model_name: str) -> type | None:
+    """The class timm builds for `model_name`, built on the meta device (no memory, no weights, no random numbers
+    drawn); None where that fails (timm itself then refuses an argument its class does not take)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return type(timm.create_model(model_name, pretrained=False))
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is left to timm's own check
+        return None
+
+
+def check_timm_name(model_name: Any, field: str) -> None:
+    """Refuse a timm model name that timm would resolve elsewhere (`hf-hub:`, `local-dir:`, a path) or does not know."""
+    if not isinstance(model_name, str) or any(c in model_name for c in ":/\\") or not timm.is_model(model_name):
+        raise VitexpError(
+            f"{field}={printable(repr(model_name))} is not a timm model name (names of hubs, URLs and folders are "
+            f"refused: weights come from pretrained=); pick one of timm.list_models()"
+        )
+
+
+def check_timm_kwargs(model_name: str, kwargs: Any, at: str) -> None:
+    """Refuse timm keyword arguments (`kwargs`, read at `at`) that are not plain values, that timm's factory takes
+    rather than the model (those that load or fetch files above all), or that the class of `model_name` does not."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise VitexpError(f"{at} is {_kind(kwargs)}, not a dict of timm's keyword arguments; refused")
+    cls = _timm_class(model_name)
+    accepted = _class_arguments(cls) if cls is not None else None
+    for key, value in kwargs.items():
+        field = f"{at}.{printable(key)}"
+        if not isinstance(key, str):
+            raise VitexpError(f"{at} has a key {printable(repr(key))} that is not a string; refused")
+        if key in TIMM_FETCHES:
+            raise VitexpError(
+                f"{field} would have timm load or fetch weights or files; refused: a checkpoint brings its own "
+                f"weights, others are given as pretrained=<weights file or timm model folder> (model.pretrained, "
+                f"task.teacher.pretrained)"
+            )
+        if key in _FROM_DATA:
+            raise VitexpError(f"{field}: {key} comes from data.{key}, not from timm's keyword arguments; refused")
+        if key in _TIMM_FACTORY:
+            raise VitexpError(
+                f"{field} is an argument of timm's create_model, not of the model: vitexp builds and places the "
+                f"classifier itself; refused"
+            )
+        if accepted is not None and key not in accepted:
+            raise VitexpError(
+                f"{field} is not an argument of timm's {model_name} ({cls.__name__}); it takes "
+                f"{', '.join(sorted(accepted - _TIMM_FACTORY - _FROM_DATA))}"
+            )
+        if not _plain(value):
+            raise VitexpError(f"{field} holds {_kind(value)}, {_PLAIN}; refused")
+
+
+def check_arguments(builder: str, name: str, kwargs: dict[str, Any], where: str = "model") -> None:
+    """Refuse arguments `BUILDERS[builder]` does not take, misses or cannot take from a file (not plain values, timm
+    arguments that load files); `where` prefixes the fields errors name (`model`, `<file>: arch.kwargs`)."""
+    params = inspect.signature(BUILDERS[builder]).parameters
+    own = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"name", "where"}
+    forwarded = _class_arguments(_FORWARDS_TO[builder]) - {"device", "dtype"} if builder in _FORWARDS_TO else set()
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise VitexpError(f"{where} has a key {printable(repr(key))} that is not a string; refused")
+        if key not in own | forwarded:
+            takes = [", ".join(sorted(own))] if own else []
+            takes += (
+                [f"the arguments of timm's {_FORWARDS_TO[builder].__name__} except device and dtype"]
+                if forwarded
+                else []
+            )
+            raise VitexpError(
+                f"{where}.{printable(key)} is not an argument of builder {builder!r}; it takes {' and '.join(takes)}"
+            )
+        if not _plain(value) and not (key == "kwargs" and key in own):
+            raise VitexpError(f"{where}.{key} holds {_kind(value)}, {_PLAIN}; refused")
+    missing = sorted(n for n in own if params[n].default is inspect.Parameter.empty and n not in kwargs)
+    if missing:
+        raise VitexpError(f"{where}.{missing[0]} is missing: builder {builder!r} needs {', '.join(missing)}")
+    if "kwargs" in own:  # a timm model by name (cnn: model_name, timm: name) with timm's keyword arguments
+        field, model_name = ("model_name", kwargs["model_name"]) if builder == "cnn" else ("name", name)
+        check_timm_name(model_name, f"{where}.{field}")
+        check_timm_kwargs(model_name, kwargs.get("kwargs"), f"{where}.kwargs")
+
+
+def check_arch(arch: Any, source: str) -> dict[str, Any]:
+    """A checkpoint's `arch`, checked field by field (a builder of `BUILDERS`, a name, the arguments it takes as
+    plain values, no timm argument that loads files) before anything is built; `source` names the file in errors."""
+    if not isinstance(arch, dict):
+        raise VitexpError(f"{source}: arch is {_kind(arch)}, not a dict of builder, name and kwargs; refused")
+    builder = arch.get("builder")
+    if not isinstance(builder, str) or builder not in BUILDERS:
+        raise VitexpError(
+            f"{source}: arch.builder={printable(repr(builder))} names an unknown architecture; known builders: "
+            f"{', '.join(BUILDERS)}"
+        )
+    extra = sorted(map(str, set(arch) - {"builder", "name", "kwargs"}))
+    if extra:
+        raise VitexpError(f"{source}: arch.{printable(extra[0])} is not a field of arch (builder, name, kwargs)")
+    if not isinstance(arch.get("name"), str):
+        raise VitexpError(f"{source}: arch.name is {_kind(arch.get('name'))}, not a string; refused")
+    if not isinstance(arch.get("kwargs"), dict):
+        what = "missing" if "kwargs" not in arch else f"{_kind(arch['kwargs'])}, not a dict"
+        raise VitexpError(f"{source}: arch.kwargs is {what}; refused")
+    if builder == "timm":
+        check_timm_name(arch["name"], f"{source}: arch.name")
+    check_arguments(builder, arch["name"], arch["kwargs"], f"{source}: arch.kwargs")
+    return arch
+
+
+def build_from_arch(arch: dict[str, Any], *, where: str = "model") -> nn.Module:
     """Rebuild the exact module an `arch` dict describes (a checkpoint's, or `arch_from_config`'s): one of
-    `BUILDERS`, a name, and keyword arguments that are plain values, never objects or code to run."""
-    builder = BUILDERS.get(arch.get("builder")) if isinstance(arch, dict) else None
-    if builder is None:
-        raise VitexpError(f"checkpoint names an unknown architecture {arch!r}; known builders: {', '.join(BUILDERS)}")
-    kwargs = arch.get("kwargs")
-    if (
-        not isinstance(arch.get("name"), str)
-        or not isinstance(kwargs, dict)
-        or not all(_plain(v) or k == "kwargs" and _timm_kwargs(v) for k, v in kwargs.items())
-    ):
-        raise VitexpError(f"architecture {arch.get('name')!r} has arguments that are not plain values; refused")
+    `BUILDERS`, a name, and keyword arguments that are plain values, never objects or code to run. `where`: the
+    config node (or checkpoint field) the arguments come from, as errors name it."""
+    builder = arch.get("builder") if isinstance(arch, dict) else None
+    if not isinstance(builder, str) or builder not in BUILDERS:
+        raise VitexpError(
+            f"{where} names an unknown architecture {printable(repr(arch))}; known builders: {', '.join(BUILDERS)}"
+        )
+    name, kwargs = arch.get("name"), arch.get("kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise VitexpError(f"architecture {printable(repr(name))} has arguments that are {_PLAIN}; refused")
+    check_arguments(builder, name, kwargs, where)
     size, patch = kwargs.get("img_size"), kwargs.get("patch_size")
-    if isinstance(size, int) and isinstance(patch, int) and size % patch:
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch:
         fit = sorted({max(patch, size // patch * patch), size // patch * patch + patch})
-        raise VitexpError(f"data.img_size={size} is not divisible by model.patch_size={patch}; use data.img_size="
-                          f"{' or '.join(map(str, fit))}")  # fmt: skip
-    return builder(name=arch["name"], **kwargs)
+        raise VitexpError(
+            f"data.img_size={size} is not divisible by {where}.patch_size={patch}; use data.img_size="
+            f"{' or '.join(map(str, fit))}"
+        )
+    takes_where = "where" in inspect.signature(BUILDERS[builder]).parameters
+    try:
+        return BUILDERS[builder](name=name, **kwargs, **({"where": where} if takes_where else {}))
+    except (TypeError, ValueError, AssertionError, ArithmeticError, LookupError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VitexpError(
+            f"{where}: builder {builder!r} cannot build {printable(name)} from these arguments ({type(e).__name__}: "
+            f"{printable(first, 160)}); fix them, or pass a checkpoint vitexp wrote"
+        ) from None
 
 
 def arch_from_config(node: dict[str, Any]) -> dict[str, Any]:
@@ -233,9 +412,14 @@ def count_params(model: nn.Module) -> int:
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) the model expects."""
     kwargs = arch_of(model)["kwargs"]
-    size = kwargs["img_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return kwargs["in_chans"], h, w
+    size, chans = kwargs.get("img_size"), kwargs.get("in_chans")
+    size = [size, size] if type(size) is int else size
+    if type(chans) is not int or not isinstance(size, (list, tuple)) or [type(s) for s in size] != [int, int]:
+        raise VitexpError(
+            f"the arch of {printable(arch_of(model)['name'])} records no img_size and in_chans as integers; pass a "
+            f"checkpoint vitexp wrote"
+        )
+    return chans, size[0], size[1]
 
 
 @torch.no_grad()

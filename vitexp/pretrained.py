@@ -13,21 +13,57 @@ from timm.models import load_pretrained
 from torch import nn
 
 from vitexp import VitexpError
+from vitexp.files import printable
 
 # Files timm reads as a state dict (`.npz`: timm/big_vision JAX weights, read by the model's own `load_pretrained`).
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".tar")
 
 
-def folder_config(folder: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """The architecture, model arguments and pretrained config of a timm model folder (`config.json`)."""
+def folder_config(folder: str | Path, *, where: str = "model") -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The architecture, model arguments and pretrained config of a timm model folder (`config.json`), checked to be
+    of the types timm and vitexp read; `where`: the config node whose `pretrained` named the folder."""
     from timm.models._hub import load_model_config_from_path
 
     try:
         pretrained_cfg, architecture, model_args = load_model_config_from_path(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise VitexpError(f"model.pretrained={folder} is not a timm model folder ({type(e).__name__}: {e}); pass a "
-                          f"folder with config.json and model.safetensors, as python -m vitexp.export writes") from None  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VitexpError(
+            f"{where}.pretrained={folder} is not a timm model folder ({type(e).__name__}: {printable(e, 120)}); "
+            f"pass a folder with config.json and model.safetensors, as python -m vitexp.export writes"
+        ) from None
+    for field, value, ok in (
+        ("architecture", architecture, isinstance(architecture, str)),
+        ("model_args", model_args, isinstance(model_args, dict)),
+        ("pretrained_cfg", pretrained_cfg, isinstance(pretrained_cfg, dict)),
+        *((f"pretrained_cfg.{k}", pretrained_cfg.get(k), ok) for k, ok in _cfg_fields(pretrained_cfg)),
+    ):
+        if not ok:
+            raise VitexpError(
+                f"{folder}/config.json: {field} is a {type(value).__name__} ({printable(value, 60)}), not what timm "
+                f"writes there; pass a folder python -m vitexp.export or timm wrote"
+            )
     return architecture, dict(model_args), dict(pretrained_cfg)
+
+
+def _cfg_fields(cfg: Any) -> list[tuple[str, bool]]:
+    """Whether each pretrained_cfg field that vitexp and timm's loader read has the type timm writes."""
+    if not isinstance(cfg, dict):
+        return []
+
+    def names(value: Any) -> bool:
+        return value is None or isinstance(value, str) or _list_of(value, str)
+
+    size = cfg.get("input_size")
+    return [
+        ("classifier", names(cfg.get("classifier"))),
+        ("first_conv", names(cfg.get("first_conv"))),
+        ("input_size", size is None or _list_of(size, int) and len(size) == 3),
+        ("num_classes", cfg.get("num_classes") is None or type(cfg.get("num_classes")) is int),
+    ]
+
+
+def _list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, (list, tuple)) and all(type(v) is kind for v in value)
 
 
 def is_folder(source: Any) -> bool:
@@ -35,17 +71,18 @@ def is_folder(source: Any) -> bool:
     return isinstance(source, str) and Path(source).is_dir()
 
 
-def load(model: nn.Module, source: bool | str) -> None:
+def load(model: nn.Module, source: bool | str, *, where: str = "model") -> None:
     """Load pretrained weights into the timm `model` as `timm.create_model(..., pretrained=True)` would: the
     classifier re-initialised for another class count, position embeddings resampled for another image size, the
-    patch embedding adapted to other input channels (timm's `checkpoint_filter_fn` and `adapt_input_conv`)."""
+    patch embedding adapted to other input channels (timm's `checkpoint_filter_fn` and `adapt_input_conv`); `where`:
+    the config node whose `pretrained` names `source`, as errors name it (`model`, `task.teacher`)."""
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("source", "state_dict")}
     from_file = isinstance(source, str) and not is_folder(source)
     if is_folder(source):
-        cfg |= folder_config(source)[2] | {"source": "local-dir", "file": str(source)}
+        cfg |= folder_config(source, where=where)[2] | {"source": "local-dir", "file": str(source)}
     elif from_file:
         if not Path(source).is_file() or not source.endswith(WEIGHT_SUFFIXES):
-            raise VitexpError(f"model.pretrained={source} is not a weights file or a timm model folder; pass a "
+            raise VitexpError(f"{where}.pretrained={source} is not a weights file or a timm model folder; pass a "
                               f"{', '.join(WEIGHT_SUFFIXES)} file or a folder with config.json")  # fmt: skip
         cfg |= {"file": source, "custom_load": source.endswith(".npz")}
     found: dict[str, list[str]] = {}
@@ -58,7 +95,7 @@ def load(model: nn.Module, source: bool | str) -> None:
     except VitexpError:
         raise
     except Exception as e:  # noqa: BLE001 - timm, torch and the hub raise many types; each becomes one line
-        raise _error(model, source, cfg, e) from None
+        raise _error(model, source, cfg, e, where) from None
     finally:
         hook.remove()
     classifier = cfg.get("classifier") or ()
@@ -67,7 +104,7 @@ def load(model: nn.Module, source: bool | str) -> None:
     }
     missing = [k for k in found.get("missing", []) if k not in dropped]
     if missing or found.get("unexpected"):
-        raise _mismatch(model, source, missing, found.get("unexpected", []), [])
+        raise _mismatch(model, source, missing, found.get("unexpected", []), [], where)
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -98,34 +135,38 @@ def _filter(model: nn.Module, cfg: dict[str, Any], from_file: bool):
 
 
 def _mismatch(
-    model: nn.Module, source: Any, missing: list[str], unexpected: list[str], shapes: list[str]
+    model: nn.Module, source: Any, missing: list[str], unexpected: list[str], shapes: list[str], where: str
 ) -> VitexpError:
     def some(keys: list[str]) -> str:
         return f" (e.g. {keys[0]})" if keys else ""
 
     name = model.pretrained_cfg.get("architecture", type(model).__name__)
     return VitexpError(
-        f"model.pretrained={source} holds weights of another architecture than {name}: {len(missing)} keys missing"
+        f"{where}.pretrained={source} holds weights of another architecture than {name}: {len(missing)} keys missing"
         f"{some(missing)}, {len(unexpected)} unexpected{some(unexpected)}, {len(shapes)} of another shape"
-        f"{some(shapes)}; pass weights of this model, or set model.name (and model.kwargs) to the model they are for"
+        f"{some(shapes)}; pass weights of this model, or set {where}'s model name (and kwargs) to the model they "
+        f"are for"
     )
 
 
-def _error(model: nn.Module, source: Any, cfg: dict[str, Any], e: Exception) -> VitexpError:
+def _error(model: nn.Module, source: Any, cfg: dict[str, Any], e: Exception, where: str) -> VitexpError:
     """One line for a failed load: another architecture's tensors, or, for `true`, weights that are neither in the
     local cache nor downloadable."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     shapes = re.findall(r"size mismatch for ([\w.]+)", str(e))
     if shapes:
-        return _mismatch(model, source, [], [], shapes)
+        return _mismatch(model, source, [], [], shapes, where)
     if source is True:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         tag = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("architecture")
         return VitexpError(
-            f"model.pretrained=true: timm's weights {tag} are not in the local Hugging Face cache ({HF_HUB_CACHE}; "
+            f"{where}.pretrained=true: timm's weights {tag} are not in the local Hugging Face cache ({HF_HUB_CACHE}; "
             f"HF_HOME or HF_HUB_CACHE move it; URL weights: {torch.hub.get_dir()}) and could not be downloaded "
-            f"({type(e).__name__}: {text[:120]}); pass a weights file or timm model folder: model.pretrained=<path>"
+            f"({type(e).__name__}: {printable(text, 120)}); pass a weights file or timm model folder: "
+            f"{where}.pretrained=<path>"
         )
-    return VitexpError(f"cannot load model.pretrained={source} ({type(e).__name__}: {text[:160]}); pass timm weights "
-                       f"({', '.join(WEIGHT_SUFFIXES)}) or a timm model folder for this model")  # fmt: skip
+    return VitexpError(
+        f"cannot load {where}.pretrained={source} ({type(e).__name__}: {printable(text, 160)}); pass timm weights "
+        f"({', '.join(WEIGHT_SUFFIXES)}) or a timm model folder for this model"
+    )

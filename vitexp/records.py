@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from vitexp import distributed, tracking
+from vitexp import VitexpError, distributed, files, tracking
+from vitexp.files import printable
 
 log = logging.getLogger("vitexp")
 
@@ -26,31 +28,41 @@ def _fmt(value: Any) -> str:
 
 
 def completed(run_dir: Path) -> bool:
-    """Whether the run in `run_dir` finished (its results.json says so)."""
-    path = Path(run_dir) / "results.json"
+    """Whether the run in `run_dir` finished (its results.json, a real file in it, says so)."""
     try:
-        return json.loads(path.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
+        results = json.loads(files.read_text(Path(run_dir) / "results.json", root=run_dir))
+    except (OSError, ValueError, VitexpError):
         return False
+    return isinstance(results, dict) and results.get("status") == "completed"
 
 
-def write_results(run_dir: Path, results: dict[str, Any], prefix: str = "") -> None:
-    """results.json in the run folder (one flat object, written atomically) and the W&B run summary; rank 0 only."""
+def write_results(run_dir: Path, results: dict[str, Any], prefix: str = "", root: Path | None = None) -> None:
+    """results.json in the run folder (one flat object, through the one writer) and the W&B run summary; rank 0
+    only. `root`: the job's run folder when `run_dir` is a sub-run's."""
     if not distributed.is_main():
         return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(clean, indent=2) + "\n")
-    tmp.replace(run_dir / "results.json")
+    files.write_text(Path(run_dir) / "results.json", json.dumps(clean, indent=2) + "\n", root or run_dir)
     tracking.summarize({f"{prefix}{k}": v for k, v in clean.items()})
 
 
-def read_metrics(csv_path: Path) -> list[dict[str, float]]:
-    """metrics.csv as a list of rows with float values (empty cells dropped)."""
-    with Path(csv_path).open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+def read_metrics(csv_path: Path, root: Path | None = None) -> list[dict[str, float]]:
+    """metrics.csv as a list of rows with float values (empty cells and unknown columns dropped); a symlink or a
+    cell that is not a number is refused with one line."""
+    reader, rows = csv.DictReader(io.StringIO(files.read_text(csv_path, root), newline="")), []
+    try:
+        for row in reader:
+            rows.append({k: float(v) for k, v in row.items() if k in EPOCH_FIELDS and v not in ("", None)})
+            epoch = rows[-1].get("epoch", -1.0)
+            if not (epoch >= 0 and epoch.is_integer()):
+                raise ValueError("no epoch number")
+    except (TypeError, ValueError, csv.Error):
+        where = f"{printable(csv_path)} line {reader.line_num}"
+        raise VitexpError(
+            f"{where} holds a value that is not a number (or no epoch); metrics.csv holds numbers only: move it away "
+            f"to start its records afresh"
+        ) from None
+    return rows
 
 
 class EpochLog:
@@ -58,29 +70,29 @@ class EpochLog:
 
     A sub-run (e.g. the teacher trained before distillation) logs to W&B under `prefix` ("teacher/"), with its
     own epoch and step axes, so the job stays one W&B run. Rows past `resume_epoch` (written by an interrupted
-    attempt) are dropped, since those epochs run again.
+    attempt) are dropped, since those epochs run again. metrics.csv is rewritten whole through the one writer at
+    each epoch (a few hundred rows at most): a link planted there is replaced, never written through.
     """
 
-    def __init__(self, run_dir: Path, resume_epoch: int = 0, prefix: str = "") -> None:
+    def __init__(self, run_dir: Path, resume_epoch: int = 0, prefix: str = "", root: Path | None = None) -> None:
         self.csv_path = Path(run_dir) / "metrics.csv"
+        self.root = Path(root or run_dir)
         self.prefix = prefix
         self.main = distributed.is_main()  # under torchrun only rank 0 writes; the others' calls do nothing
+        self.rows: list[dict[str, Any]] = []
         if not self.main:
             return
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.csv_path.exists():
-            with self.csv_path.open(newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) <= resume_epoch]
-            self._write_csv(kept, "w")
+        if self.csv_path.exists() or self.csv_path.is_symlink():
+            self.rows = [r for r in read_metrics(self.csv_path, self.root) if r["epoch"] <= resume_epoch]
+            self._write_csv()
         tracking.define_axes(prefix, EPOCH_FIELDS[1:])
 
-    def _write_csv(self, rows: list[dict[str, Any]], mode: str) -> None:
-        new = mode == "w" or not self.csv_path.exists()
-        with self.csv_path.open(mode, newline="") as f:
+    def _write_csv(self) -> None:
+        with files.atomic(self.csv_path, self.root, text=True) as f:
             writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+            writer.writeheader()
+            # a row read back holds floats: its epoch is written as the integer it was, the others as they were
+            writer.writerows({**row, "epoch": int(row["epoch"])} for row in self.rows)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Per-step figures (train loss, lr, grad norm over the last log interval), W&B only."""
@@ -96,5 +108,6 @@ class EpochLog:
         parts = [f"epoch {metrics['epoch']}/{max_epochs}"]
         parts += [f"{k} {_fmt(metrics[k])}" for k in EPOCH_FIELDS[1:] if k in metrics]
         log.info(" | ".join(parts))
-        self._write_csv([metrics], "a")
+        self.rows.append(metrics)
+        self._write_csv()
         tracking.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()})

@@ -3,6 +3,8 @@
 Reads what the runs left behind (results.json, metrics.csv, .hydra/overrides.yaml), so it works offline, on
 finished, failed and still-running runs, and on train, distill, prune and evaluate runs alike. Runs whose overrides
 differ only in `seed` (or the keys `--by` names) are one row: the mean, standard deviation and n of each figure.
+The folders are data: files are read only inside them (no symlinks), a run folder with a file that is not what vitexp
+writes there is left out with a warning, and names from the files are printed and plotted as plain text.
 """
 
 from __future__ import annotations
@@ -21,55 +23,167 @@ from typing import Any
 
 import yaml
 
+from vitexp import VitexpError, files
+from vitexp.files import plot_text, printable
 from vitexp.records import read_metrics
 
 COLUMNS = ["run", "task", "model", "overrides", "status", "best_val_acc1", "epochs", "params", "macs",
            "train_img_per_s", "infer_img_per_s", "wall_s", "n"]  # fmt: skip
 # the figures a row of several runs gives as mean, standard deviation and n
 FIGURES = ["best_val_acc1", "epochs", "params", "macs", "train_img_per_s", "infer_img_per_s", "wall_s"]
+# what the report reads from results.json: figures (numbers, or null) and names (strings)
+NUMBERS = {*FIGURES, "test_acc1", "pruned_val_acc1", "pruned_params", "pruned_macs", "pruned_infer_img_per_s"}
+NAMES = {"task", "model", "status", "error"}
+# a cell of the table or of report.csv is cut only when absurdly long: these are the runs' own records
+CELL_LIMIT = 100_000
+
+
+class Unreadable(VitexpError):
+    """A file of a run folder that is not what vitexp writes there ("<path> (<why>)"): the run is left out."""
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Every run folder under `paths` (a folder with results.json or metrics.csv), in natural order."""
+    """Every run folder under `paths` (a folder with results.json or metrics.csv), in natural order; linked folders
+    are not entered (they lead out of the folders given), nor W&B's own."""
     found = set()
     for path in paths:
-        for name in ("results.json", "metrics.csv"):
-            found |= {f.parent for f in Path(path).rglob(name) if "wandb" not in f.relative_to(path).parts}
+        for top, folders, names in os.walk(path):  # os.walk lists a linked folder but never descends into it
+            folders[:] = [f for f in folders if f != "wandb"]
+            if "results.json" in names or "metrics.csv" in names:
+                found.add(Path(top))
     return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _read(path: Path, root: Path) -> str | None:
+    """The text of `path` (None when there is none): a regular file reached from `root` without a symlink."""
+    if not _present(path):
+        return None
+    if path.is_symlink():
+        raise Unreadable(f"{printable(path)} (a symlink)")
+    try:
+        return files.read_text(path, root)
+    except VitexpError:
+        raise Unreadable(f"{printable(path)} (behind a symlink, or not a regular file)") from None
+    except OSError as e:
+        raise Unreadable(f"{printable(path)} ({e.strerror})") from None
+
+
+def _number(value: Any, path: Path, key: str) -> int | float | None:
+    """A figure of results.json: a number (None for null, NaN or infinity, as vitexp writes them)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Unreadable(f"{printable(path)} ({printable(key)} is not a number)")
+    try:
+        return value if math.isfinite(float(value)) else None
+    except OverflowError:
+        raise Unreadable(f"{printable(path)} ({printable(key)} is too large)") from None
+
+
+def _results(path: Path, root: Path) -> dict[str, Any]:
+    """results.json as one flat object whose figures are numbers and names strings ({} when there is none)."""
+    text = _read(path, root)
+    if text is None:
+        return {}
+    try:
+        results = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Unreadable(f"{printable(path)} (not JSON)") from None
+    if not isinstance(results, dict):
+        raise Unreadable(f"{printable(path)} (not a JSON object)")
+    for key in NUMBERS & results.keys():
+        results[key] = _number(results[key], path, key)
+    for key in NAMES & results.keys():
+        if not isinstance(results[key], str) and not (key == "error" and results[key] is None):
+            raise Unreadable(f"{printable(path)} ({key} is not a string)")
+    return results
+
+
+def _metrics(path: Path, root: Path) -> list[dict[str, float]]:
+    """metrics.csv's rows of numbers, each with its epoch ([] when there is none)."""
+    if not _present(path):
+        return []
+    if path.is_symlink():
+        raise Unreadable(f"{printable(path)} (a symlink)")
+    try:
+        rows = read_metrics(path, root=root)
+    except (VitexpError, OSError):
+        rows = None
+    if rows is None or not all(math.isfinite(r.get("epoch", math.nan)) for r in rows):
+        raise Unreadable(f"{printable(path)} (not a table of numbers with an epoch column)")
+    return rows
+
+
+def _yaml(path: Path, root: Path, kind: type) -> Any:
+    """A YAML file read with the safe loader and checked to be a `kind` (None when there is none, or it is empty)."""
+    text = _read(path, root)
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # ValueError: a date such as 2001-13-45
+        raise Unreadable(f"{printable(path)} (not plain YAML: a syntax error or a tag such as !!python/...)") from None
+    if value is not None and not isinstance(value, kind):
+        raise Unreadable(f"{printable(path)} (not a {'mapping' if kind is dict else 'list'})")
+    return value
+
+
+def _overrides(path: Path, root: Path) -> list[str] | None:
+    """A .hydra/overrides.yaml: a list of strings (None when there is none)."""
+    if not _present(path):
+        return None
+    overrides = _yaml(path, root, list) or []
+    if not all(isinstance(o, str) for o in overrides):
+        raise Unreadable(f"{printable(path)} (not a list of strings)")
+    return overrides
+
+
+def _names(path: Path, root: Path) -> dict[str, str]:
+    """The task and model names in a .hydra/config.yaml ("?" where it has none)."""
+    config = _yaml(path, root, dict) or {}
+    names = {}
+    for group in ("task", "model"):
+        node = config.get(group) or {}
+        names[group] = node.get("name", "?") if isinstance(node, dict) else None
+        if not isinstance(names[group], str):
+            raise Unreadable(f"{printable(path)} ({group}.name is not a string)")
+    return names
 
 
 def _job(run: Path, root: Path) -> tuple[list[str], str]:
     """The overrides of the job `run` belongs to (its own, or, for a sub-run such as a distill job's teacher/, its
     job's) and its path inside that job ("." for the job itself)."""
     for folder in (run, *run.parents):
-        if (folder / ".hydra" / "overrides.yaml").is_file():
-            return yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or [], str(
-                run.relative_to(folder)
-            )
-        if folder == root:
+        if not folder.is_relative_to(root):
             break
+        overrides = _overrides(folder / ".hydra" / "overrides.yaml", root)
+        if overrides is not None:
+            return overrides, str(run.relative_to(folder))
     return [], "."
 
 
 def summarize(run: Path, root: Path) -> dict[str, Any]:
-    """One row: what the run was (task, model, overrides) and what it reached."""
-    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
-    rows = read_metrics(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    """One row: what the run was (task, model, overrides) and what it reached; `Unreadable` when a file of the run is
+    not what vitexp writes there."""
+    results = _results(run / "results.json", root)
+    rows = _metrics(run / "metrics.csv", root)
+    overrides = _overrides(run / ".hydra" / "overrides.yaml", root) or []
     job_overrides, part = _job(run, root)
-    config_file = run / ".hydra" / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    accs = [r["val/acc1"] for r in rows if "val/acc1" in r]
+    names = _names(run / ".hydra" / "config.yaml", root)
+    curve = [(r["epoch"], r["val/acc1"]) for r in rows if math.isfinite(r.get("val/acc1", math.nan))]
     best = results.get("best_val_acc1", results.get("test_acc1", results.get("pruned_val_acc1")))
     return {
         "run": str(run.relative_to(root)) if run != root else run.name,
-        "task": results.get("task", config.get("task", {}).get("name", "?")),
-        "model": results.get("model", config.get("model", {}).get("name", "?")),
-        "overrides": " ".join(o for o in overrides or [] if not o.startswith("hydra.")),
+        "task": results.get("task", names["task"]),
+        "model": results.get("model", names["model"]),
+        "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
         # a run without results.json is still going, or was stopped (resume= continues it)
         "status": results.get("status", "running or stopped"),
-        "best_val_acc1": best if best is not None else (max(accs) if accs else None),
+        "best_val_acc1": best if best is not None else (max(a for _, a in curve) if curve else None),
         "epochs": int(rows[-1]["epoch"]) if rows else results.get("epochs"),
         "params": results.get("params", results.get("pruned_params")),
         "macs": results.get("macs", results.get("pruned_macs")),
@@ -77,7 +191,7 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "infer_img_per_s": results.get("infer_img_per_s", results.get("pruned_infer_img_per_s")),
         "wall_s": results.get("wall_s", sum(r.get("time/epoch_s", 0) for r in rows) or None),
         "error": results.get("error"),
-        "curve": [(r["epoch"], r["val/acc1"]) for r in rows if "val/acc1" in r],
+        "curve": curve,
         "job_overrides": [o for o in job_overrides if not o.startswith("hydra.")],
         "part": part,
     }
@@ -108,8 +222,8 @@ def _group_overrides(overrides: list[list[str]], by: tuple[str, ...]) -> str:
     varied: dict[str, list[str]] = {}
     for own in overrides:
         for o in own:
-            if _key(o) in by and o.split("=", 1)[1] not in varied.setdefault(_key(o), []):
-                varied[_key(o)].append(o.split("=", 1)[1])
+            if _key(o) in by and o.partition("=")[2] not in varied.setdefault(_key(o), []):
+                varied[_key(o)].append(o.partition("=")[2])
     kept = [o for o in overrides[0] if _key(o) not in by]
     return " ".join(kept + [f"{k}={','.join(v)}" for k, v in varied.items()])
 
@@ -153,7 +267,7 @@ def _cell(key: str, value: Any) -> str:
         return f"{value / 1e6:.1f}M"
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2g}"
-    return str(value)
+    return printable(value, CELL_LIMIT)  # names and overrides from the run folders: their control characters escaped
 
 
 def _figure(row: dict[str, Any], key: str) -> str:
@@ -184,7 +298,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def _label(row: dict[str, Any]) -> str:
-    return f"{row['run']}: {row['task']} {row['overrides'] or row['model']}"
+    return plot_text(f"{row['run']}: {row['task']} {row['overrides'] or row['model']}", limit=70)
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -200,18 +314,18 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for r in rows:
         if r["curve"]:
             epochs, means, stds = zip(*r["curve"])
-            (line,) = ax.plot(epochs, means, marker=".", label=_label(r)[:70])
+            (line,) = ax.plot(epochs, means, marker=".", label=_label(r))
             if any(stds):  # the spread of a row of several runs: mean ± one standard deviation
                 low, high = zip(*[(m - (s or 0), m + (s or 0)) for m, s in zip(means, stds)])
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="val top-1 (band: ± 1 std over a row's runs)", title="validation accuracy",
-           ylim=(0, 1))  # fmt: skip
+    ax.set(
+        xlabel="epoch", ylabel="val top-1 (band: ± 1 std over a row's runs)", title="validation accuracy", ylim=(0, 1)
+    )
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    written.append(out / "report_val_acc.png")
-    fig.savefig(written[-1], dpi=100)
+    written.append(files.save_figure(fig, out / "report_val_acc.png", out))
     plt.close(fig)
 
     scored = [r for r in rows if r["macs"] and r["best_val_acc1"] is not None]
@@ -219,51 +333,88 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for i, r in enumerate(sorted(scored, key=lambda r: (r["macs"], r["best_val_acc1"]))):
         ax.errorbar(r["macs"] / 1e6, r["best_val_acc1"], yerr=r["best_val_acc1_std"], fmt="o", markersize=5, capsize=4)
         # alternate above/below so that runs at the same MACs stay readable
-        ax.annotate(f"{r['run']}: {r['model']}", (r["macs"] / 1e6, r["best_val_acc1"]), fontsize=7,
-                    textcoords="offset points", xytext=(6, 4 if i % 2 else -10))  # fmt: skip
+        at, name = (r["macs"] / 1e6, r["best_val_acc1"]), plot_text(f"{r['run']}: {r['model']}", limit=70)
+        ax.annotate(name, at, fontsize=7, textcoords="offset points", xytext=(6, 4 if i % 2 else -10))
     front = pareto_front([(r["macs"] / 1e6, r["best_val_acc1"]) for r in scored])
     if front:
-        ax.step(*zip(*front), where="post", color="black", alpha=0.5, marker="o", markersize=11,
-                markerfacecolor="none", label="Pareto front")  # fmt: skip
+        style = {"color": "black", "alpha": 0.5, "marker": "o", "markersize": 11, "markerfacecolor": "none"}
+        ax.step(*zip(*front), where="post", label="Pareto front", **style)
         ax.legend(fontsize=8, loc="best")
     ax.set(
         xlabel="MMACs per image", ylabel="best val top-1 (bar: ± 1 std over a row's runs)", title="accuracy vs compute"
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    written.append(out / "report_acc_vs_macs.png")
-    fig.savefig(written[-1], dpi=100)
+    written.append(files.save_figure(fig, out / "report_acc_vs_macs.png", out))
     plt.close(fig)
     return written
 
 
+def _summaries(runs: list[Path], root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the readable runs, and "<path> (<why>)" for each run left out."""
+    rows, skipped = [], []
+    for run in runs:
+        try:
+            rows.append(summarize(run, root))
+        except Unreadable as e:
+            skipped.append(str(e))
+    return rows, skipped
+
+
+def _best_trial(root: Path) -> str:
+    """The line on an Optuna search's best trial ("" when `root` holds no optimization_results.yaml, or an unreadable
+    one, said on stderr)."""
+    path = root / "optimization_results.yaml"
+    try:
+        best = _yaml(path, root, dict)
+        if best is not None and not isinstance(best.get("best_params", {}), dict):
+            raise Unreadable(f"{printable(path)} (best_params is not a mapping)")
+    except Unreadable as e:
+        print(f"warning: skipped {e}", file=sys.stderr)
+        return ""
+    if best is None:
+        return ""
+    value, params = printable(best.get("best_value")), printable(best.get("best_params"), CELL_LIMIT)
+    return f"\n\nbest trial ({path.name}): {value} with {params}"
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path, out: Path) -> Path:
+    """report.csv through the one writer, names and messages from the run folders with their control characters
+    escaped."""
+    spread = [f"{figure}_{what}" for figure in FIGURES for what in ("std", "n")]
+    with files.atomic(path, out, text=True) as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *spread, "error"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: printable(v, CELL_LIMIT) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
+    return path
+
+
 def report(paths: list[Path], out: Path | None = None, by: tuple[str, ...] = ("seed",)) -> tuple[str, list[Path]]:
     """Summarise the runs under `paths`, those that differ only in the keys `by` as one row: Markdown table
-    (returned), report.csv and PNGs in `out`."""
+    (returned), report.csv and PNGs in `out`; runs with unreadable files are left out, with a warning on stderr."""
+    paths = [Path(p).resolve() for p in paths]
+    root, where = Path(os.path.commonpath(paths)), " ".join(printable(p) for p in paths)
     runs = find_runs(paths)
     if not runs:
-        raise SystemExit(f"error: no run folders (with results.json or metrics.csv) under {' '.join(map(str, paths))}")
-    root = Path(os.path.commonpath([p.resolve() for p in paths]))
-    out = out or root
-    out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate([summarize(run.resolve(), root) for run in runs], by)
+        raise VitexpError(
+            f"no run folders (with results.json or metrics.csv) under {where}; pass a sweep or run folder"
+        )
+    summaries, skipped = _summaries(runs, root)
+    if not summaries:
+        raise VitexpError(f"no readable run folders under {where}: {len(skipped)} left out, e.g. {skipped[0]}")
+    if skipped:
+        many = f"{len(skipped)} run folder{'s' * (len(skipped) > 1)}"
+        print(f"warning: skipped {many} with unreadable files, e.g. {skipped[0]}", file=sys.stderr)
+    out = files.make_folder(out or root)
+    rows = aggregate(summaries, by)
     # Overrides every job shares (the sweep's fixed settings) are said once, above the table.
     own = [set(r["overrides"].split()) for r in rows if r["overrides"]]
     common = set.intersection(*own) if len(own) > 1 else set()
     for r in rows:
         r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common)
     rows.sort(key=lambda r: -(r["best_val_acc1"] if r["best_val_acc1"] is not None else -1))
-    with (out / "report.csv").open("w", newline="") as f:
-        spread = [f"{figure}_{what}" for figure in FIGURES for what in ("std", "n")]
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *spread, "error"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    text = (f"all runs: {' '.join(sorted(common))}\n\n" if common else "") + markdown(rows)
-    search = root / "optimization_results.yaml"
-    if search.is_file():
-        best = yaml.safe_load(search.read_text())
-        text += f"\n\nbest trial ({search.name}): {best.get('best_value')} with {best.get('best_params')}"
-    return text, [out / "report.csv", *plot(rows, out)]
+    text = (f"all runs: {printable(' '.join(sorted(common)), CELL_LIMIT)}\n\n" if common else "") + markdown(rows)
+    return text + _best_trial(root), [_write_csv(rows, out / "report.csv", out), *plot(rows, out)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,11 +425,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--by", default="seed", help="runs whose overrides differ only in these keys (comma-separated; "
                         "default: seed) are one row with mean, std and n of each figure; none: one row per run")  # fmt: skip
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.is_dir()]
+    missing = [printable(p) for p in args.paths if not p.is_dir()]
     if missing:
         parser.exit(2, f"error: {', '.join(missing)}: no such folder; pass a sweep or run folder\n")
     by = () if args.by.strip().lower() == "none" else tuple(k.strip() for k in args.by.split(",") if k.strip())
-    text, written = report(args.paths, args.out, by)
+    try:
+        text, written = report(args.paths, args.out, by)
+    except VitexpError as e:
+        parser.exit(2, f"error: {e}\n")
+    except OSError as e:  # the output folder: full, read-only, or a folder where report.csv goes
+        parser.exit(2, f"error: cannot write {printable(e.filename)} ({e.strerror}); pick another --out\n")
     print(text)
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
 

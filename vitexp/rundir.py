@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from vitexp import VitexpError, checkpoint
-from vitexp.records import completed
+from vitexp import VitexpError, checkpoint, files
+from vitexp.files import printable
 
 
 def resume_run_dir(resume: str) -> Path:
@@ -45,12 +46,15 @@ def output_subdir(resume: str | None, output_dir: str, mode: Any = None, overrid
     sweep job run again into its folder records nothing when the folder holds a completed run (the job is skipped)
     or another job's (it is refused): that folder stays as it was."""
     folder = Path(output_dir)
+    try:
+        files.refuse_links(folder)
+    except VitexpError:  # Hydra would write .hydra/ through the link: the job itself refuses the folder, in one line
+        return None
     if not resume and getattr(mode, "name", mode) == "MULTIRUN":
         try:
-            other = other_job(folder, [str(o) for o in overrides])
-        except VitexpError:  # unreadable: refused by the job itself, with the reason
-            other = []
-        if completed(folder) or other is not None:
+            if earlier_job(folder, [str(o) for o in overrides]) is not None:
+                return None
+        except VitexpError:  # another job's, or unreadable: refused by the job itself, with the reason
             return None
     again = resume or (folder / ".hydra" / "config.yaml").is_file()
     return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}" if again else ".hydra"
@@ -81,30 +85,46 @@ def _sub_run_checkpoints(folder: Path) -> list[Path]:
 def other_job(folder: Path, overrides: list[str]) -> list[str] | None:
     """The first-start overrides of the run `folder` holds when they are not `overrides` (in any order): another
     job's run. None when they are the same, or the folder holds none."""
-    if not (folder / ".hydra" / "overrides.yaml").is_file():
+    path = folder / ".hydra" / "overrides.yaml"
+    if not (path.is_file() or path.is_symlink()):  # a link is refused as it is read, not taken for no run
         return None
     theirs = _first_overrides(folder)
     return theirs if sorted(theirs) != sorted(overrides) else None
 
 
-def earlier_job(folder: Path, overrides: list[str]) -> dict[str, Any] | None:
-    """What an earlier start of this sweep job left in `folder`: its results.json when it completed, else None (a
-    stopped or failed start is continued, a folder never used is started). A folder that holds a run started with
-    other `overrides` belongs to another job: refused."""
+def earlier_job(folder: Path, overrides: list[str], *, metric: str | None = None) -> dict[str, Any] | None:
+    """What an earlier start of this sweep job left in `folder` when it completed: the numbers of its results.json
+    (what goes back to the sweep), `metric` among them when named. Else None, and the job runs again: a stopped or
+    failed start, or a results.json that is half-written, not a JSON object or not a completed run's (a folder never
+    used is started). A folder that holds a run started with other `overrides` belongs to another job: refused."""
     theirs = other_job(folder, overrides)
     if theirs is not None:
-        raise VitexpError(f"{folder} holds a run of {' '.join(theirs) or 'no overrides'}, not of this job's "
-                          f"{' '.join(overrides) or 'no overrides'}; continue a sweep with the command it started "
-                          f"with, or pick a new hydra.sweep.dir")  # fmt: skip
-    return json.loads((folder / "results.json").read_text()) if completed(folder) else None
+        raise VitexpError(
+            f"{printable(folder)} holds a run of {printable(' '.join(theirs) or 'no overrides')}, not of this job's "
+            f"{printable(' '.join(overrides) or 'no overrides')}; continue a sweep with the command it started with, "
+            f"or pick a new hydra.sweep.dir"
+        )
+    path = folder / "results.json"
+    if not (path.is_file() or path.is_symlink()):
+        return None
+    try:
+        results = json.loads(files.read_text(path, root=folder))
+    except (OSError, ValueError, RecursionError):  # garbage or half-written: that start did not complete
+        return None
+    if not isinstance(results, dict) or results.get("status") != "completed":
+        return None
+    numbers = {
+        k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    return numbers if metric is None or metric in numbers else None
 
 
 def _read_yaml(path: Path, what: str) -> Any:
     """A YAML file as plain data (safe loader: no tags, no objects)."""
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise VitexpError(f"{path} is unreadable ({type(e).__name__}); {what}") from None
+        return yaml.safe_load(files.read_text(path))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise VitexpError(f"{printable(path)} is unreadable ({type(e).__name__}); {what}") from None
 
 
 @dataclass
@@ -130,9 +150,18 @@ def first_start(folder: Path) -> tuple[list[str], dict[str, Any]]:
 def _first_overrides(folder: Path) -> list[str]:
     """The overrides of the run's first start (none in a folder without .hydra/), checked to be a list of strings."""
     path = folder / ".hydra" / "overrides.yaml"
-    value = _read_yaml(path, "start the run again instead") if path.is_file() else []
+    if not (path.is_file() or path.is_symlink()):
+        return []
+    try:
+        value = yaml.safe_load(files.read_text(path, root=folder))
+    except (OSError, yaml.YAMLError, RecursionError) as e:
+        raise VitexpError(
+            f"{printable(path)} is unreadable ({type(e).__name__}); start the run again instead"
+        ) from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise VitexpError(f"resume={folder}: its .hydra/overrides.yaml is not a list of overrides; start the run again")
+        raise VitexpError(
+            f"resume={printable(folder)}: its .hydra/overrides.yaml is not a list of overrides; start the run again"
+        )
     return value
 
 
@@ -141,6 +170,10 @@ def resume_point(folder: Path) -> ResumePoint:
     sub-runs, a teacher or an unpruned model, continue from their own last.pt)."""
     last_pt, subs = folder / "checkpoints" / "last.pt", _sub_run_checkpoints(folder)
     last = checkpoint.load(last_pt) if last_pt.is_file() else None
+    if last is not None:
+        from vitexp.training import check_resume_fields  # training imports timm: only when a resume reads last.pt
+
+        check_resume_fields(last, last_pt)
     overrides = _first_overrides(folder)
     if last is not None:
         config, run_id = last["config"], last.get("wandb_run_id")

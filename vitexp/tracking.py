@@ -8,6 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from vitexp import files
+
 log = logging.getLogger("vitexp")
 
 # The job's W&B run, shared by the main run and its sub-runs (a teacher, a model trained to be pruned); module
@@ -41,7 +43,7 @@ def start_wandb(
 
     finish_wandb(failed=False)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    files.make_folder(run_dir / "wandb", root=run_dir)  # wandb writes its files there: a link would take them away
     options = dict(project=project, entity=entity, group=group, tags=tags, job_type=job_type, config=config,
                    dir=str(run_dir), id=run_id or secrets.token_hex(4), resume="allow" if run_id else None,
                    name=None if run_id else name)  # fmt: skip
@@ -109,7 +111,7 @@ def log_checkpoint(path: Path, aliases: list[str], metadata: dict[str, Any]) -> 
     artifact = wandb.Artifact(f"model-{_wandb_run.id}", type="model", metadata=metadata)
     # W&B stages a copy until it is uploaded (offline: until `wandb sync`); keep it in the run folder
     previous = os.environ.get("WANDB_DATA_DIR")
-    os.environ["WANDB_DATA_DIR"] = str(path.parents[1] / "wandb")
+    os.environ["WANDB_DATA_DIR"] = str(files.make_folder(path.parents[1] / "wandb", root=path.parents[1]))
     try:
         artifact.add_file(str(path))
     finally:

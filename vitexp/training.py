@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots, stop, tracking
 from vitexp.data import LoaderSettings, Splits, set_epoch
+from vitexp.files import printable
 from vitexp.hardware import precision_name, seed_everything
 from vitexp.models import (
     arch_of,
@@ -85,6 +86,7 @@ class Recipe:
     head_only_epochs: int = 0  # the first N epochs train only the classifier (a linear probe when N >= max_epochs)
     wrap: Callable[[nn.Module], nn.Module] | None = None  # what the step calls, e.g. student + frozen teacher
     views: Callable[[nn.Module], dict[str, nn.Module]] = lambda model: {}  # extra val accuracies by name
+    model_key: str = "model"  # the config node the model comes from, named in its errors (task.teacher: a teacher)
 
 
 @dataclass
@@ -100,17 +102,20 @@ class RunState:
 
 
 def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix: str = "",
-        extra_results: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        extra_results: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Train `recipe` in `out`, from `last` (a loaded last.pt) when given; returns the figures of results.json.
-    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json."""
-    started, loop = time.perf_counter(), recipe.loop
+    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json; `root`: the job's
+    run folder that holds `out` (no symlinked folder from it down is written through)."""
+    started, loop, root = time.perf_counter(), recipe.loop, root or out
     if last is not None:
+        check_resume_fields(last, out / "checkpoints" / "last.pt")
         where = f", mid-epoch at batch {last['position']['batch']}" if last.get("position") else ""
         log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']}{where})")
     seed_everything(recipe.seed)
     # pretrained weights are read only when nothing else brings them (a resumed run's last.pt, ckpt_path)
     fresh = last is None and not recipe.init_weights
-    model = build_from_arch(recipe.arch if fresh else without_weights_source(recipe.arch)).to(loop.device)
+    arch = recipe.arch if fresh else without_weights_source(recipe.arch)
+    model = build_from_arch(arch, where=recipe.model_key).to(loop.device)
     if recipe.init_weights and last is None:
         checkpoint.load_weights(model, checkpoint.load(recipe.init_weights)["model"], recipe.init_weights)
     train_loader, val_loader = recipe.loaders
@@ -119,11 +124,11 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
     state = restore(last, model, opt, out) if last is not None else RunState()
     _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
     train_model, eval_model = _step_models(recipe, model)
-    records = EpochLog(out, state.epoch, prefix)
+    records = EpochLog(out, state.epoch, prefix, root)
     settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm, loop.skip_nonfinite,
                                    distributed.sum_all if distributed.world_size() > 1 else None)  # fmt: skip
     _announce(recipe, model, out)
-    saver = StepCheckpoints(loop.ckpt_every_steps, loop.ckpt_every_minutes, out, model, opt, state, recipe.config)
+    saver = StepCheckpoints(loop.ckpt_every_steps, loop.ckpt_every_minutes, out, model, opt, state, recipe.config, root)
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, loop.max_epochs + 1):
             epoch_start, start = time.perf_counter(), _epoch_start(state, epoch)
@@ -144,11 +149,11 @@ def fit(recipe: Recipe, out: Path, last: dict[str, Any] | None = None, *, prefix
             is_best = metrics["val/acc1"] > state.best_acc1
             state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
             state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
-            save_checkpoints(checkpoint_state(model, opt, state, recipe.config), out, is_best, loop.ckpt_every)
+            save_checkpoints(checkpoint_state(model, opt, state, recipe.config), out, is_best, loop.ckpt_every, root)
             saver.saved()
             stop.check_stop()
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
-    return finish(recipe, model, out, state, started, prefix, extra_results or {})
+    return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
 
 
 def optimization(recipe: Recipe, model: nn.Module, batches_per_epoch: int) -> engine.Optimization:
@@ -201,16 +206,93 @@ def _step_models(recipe: Recipe, model: nn.Module) -> tuple[nn.Module, nn.Module
 
 def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, out: Path) -> RunState:
     """Put the model, optimizer, schedule, GradScaler, EMA and every random generator back as `last` holds them."""
-    checkpoint.load_weights(model, last["model"], f"{out}/checkpoints/last.pt")
-    opt.optimizer.load_state_dict(last["optimizer"])
-    opt.scheduler.load_state_dict(last["scheduler"])
-    if opt.scaler is not None:
-        opt.scaler.load_state_dict(last["scaler"])
-    if opt.ema is not None:
-        opt.ema.load_state_dict(last["ema"])
-    checkpoint.set_rng_state(last["rng"])
+    source = out / "checkpoints" / "last.pt"
+    checkpoint.load_weights(model, last["model"], str(source))
+    parts = {"optimizer": opt.optimizer, "scheduler": opt.scheduler, "scaler": opt.scaler, "ema": opt.ema}
+    for name, part in parts.items():
+        if part is not None:
+            _load_part(source, name, lambda p=part, n=name: p.load_state_dict(last[n]))
+    _load_part(source, "rng", lambda: checkpoint.set_rng_state(last["rng"]))
     best = last["metrics"]["best_val_acc1"] if last["metrics"] else -1.0  # {}: stopped inside the first epoch
     return RunState(last["epoch"], last["step"], best, last.get("val_images"), last["metrics"], last.get("position"))
+
+
+def _load_part(source: Path, name: str, load: Callable[[], Any]) -> None:
+    """`load()` one state of a checkpoint; torch's loaders meet a state of the wrong shape (a file someone edited,
+    or one from another setup) as KeyError, TypeError, ... deep inside: one line instead."""
+    try:
+        load()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise VitexpError(
+            f"{printable(source)}: its {name} state does not fit this run ({type(e).__name__}); resume with the "
+            f"settings it was saved with, or start a new run with ckpt_path=<it>"
+        ) from None
+
+
+# The top-level fields of last.pt that a resume reads, and the types vitexp writes them with: a file is data, and a
+# tensor or a string where a number belongs is refused here rather than met later as a traceback (`checkpoint.load`
+# checks the weights and the arch for every reader).
+_OPTIONAL = type(None)
+RESUME_FIELDS: dict[str, tuple[type, ...]] = dict(
+    epoch=(int,),
+    step=(int,),
+    config=(dict,),
+    metrics=(dict,),
+    rng=(dict,),
+    optimizer=(dict,),
+    scheduler=(dict,),
+    scaler=(dict, _OPTIONAL),
+    ema=(dict, _OPTIONAL),
+    val_images=(int, _OPTIONAL),
+    position=(dict, _OPTIONAL),
+)
+
+
+def check_resume_fields(ckpt: dict[str, Any], source: str | Path, fields: Iterable[str] = tuple(RESUME_FIELDS)) -> None:
+    """Refuse, with one line, a loaded checkpoint whose top-level `fields` do not have the types vitexp writes
+    (numbers not negative; metrics numbers; a mid-epoch position as `StepCheckpoints` writes it)."""
+    for key in fields:
+        value, kinds = ckpt.get(key), RESUME_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, kinds) or isinstance(value, int) and value < 0:
+            expected = " or ".join("None" if kind is _OPTIONAL else kind.__name__ for kind in kinds)
+            what = str(value) if isinstance(value, int) else f"a {type(value).__name__}"
+            raise _mistyped(source, key, f"is {what}, not {expected}{' >= 0' if int in kinds else ''}")
+    metrics = ckpt.get("metrics") if "metrics" in fields else {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()) or (
+        metrics and "best_val_acc1" not in metrics
+    ):
+        raise _mistyped(source, "metrics", "holds values that are not numbers (or no best_val_acc1)")
+    if "position" in fields and ckpt.get("position") is not None and not _valid_position(ckpt["position"]):
+        raise _mistyped(source, "position", "is not a mid-epoch place (epoch, batch and each rank's running sums)")
+
+
+def _mistyped(source: str | Path, key: str, why: str) -> VitexpError:
+    return VitexpError(
+        f"{printable(source)} is not a checkpoint vitexp wrote: its {key} {why}; start a new run (ckpt_path=<it> "
+        f"keeps its weights)"
+    )
+
+
+def _valid_position(position: dict[str, Any]) -> bool:
+    """A mid-epoch place as `StepCheckpoints.save` writes it, each rank's sums shaped as `engine._Sums` holds them."""
+    template = engine._Sums(torch.device("cpu"), skip_nonfinite=False).state_dict()
+    sums = position.get("sums")
+
+    def same(value: Any, like: Any) -> bool:
+        if torch.is_tensor(like):
+            return torch.is_tensor(value) and value.shape == like.shape
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def fits(state: Any) -> bool:
+        return (
+            isinstance(state, dict)
+            and state.keys() == template.keys()
+            and all(same(state[k], v) for k, v in template.items())
+        )
+
+    numbers = [position.get("epoch"), position.get("batch")]
+    whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+    return whole and isinstance(sums, list) and bool(sums) and all(fits(state) for state in sums)
 
 
 def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
@@ -229,8 +311,8 @@ class StepCheckpoints:
     with the step count, and `position`: the epoch, the batches done in it and each rank's running sums."""
 
     def __init__(self, every: int, minutes: float | None, out: Path, model: nn.Module, opt: engine.Optimization,
-                 state: RunState, config: dict[str, Any]) -> None:  # fmt: skip
-        self.every, self.minutes, self.out = every, minutes, out
+                 state: RunState, config: dict[str, Any], root: Path | None = None) -> None:  # fmt: skip
+        self.every, self.minutes, self.out, self.root = every, minutes, out, root or out
         self.model, self.opt, self.state, self.config = model, opt, state, config
         self.last = time.monotonic()
 
@@ -258,7 +340,7 @@ class StepCheckpoints:
         ckpt = checkpoint_state(self.model, self.opt, replace(self.state, step=step), self.config)
         ckpt["position"] = {"epoch": epoch, "batch": batch, "sums": distributed.gather(sums.state_dict())}
         if distributed.is_main():
-            checkpoint.save(ckpt, self.out / "checkpoints" / "last.pt")
+            checkpoint.save(ckpt, self.out / "checkpoints" / "last.pt", self.root)
         distributed.barrier()
         self.last = time.monotonic()
 
@@ -312,25 +394,26 @@ def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState
     }
 
 
-def save_checkpoints(state: dict[str, Any], out: Path, is_best: bool, every: int) -> None:
-    """best.pt when the epoch is the best so far, epoch_NNNN.pt every `every` epochs, last.pt always; rank 0 only."""
+def save_checkpoints(state: dict[str, Any], out: Path, is_best: bool, every: int, root: Path | None = None) -> None:
+    """best.pt when the epoch is the best so far, epoch_NNNN.pt every `every` epochs, last.pt always; rank 0 only.
+    `root`: the job's run folder that holds `out`."""
     if not distributed.is_main():
         return
-    folder, epoch = out / "checkpoints", state["epoch"]
+    folder, epoch, root = out / "checkpoints", state["epoch"], root or out
     if is_best:
-        checkpoint.save(state, folder / "best.pt")
+        checkpoint.save(state, folder / "best.pt", root)
     if every and epoch % every == 0:
-        checkpoint.save(state, folder / f"epoch_{epoch:04d}.pt")
-    checkpoint.save(state, folder / "last.pt")
+        checkpoint.save(state, folder / f"epoch_{epoch:04d}.pt", root)
+    checkpoint.save(state, folder / "last.pt", root)
 
 
 def finish(recipe: Recipe, model: nn.Module, out: Path, state: RunState, started: float, prefix: str,
-           extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+           extra: dict[str, Any], root: Path) -> dict[str, Any]:  # fmt: skip
     """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done."""
-    rows = read_metrics(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv", root)
     if distributed.is_main():
         plots.learning_curves(rows, out / "plots" / "learning_curves.png",
-                              f"{recipe.task} {recipe.arch['name']} {out.name}")  # fmt: skip
+                              f"{recipe.task} {recipe.arch['name']} {out.name}", root=root)  # fmt: skip
     last_row = rows[-1] if rows else {}
     results = {
         "task": recipe.task,
@@ -352,10 +435,12 @@ def finish(recipe: Recipe, model: nn.Module, out: Path, state: RunState, started
         **extra,
         "status": "completed",
     }
-    write_results(out, results, prefix)
+    write_results(out, results, prefix, root)
     best = out / "checkpoints" / "best.pt"
     if recipe.log_checkpoints and not prefix and distributed.is_main():
-        epoch = checkpoint.load(best)["epoch"]
+        saved = checkpoint.load(best)
+        check_resume_fields(saved, best, ["epoch"])
+        epoch = saved["epoch"]
         tracking.log_checkpoint(best, ["best", f"epoch-{epoch}"], {"epoch": epoch, "val_acc1": state.best_acc1,
                                                                    "arch": arch_of(model)})  # fmt: skip
     log.info(f"done: best val/acc1 {state.best_acc1:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
@@ -363,23 +448,23 @@ def finish(recipe: Recipe, model: nn.Module, out: Path, state: RunState, started
     return results
 
 
-def sub_run(recipe: Recipe, arch: dict[str, Any], epochs: int) -> Recipe:
+def sub_run(recipe: Recipe, arch: dict[str, Any], epochs: int, model_key: str = "model") -> Recipe:
     """The recipe of a model trained on the side (a teacher to distil, a model to prune): this run's data, optimizer,
     loss and loop, for `arch` from scratch and `epochs`, as task=train."""
     config = {**recipe.config, "task": {"name": "train", "loss": recipe.config["task"].get("loss")},
               "model": {"builder": arch["builder"], "name": arch["name"], **arch["kwargs"]},
               "trainer": {**recipe.config["trainer"], "max_epochs": epochs}, "ckpt_path": None}  # fmt: skip
     return replace(recipe, task="train", arch=arch, init_weights=None, loop=replace(recipe.loop, max_epochs=epochs),
-                   config=config, wrap=None, views=lambda model: {})  # fmt: skip
+                   config=config, wrap=None, views=lambda model: {}, model_key=model_key)  # fmt: skip
 
 
-def train_in(recipe: Recipe, folder: Path, arch: dict[str, Any], epochs: int) -> Path:
+def train_in(recipe: Recipe, folder: Path, arch: dict[str, Any], epochs: int, model_key: str = "model") -> Path:
     """Train `arch` with this recipe for `epochs` in `folder` (a sub-run); resumes or skips it when an earlier
-    attempt got that far. Returns its best.pt."""
+    attempt got that far. Returns its best.pt. `folder` lies in the job's run folder (its parent)."""
     best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
     if completed(folder):
         return best
     log.info(f"training {arch['name']} for {epochs} epochs in {folder}")
-    fit(sub_run(recipe, arch, epochs), folder, checkpoint.load(last) if last.exists() else None,
-        prefix=f"{folder.name}/")  # fmt: skip
+    fit(sub_run(recipe, arch, epochs, model_key), folder, checkpoint.load(last) if last.exists() else None,
+        prefix=f"{folder.name}/", root=folder.parent)  # fmt: skip
     return best

@@ -16,19 +16,22 @@ class ResumingOptunaSweeper(OptunaSweeper):
     `hydra.sweeper.storage` names) and continues, with its past trials, when the search is run again into it."""
 
     def sweep(self, arguments: list[str]) -> None:
+        import sys
         from pathlib import Path
 
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
+        from vitexp import VitexpError
         from vitexp.sweeps import continue_study
 
         impl = self.sweeper
         folder = Path(impl.config.hydra.sweep.dir)
-        folder.mkdir(parents=True, exist_ok=True)  # sqlite creates its file, not the folder
-        # as Hydra's basic sweeper does: a search run again into this folder is checked against its command
-        OmegaConf.save(impl.config, folder / "multirun.yaml")
         node = impl.config.hydra.sweeper.sampler
         seed = OmegaConf.select(node, "seed")
         fixed = seed is None or isinstance(impl.sampler, functools.partial)  # unseeded, or a grid: nothing to reseed
-        return continue_study(impl, arguments, folder, None if fixed else lambda n: instantiate(node, seed=seed + n))
+        try:
+            continue_study(impl, arguments, folder, None if fixed else lambda n: instantiate(node, seed=seed + n))
+        except VitexpError as e:  # a study refused, or none of its trials completed: one line, as `vitexp.__main__`
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)

@@ -18,6 +18,7 @@ from vitexp import VitexpError, __version__, engine
 from vitexp.bench.anchor import anchor_img_per_s
 from vitexp.config import run_dir
 from vitexp.data import set_epoch
+from vitexp.files import printable
 from vitexp.hardware import precision_name, seed_everything
 from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
 from vitexp.records import write_results
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     plain_vit = arch_of(model)["builder"] == "vit"
     if task.anchor and not plain_vit:
-        log.warning(f"model={recipe.arch['name']} is not a plain ViT; the reference loop is skipped")
+        log.warning(f"model={printable(recipe.arch['name'])} is not a plain ViT; the reference loop is skipped")
     if loop.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loop.device)
     timed(task.warmup_steps, 0)  # compilation, allocator and cache warm-up
@@ -82,8 +83,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch, cfg)
     write_results(run_dir(), results)
     log.info(
-        f"{recipe.arch['name']} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s ({results['step_ms']} "
-        f"ms/step), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
+        f"{printable(recipe.arch['name'])} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
+        f"({results['step_ms']} ms/step), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
         + (f", reference loop {results['anchor_img_per_s']} img/s (ratio {results['ratio']})" if anchor else "")
     )
     print(json.dumps(results), flush=True)

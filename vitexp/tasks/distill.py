@@ -14,6 +14,7 @@ from vitexp import VitexpError, checkpoint, engine
 from vitexp.config import plain
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
+from vitexp.files import printable
 from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
 from vitexp.tasks.recipe import open_run, read_recipe
 from vitexp.training import Recipe, fit, train_in
@@ -29,14 +30,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg, task = run.cfg, run.cfg.task
     token = task.distill_type == "token"
     if token and cfg.model.builder not in ("vit", "vit_distilled"):
-        raise VitexpError(f"distill_type=token needs a ViT student, not a {cfg.model.builder}; use soft or hard")
+        raise VitexpError(
+            f"distill_type=token needs a ViT student, not a {printable(cfg.model.builder)}; use soft or hard"
+        )
     given = _teacher(task.teacher_ckpt, cfg.data) if task.teacher_ckpt else None  # a bad teacher fails first
     if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
         given = _built_teacher(arch_from_config(plain(task.teacher)), cfg.data)
     recipe = read_recipe(cfg)
     teacher_path = task.teacher_ckpt or (
         f"{task.teacher.model_name} ({task.teacher.pretrained or 'random init'})" if given
-        else train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)), task.teacher_epochs)
+        else train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)), task.teacher_epochs,
+                    model_key="task.teacher")
     )  # fmt: skip
     teacher, saved, statistics, size = given or _teacher(teacher_path, cfg.data)
     teacher = teacher.to(recipe.loop.device)
@@ -45,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
-    log.info(f"teacher {saved['arch']['name']} ({teacher_path}): val/acc1 {teacher_acc:.4f}")
+    log.info(f"teacher {printable(saved['arch']['name'])} ({teacher_path}): val/acc1 {teacher_acc:.4f}")
     student = replace(
         recipe,
         arch={**recipe.arch, "builder": "vit_distilled"} if token else recipe.arch,
@@ -68,7 +72,7 @@ def _teacher(path: str | Path, data: DictConfig) -> tuple[nn.Module, dict[str, A
 def _built_teacher(arch: dict[str, Any], data: DictConfig) -> tuple[nn.Module, dict[str, Any], tuple, int]:
     """`task.teacher` as built, without training (`teacher_epochs=0`): its own weights (`pretrained`) and this
     data's normalisation."""
-    teacher = build_from_arch(arch)
+    teacher = build_from_arch(arch, where="task.teacher")
     statistics = tuple(map(float, data.mean)), tuple(map(float, data.std))
     return teacher, {"arch": arch_of(teacher)}, statistics, _fits(teacher, "task.teacher", data)
 

@@ -11,10 +11,12 @@ from omegaconf import DictConfig
 from vitexp import VitexpError, checkpoint, engine, plots
 from vitexp.config import build, run_dir
 from vitexp.data import make_loader
+from vitexp.files import printable
 from vitexp.hardware import autocast_dtype, resolve_device, seed_everything, show_progress
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.records import write_results
 from vitexp.tasks.recipe import start_tracking
+from vitexp.training import check_resume_fields
 
 log = logging.getLogger("vitexp")
 
@@ -27,12 +29,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise VitexpError("task=evaluate needs a checkpoint: pass ckpt_path=<run>/checkpoints/best.pt")
     model, saved = checkpoint.load_model(cfg.ckpt_path)
+    check_resume_fields(saved, cfg.ckpt_path, ["epoch"])  # a number, reported as the checkpoint's epoch
     start_tracking(cfg, out)
     chans, size, _ = input_shape(model)
     if (chans, model.num_classes) != (data.in_chans, data.num_classes):
         raise VitexpError(
             f"{cfg.ckpt_path} expects {chans}-channel images and {model.num_classes} classes but data={data.name} "
-            f"has {data.in_chans} and {data.num_classes}; pass data={_trained_on(saved).get('name')} (and data.root)"
+            f"has {data.in_chans} and {data.num_classes}; pass data={printable(_trained_on(saved).get('name'))} "
+            f"(and data.root)"
         )
     seed, val_size, train_subset = _own_split(saved, cfg.seed, data)
     seed_everything(seed)
@@ -49,7 +53,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                          progress=show_progress(cfg.trainer.progress))  # fmt: skip
     per_class = (confusion.diag().float() / confusion.sum(dim=1).clamp(min=1)).tolist()
     name = saved["arch"]["name"]
-    plots.confusion_matrix(confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}")
+    title = f"{name} on {split}"
+    plots.confusion_matrix(confusion, splits.classes, out / "plots" / "confusion_matrix.png", title, root=out)
     results = {
         "task": cfg.task.name, "model": name, "data": data.name, "split": split, "ckpt_path": str(cfg.ckpt_path),
         "ckpt_epoch": saved["epoch"], f"{split}_loss": metrics["loss"], f"{split}_acc1": metrics["acc1"],

@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitexp import VitexpError, __version__, checkpoint, distributed, engine, plots
+from vitexp import VitexpError, __version__, checkpoint, distributed, engine, files, plots
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
+from vitexp.files import printable
 from vitexp.hardware import seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.pruning import embed_width, layout_of, prune
@@ -64,8 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             write_results(run.out, results)
             return results
     else:  # a resumed prune run continues its fine-tuning; the pruning itself is done
-        figures = json.loads((run.out / "prune.json").read_text())
-        points = [tuple(p) for p in figures.pop("points", [])]
+        figures, points = read_prune_json(run.out)
     teacher = figures["source_ckpt"] if task.finetune_distill else None
     tune = finetune_recipe(recipe, pruned_path, task.finetune_epochs, teacher, task.alpha)
     results = fit(tune, run.out, run.last, extra_results=figures)
@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results |= {f"after_{k}": v for k, v in after.items() if k != "layout"}
     if distributed.is_main():
         plots.accuracy_vs_macs([*points, ("fine-tuned", after)], run.out / "plots" / "accuracy_vs_macs.png",
-                               f"prune {task.importance}")  # fmt: skip
+                               f"prune {task.importance}", root=run.out)  # fmt: skip
     write_results(run.out, results)
     return results
 
@@ -109,11 +109,36 @@ def prune_checkpoint(
     if distributed.is_main():
         checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
                          "format": checkpoint.FORMAT_VERSION, "config": recipe.config, "metrics": rounds[-1]},
-                        out / "checkpoints" / "pruned.pt")  # fmt: skip
-        (out / "prune.json").write_text(json.dumps({**figures, "points": points}, indent=2) + "\n")
-        plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {pruning.importance}")
+                        out / "checkpoints" / "pruned.pt", out)  # fmt: skip
+        files.write_text(out / "prune.json", json.dumps({**figures, "points": points}, indent=2) + "\n", out)
+        plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {pruning.importance}", root=out)
     distributed.barrier()  # pruned.pt is written before the fine-tuning reads it on every rank
     return figures, points
+
+
+def read_prune_json(out: Path) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """The figures and plot points an interrupted prune run wrote to prune.json (a real file in `out`), checked to
+    be what `prune_checkpoint` writes: plain data, a source checkpoint's path, points of a label and figures."""
+    path = out / "prune.json"
+    try:
+        figures = json.loads(files.read_text(path, out))
+    except (OSError, ValueError) as e:
+        raise VitexpError(f"{printable(path)} is unreadable ({type(e).__name__}); start the run again") from None
+    points = figures.pop("points", []) if isinstance(figures, dict) else None
+    valid = isinstance(figures, dict) and isinstance(figures.get("source_ckpt"), str) and isinstance(points, list)
+    if not (valid and all(_is_point(p) for p in points)):
+        raise VitexpError(
+            f"{printable(path)} is not what task=prune writes (figures, source_ckpt, points); start again"
+        )
+    return figures, [tuple(p) for p in points]
+
+
+def _is_point(point: Any) -> bool:
+    """[label, figures] with the numbers the accuracy-vs-MACs plot reads."""
+    if not (isinstance(point, list) and len(point) == 2 and isinstance(point[0], str) and isinstance(point[1], dict)):
+        return False
+    numbers = [point[1].get("macs"), point[1].get("val_acc1")]
+    return all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
 
 
 def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | None, alpha: float) -> Recipe:
