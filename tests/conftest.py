@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
+
+# Under xdist each worker, and every run it starts, computes on one thread: two workers with a thread per core each
+# oversubscribe the cores, and OpenMP's spinning threads then slow every run several-fold.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest
 from hydra import compose, initialize_config_dir
