@@ -160,7 +160,6 @@ def _state(name: str) -> Any:
 def _stored_study(impl: Any, search: Search, where: str) -> Any:
     """The study that `impl.storage` holds (None: a new one), each of its trials checked against `search`."""
     import optuna
-    from optuna.distributions import distribution_to_json
 
     try:
         study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
@@ -168,16 +167,23 @@ def _stored_study(impl: Any, search: Search, where: str) -> Any:
         return None
     _check_directions(where, [d.name for d in study.directions], search)
     for t in study.trials:
-        stored = {
-            "number": t.number,
-            "state": t.state.name,
-            "values": t.values,
-            "params": t.params,
-            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-            "user_attrs": t.user_attrs,
-        }
-        _check_trial(where, stored, search)
+        _check_trial(where, _trial_record(t), search)
     return study
+
+
+def _trial_record(trial: Any) -> dict[str, Any]:
+    """An Optuna trial as plain data, as optuna_study.json holds it: number, state, values, parameters with their
+    distributions, user attributes."""
+    from optuna.distributions import distribution_to_json
+
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": trial.params,
+        "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
+        "user_attrs": trial.user_attrs,
+    }
 
 
 def _refuse_all_failed(impl: Any, folder: Path) -> None:
@@ -226,20 +232,9 @@ def save_study(storage: Any, name: str, folder: Path) -> None:
     """Write the study `name` of `storage` to `folder`/optuna_study.json (through the one writer): every trial's
     number, state, parameters with their distributions, values and user attributes."""
     import optuna
-    from optuna.distributions import distribution_to_json
 
     study = optuna.load_study(study_name=name, storage=storage)
-    trials = [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "values": t.values,
-            "params": t.params,
-            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-            "user_attrs": t.user_attrs,
-        }
-        for t in study.trials
-    ]
+    trials = [_trial_record(t) for t in study.trials]
     record = {"study_name": name, "directions": [d.name for d in study.directions], "trials": trials}
     files.write_text(folder / STUDY_FILE, json.dumps(record, indent=1) + "\n", root=folder)
 

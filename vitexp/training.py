@@ -438,9 +438,7 @@ def finish(recipe: Recipe, model: nn.Module, out: Path, state: RunState, started
     write_results(out, results, prefix, root)
     best = out / "checkpoints" / "best.pt"
     if recipe.log_checkpoints and not prefix and distributed.is_main():
-        saved = checkpoint.load(best)
-        check_resume_fields(saved, best, ["epoch"])
-        epoch = saved["epoch"]
+        epoch = checkpoint.load(best)["epoch"]
         tracking.log_checkpoint(best, ["best", f"epoch-{epoch}"], {"epoch": epoch, "val_acc1": state.best_acc1,
                                                                    "arch": arch_of(model)})  # fmt: skip
     log.info(f"done: best val/acc1 {state.best_acc1:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
