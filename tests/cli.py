@@ -20,8 +20,18 @@ import traceback
 from pathlib import Path
 
 # imported once by the server, before it forks the children
-PRELOAD = ["tests.cli", "vitexp.__main__", "vitexp.tasks.train", "vitexp.tasks.distill", "vitexp.tasks.prune",
-           "vitexp.tasks.evaluate", "vitexp.tasks.benchmark", "vitexp.report", "tests.reliability.inject", "wandb"]  # fmt: skip
+PRELOAD = [
+    "tests.cli",
+    "vitexp.__main__",
+    "vitexp.tasks.train",
+    "vitexp.tasks.distill",
+    "vitexp.tasks.prune",
+    "vitexp.tasks.evaluate",
+    "vitexp.tasks.benchmark",
+    "vitexp.report",
+    "tests.reliability.inject",
+    "wandb",
+]
 _context = None
 
 
@@ -77,14 +87,21 @@ def _child(entry: str, argv: list[str], cwd: str, env: dict[str, str], out: str,
 class Child:
     """A running CLI child: `.pid`, `.kill()`, `.wait(timeout)` -> a CompletedProcess (returncode < 0: killed)."""
 
-    def __init__(self, argv: list[str], cwd: Path, entry: str = "vitexp", env: dict[str, str] | None = None,
-                 limits: dict[int, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: Path,
+        entry: str = "vitexp",
+        env: dict[str, str] | None = None,
+        limits: dict[int, int] | None = None,
+    ) -> None:
         self.argv = [{"vitexp": "vitexp", "inject": "inject.py", "report": "python -m vitexp.report"}[entry], *argv]
         folder = Path(tempfile.mkdtemp(prefix="vitexp-cli-"))
         self.out, self.err = folder / "stdout", folder / "stderr"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.process = _server().Process(target=_child, args=(entry, list(argv), str(cwd), env, str(self.out),
-                                                              str(self.err), limits or {}))  # fmt: skip
+        self.process = _server().Process(
+            target=_child, args=(entry, list(argv), str(cwd), env, str(self.out), str(self.err), limits or {})
+        )
         self.process.start()
         self.pid = self.process.pid
 
@@ -97,15 +114,22 @@ class Child:
             self.process.kill()
             self.process.join()
             raise subprocess.TimeoutExpired(self.argv, timeout)
-        result = subprocess.CompletedProcess(self.argv, self.process.exitcode, self.out.read_text(),
-                                             self.err.read_text())  # fmt: skip
+        result = subprocess.CompletedProcess(
+            self.argv, self.process.exitcode, self.out.read_text(), self.err.read_text()
+        )
         for path in (self.out, self.err):
             path.unlink()
         self.out.parent.rmdir()
         return result
 
 
-def run(argv: list[str], cwd: Path, timeout: float = 600, entry: str = "vitexp", env: dict[str, str] | None = None,
-        limits: dict[int, int] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def run(
+    argv: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    entry: str = "vitexp",
+    env: dict[str, str] | None = None,
+    limits: dict[int, int] | None = None,
+) -> subprocess.CompletedProcess:
     """Run the CLI to its end: a CompletedProcess with returncode, stdout and stderr."""
     return Child(argv, cwd, entry, env, limits).wait(timeout)

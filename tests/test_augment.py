@@ -20,15 +20,39 @@ from vitexp.data import DeviceLoader, set_epoch
 
 FILL = [0.49, 0.48, 0.45]
 # torchvision's and timm's names for our operations
-TORCHVISION = {"identity": "Identity", "shear_x": "ShearX", "shear_y": "ShearY", "translate_x": "TranslateX",
-               "translate_y": "TranslateY", "rotate": "Rotate", "brightness": "Brightness", "color": "Color",
-               "contrast": "Contrast", "sharpness": "Sharpness", "posterize": "Posterize", "solarize": "Solarize",
-               "autocontrast": "AutoContrast", "equalize": "Equalize"}  # fmt: skip
-TIMM = {"shear_x": "ShearX", "shear_y": "ShearY", "translate_x": "TranslateXRel", "translate_y": "TranslateYRel",
-        "rotate": "Rotate", "brightness": "BrightnessIncreasing", "color": "ColorIncreasing",
-        "contrast": "ContrastIncreasing", "sharpness": "SharpnessIncreasing", "posterize": "PosterizeIncreasing",
-        "solarize": "SolarizeIncreasing", "autocontrast": "AutoContrast", "equalize": "Equalize", "invert": "Invert",
-        "solarize_add": "SolarizeAdd"}  # fmt: skip
+TORCHVISION = {
+    "identity": "Identity",
+    "shear_x": "ShearX",
+    "shear_y": "ShearY",
+    "translate_x": "TranslateX",
+    "translate_y": "TranslateY",
+    "rotate": "Rotate",
+    "brightness": "Brightness",
+    "color": "Color",
+    "contrast": "Contrast",
+    "sharpness": "Sharpness",
+    "posterize": "Posterize",
+    "solarize": "Solarize",
+    "autocontrast": "AutoContrast",
+    "equalize": "Equalize",
+}
+TIMM = {
+    "shear_x": "ShearX",
+    "shear_y": "ShearY",
+    "translate_x": "TranslateXRel",
+    "translate_y": "TranslateYRel",
+    "rotate": "Rotate",
+    "brightness": "BrightnessIncreasing",
+    "color": "ColorIncreasing",
+    "contrast": "ContrastIncreasing",
+    "sharpness": "SharpnessIncreasing",
+    "posterize": "PosterizeIncreasing",
+    "solarize": "SolarizeIncreasing",
+    "autocontrast": "AutoContrast",
+    "equalize": "Equalize",
+    "invert": "Invert",
+    "solarize_add": "SolarizeAdd",
+}
 BLENDS = {"brightness", "color", "contrast", "sharpness"}
 GEOMETRIC = {"shear_x", "shear_y", "translate_x", "translate_y", "rotate"}
 
@@ -61,14 +85,19 @@ def test_trivial_operations_match_torchvision(index):
     magnitudes, signed = space[TORCHVISION[op.name]]
     for bin_ in (7, 24):
         for positive in (True, False):
-            ours = aug(images, draws(index, len(TRIVIAL_WIDE), (bin_ + 0.5) / 31, positive)).int()
+            ours = aug(images, draws(index, len(TRIVIAL_WIDE), (bin_ + 0.5) / 31, positive=positive)).int()
             magnitude = float(magnitudes[bin_]) if magnitudes.ndim else 0.0
             # torchvision shifts content right for a positive translation, PIL (and we) left
             flip = op.name.startswith("translate") == positive
             magnitude = -magnitude if signed and flip else magnitude
-            theirs = torch.stack([tv_autoaugment._apply_op(image, TORCHVISION[op.name], magnitude,
-                                                           InterpolationMode.BILINEAR, [255 * f for f in FILL])
-                                  for image in images]).int()  # fmt: skip
+            theirs = torch.stack(
+                [
+                    tv_autoaugment._apply_op(
+                        image, TORCHVISION[op.name], magnitude, InterpolationMode.BILINEAR, [255 * f for f in FILL]
+                    )
+                    for image in images
+                ]
+            ).int()
             diff = (ours - theirs).abs()
             assert diff.max().item() <= (1 if op.name in BLENDS | GEOMETRIC else 0), (op.name, bin_, positive)
             # a sample that falls on a rounding tie may round the other way where a CPU's vector kernels sum the
@@ -79,9 +108,16 @@ def test_trivial_operations_match_torchvision(index):
 
 def _timm(name: str, magnitude: float, image: torch.Tensor, positive: bool) -> torch.Tensor:
     """timm's RandAugment operation (PIL) at `magnitude`, with the sign given (timm negates at random)."""
-    op = AugmentOp(TIMM[name], prob=1.0, magnitude=magnitude,
-                   hparams={"img_mean": tuple(round(255 * f) for f in FILL), "interpolation": Image.BILINEAR,
-                            "translate_pct": 0.45})  # fmt: skip
+    op = AugmentOp(
+        TIMM[name],
+        prob=1.0,
+        magnitude=magnitude,
+        hparams={
+            "img_mean": tuple(round(255 * f) for f in FILL),
+            "interpolation": Image.BILINEAR,
+            "translate_pct": 0.45,
+        },
+    )
     for seed in range(10):  # a seed whose one draw gives the sign wanted: timm negates when random() > 0.5
         if (random.Random(seed).random() <= 0.5) == positive:
             break
@@ -99,8 +135,8 @@ def test_rand_operations_match_timm(index):
     op, images = RAND_INCREASING[index], photos()
     aug = DeviceAugment("rand", 1, 6.25, 0.0, 1.0, 0.0, FILL)
     for positive in (True, False):
-        ours = aug(images, draws(index, len(RAND_INCREASING), 0.5, positive)).int()
-        theirs = torch.stack([_timm(op.name, 6.25, image, positive) for image in images]).int()
+        ours = aug(images, draws(index, len(RAND_INCREASING), 0.5, positive=positive)).int()
+        theirs = torch.stack([_timm(op.name, 6.25, image, positive=positive) for image in images]).int()
         diff = (ours - theirs).abs()
         if op.name in GEOMETRIC and not op.name.startswith("translate"):
             assert (diff <= 1).float().mean() >= 0.9, (op.name, positive, (diff <= 1).float().mean())
@@ -138,8 +174,9 @@ def test_random_erasing_draws_a_rectangle_of_2_to_33_percent():
 
 def _batches(policy: DeviceAugment, seed: int, epoch: int) -> list[torch.Tensor]:
     images = photos(64, seed=3)
-    loader = DeviceLoader(images, torch.arange(64), 16, True, FILL, [0.25] * 3, crop_padding=4, hflip=0.5,
-                          policy=policy)  # fmt: skip
+    loader = DeviceLoader(
+        images, torch.arange(64), 16, train=True, mean=FILL, std=[0.25] * 3, crop_padding=4, hflip=0.5, policy=policy
+    )
     set_epoch(loader, seed, epoch)
     return [x for x, _ in loader]
 
@@ -172,14 +209,27 @@ def test_compiled_augmentation_equals_the_eager_one():
 def test_device_augment_needs_the_device_path(tmp_path):
     proc = vitexp(*TINY, "data.device_augment.policy=trivial", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "data.device_augment runs with data.on_device=true" in proc.stderr
-    proc = vitexp(*TINY, "data.on_device=true", "data.splits.train_transform.rotate=0",
-                  "data.splits.train_transform.auto_augment=rand-m9-n2", cwd=tmp_path, check=False)  # fmt: skip
+    proc = vitexp(
+        *TINY,
+        "data.on_device=true",
+        "data.splits.train_transform.rotate=0",
+        "data.splits.train_transform.auto_augment=rand-m9-n2",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "use data.device_augment.policy=rand instead" in proc.stderr
 
 
 def test_digits_train_with_the_device_policy(tmp_path):
-    vitexp(*TINY, "data.on_device=true", "data.splits.train_transform.rotate=0", "data.device_augment.policy=rand",
-           "data.device_augment.erase_prob=0.25", "trainer.max_epochs=1", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        "data.on_device=true",
+        "data.splits.train_transform.rotate=0",
+        "data.device_augment.policy=rand",
+        "data.device_augment.erase_prob=0.25",
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+    )
     (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
     assert (run / "results.json").is_file()
 
@@ -187,8 +237,21 @@ def test_digits_train_with_the_device_policy(tmp_path):
 def test_speedrun_and_baseline_recipes_run_an_epoch_on_cpu(cifar_small, tmp_path):
     """The two CIFAR-10 recipes with their device augmentation, shrunk to a few batches of real images on CPU."""
     for experiment in ("cifar10_speedrun", "cifar10_baseline"):
-        vitexp(f"experiment={experiment}", f"data.root={cifar_small}", "data.val_size=100", "data.batch_size=50",
-               "data.eval_batch_size=100", "data.num_workers=0", "trainer.device=cpu", "trainer.compile=false",
-               "trainer.precision=32", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "model.depth=1",
-               "logger=none", f"hydra.run.dir={tmp_path / experiment}", cwd=tmp_path)  # fmt: skip
+        vitexp(
+            f"experiment={experiment}",
+            f"data.root={cifar_small}",
+            "data.val_size=100",
+            "data.batch_size=50",
+            "data.eval_batch_size=100",
+            "data.num_workers=0",
+            "trainer.device=cpu",
+            "trainer.compile=false",
+            "trainer.precision=32",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "model.depth=1",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / experiment}",
+            cwd=tmp_path,
+        )
         assert (tmp_path / experiment / "results.json").is_file()

@@ -90,3 +90,27 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
     checkpoint.set_rng_state(checkpoint.load(path)["rng"])
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert expected[:2] == got[:2] and torch.equal(expected[2], got[2])
+
+
+def test_the_training_state_is_the_layout_a_weights_only_load_reads(tmp_path):
+    state = checkpoint.TrainingState(model=STATE["model"], arch=STATE["arch"], epoch=3, step=9, config={"seed": 0})
+    saved = state.state_dict()
+    assert list(saved) == list(checkpoint.KEYS) and saved[checkpoint.FORMAT] == checkpoint.FORMAT_VERSION
+    for key in ("model", "arch", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config"):
+        assert key in saved  # the layout DESIGN.md names
+    assert {"metrics", "wandb_run_id", "version"} <= saved.keys()
+    checkpoint.save(saved, tmp_path / "last.pt")
+    loaded = torch.load(tmp_path / "last.pt", weights_only=True)
+    again = checkpoint.TrainingState()
+    again.load_state_dict(loaded)
+    assert (again.epoch, again.step, again.config, again.version) == (3, 9, {"seed": 0}, saved["version"])
+    assert torch.equal(again.model["w"], STATE["model"]["w"])
+
+
+def test_a_checkpoint_of_another_format_names_the_version_that_wrote_it(tmp_path):
+    path = tmp_path / "old.pt"
+    checkpoint.save({**STATE, "format": 1, "version": "0.0.9"}, path)
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load(path)
+    message = str(e.value)
+    assert "\n" not in message and "checkpoint format 1" in message and "(0.0.9)" in message, message

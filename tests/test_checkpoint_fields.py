@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.builders import build
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
 from vitexp.config import plain
 from vitexp.export import write_folder
-from vitexp.models import arch_from_config, build
+from vitexp.models import arch_from_config
 
 # a DeiT-Tiny-shaped timm ViT, shrunk to 16x16 one-channel images: 4x4 patches, one block of width 32
 SIZES = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 DATA = {"img_size": 16, "in_chans": 1, "num_classes": 10}
+NEWER = checkpoint.FORMAT_VERSION + 1
 
 
 class Touch:
@@ -97,7 +99,7 @@ TAMPERED = {
     "weights a list": (lambda s: s.update(model=[1]), "model is a list, not a dict of tensors"),
     "weight a string": (lambda s: s["model"].update({"head.weight": "x"}), "model.head.weight is a str"),
     "format a string": (lambda s: s.update(format="1"), "checkpoint format '1'"),
-    "newer format": (lambda s: s.update(format=2), "checkpoint format 2"),
+    "newer format": (lambda s: s.update(format=NEWER), f"checkpoint format {NEWER}"),
     "version a dict": (lambda s: s.update(version={"_target_": "os.system"}), "version is a dict"),
 }
 
@@ -149,7 +151,7 @@ def test_hub_and_folder_names_are_refused(tmp_path):
     for builder, (field, value) in hub.items():
         state = _timm_state()
         if builder == "cnn":
-            model = build("cnn", "r", model_name="resnet18", small_input=True, **DATA)
+            model = build("timm", "r", model_name="resnet18", small_input=True, **DATA)
             state = {"model": model.state_dict(), "arch": model.vitexp_arch}
             state["arch"]["kwargs"][field] = value
         else:

@@ -16,8 +16,21 @@ import torch
 from tests import cli
 from tests.conftest import TINY, vitexp
 
-CHECKPOINT_KEYS = {"model", "arch", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config",
-                   "metrics", "wandb_run_id", "version"}  # fmt: skip
+CHECKPOINT_KEYS = {
+    "model",
+    "arch",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "epoch",
+    "step",
+    "rng",
+    "config",
+    "metrics",
+    "wandb_run_id",
+    "version",
+}
 LOG_FIELDS = ["train/loss", "val/loss", "val/acc1", "lr", "grad_norm", "time/epoch_s"]
 
 
@@ -32,9 +45,17 @@ def trained(tmp_path_factory) -> Path:
 
 def test_train_run_folder_holds_everything(trained):
     names = {p.relative_to(trained).as_posix() for p in trained.rglob("*") if p.is_file()}
-    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "train_baseline.log", "metrics.csv", "results.json",
-            "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/epoch_0002.pt",
-            "plots/learning_curves.png"} <= names  # fmt: skip
+    assert {
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train_baseline.log",
+        "metrics.csv",
+        "results.json",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "checkpoints/epoch_0002.pt",
+        "plots/learning_curves.png",
+    } <= names
     assert not any(n.endswith(".tmp") for n in names)
     epoch_lines = [line for line in (trained / "train_baseline.log").read_text().splitlines() if "| train/loss" in line]
     assert len(epoch_lines) == 3

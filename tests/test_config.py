@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp.config import config_dir
+from vitexp import VitexpError
+from vitexp.config import config_dir, plain, resumed, validate
 
 CONF = Path(config_dir())
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in
-          ("model", "task", "data", "optim", "trainer", "logger", "experiment", "debug", "hparams_search")}  # fmt: skip
+GROUPS = {
+    g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
+    for g in ("model", "task", "data", "optim", "trainer", "logger", "experiment", "debug", "hparams_search")
+}
 OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 
 
@@ -34,7 +40,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         overrides.append("model.pretrained=false")  # their timm weights come from a cache that tests have not
     cfg = compose_config(*overrides)
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    model = instantiate(cfg.model)
+    validate(cfg)  # and every value is of its schema's choices and range
+    model = model_of(cfg.model)
     x = torch.randn(2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
     assert model(x).shape == (2, cfg.data.num_classes)
     optimizer = instantiate(cfg.optim.optimizer)(model.parameters())
@@ -69,9 +76,9 @@ def test_model_dimensions_follow_data():
 
 
 def test_run_dir_names_task_model_and_time(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # resolving a new run's folder claims (creates) it
+    monkeypatch.chdir(tmp_path)
     cfg = compose_config("model=patch8", hydra=True)
-    assert cfg.hydra.run.dir.startswith("outputs/train/patch8/") and Path(cfg.hydra.run.dir).is_dir()
+    assert cfg.hydra.run.dir.startswith("outputs/train/patch8/")
     assert cfg.hydra.sweep.dir.startswith("multirun_outputs/")
 
 
@@ -81,3 +88,41 @@ def test_optuna_search_space_composes_into_the_sweeper():
     assert hydra_cfg.mode.name == "MULTIRUN" and hydra_cfg.sweeper.direction == "maximize"
     assert set(hydra_cfg.sweeper.params) == {"optim.lr", "optim.weight_decay", "model.drop_path_rate"}
     assert cfg.optim.lr and cfg.model.drop_path_rate is not None  # the searched keys exist
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1", "optim.lr=-1.0 is not valid: it must be a number > 0"),
+        ("trainer.precision=64", "trainer.precision=64 is not valid: choose one of auto, 32, bf16, 16"),
+        ("data.val_size=0", "data.val_size=0 is not valid: it must be a count >= 1 or a fraction in (0, 1)"),
+        ("task=prune", "task.ratio=1.0 is not valid: it must be a number in [0, 1)"),
+    ],
+)
+def test_a_value_out_of_its_fields_range_is_refused_in_one_line(override, message):
+    cfg = compose_config(*TINY, override, *(["task.ratio=1.0"] if override == "task=prune" else []))
+    with pytest.raises(VitexpError, match=f"^{re.escape(message)}$"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["trainer.foo=1", "trainer.max_epochs=abc", "trainer.max_epochs=1.5"])
+def test_an_unknown_key_or_a_wrong_type_is_refused_by_the_schema(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config(*TINY, override)
+
+
+@pytest.mark.parametrize(
+    ("plant", "message"),
+    [
+        (lambda c: c["optim"].update(name="adamw"), "cannot resume from run: optim.name is not a setting"),
+        (lambda c: c["trainer"].update(max_epochs="many"), "cannot resume from run: trainer.max_epochs: "),
+        (lambda c: c["optim"].update(lr=-1.0), "cannot resume from run: optim.lr=-1.0 is not valid"),
+    ],
+)
+def test_a_resumed_runs_values_are_merged_into_the_schema(plant, message):
+    cfg = compose_config(*TINY)
+    saved = plain(cfg)
+    plant(saved)
+    with pytest.raises(VitexpError, match=re.escape(message)) as refused:
+        resumed(cfg, saved, [], "run", ["resume=run"])
+    assert "\n" not in str(refused.value)

@@ -36,7 +36,7 @@ def test_digits_splits_and_shapes():
 
 def test_loader_order_depends_only_on_seed_and_epoch():
     splits = build(compose_config().data.splits)
-    loader = make_loader(splits.train, 64, 0, False, True, False)
+    loader = make_loader(splits.train, 64, 0, train=True)
 
     def first_labels(epoch):
         set_epoch(loader, seed=0, epoch=epoch)

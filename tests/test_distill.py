@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
+from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp.distill import DistillationLoss, Distiller, TokenHead
 from vitexp.models import build_from_arch, vit_distilled
@@ -90,7 +90,7 @@ def test_teacher_is_frozen_in_eval_mode_and_sees_its_own_preprocessing():
 
 def test_token_student_averages_its_heads_in_eval_and_rebuilds():
     cfg = compose_config(*TINY)
-    kwargs = {k: v for k, v in instantiate(cfg.model).vitexp_arch["kwargs"].items()}
+    kwargs = {k: v for k, v in model_of(cfg.model).vitexp_arch["kwargs"].items()}
     model = vit_distilled("baseline", **kwargs)
     x = torch.randn(2, 1, 16, 16)
     model.train()
@@ -166,9 +166,26 @@ def test_bad_teachers_are_one_line_errors(pipeline, tmp_path):
         (tmp_path / "three" / "train" / cls).mkdir(parents=True)
         for i in range(4):
             Image.new("L", (16, 16), 60 * i).save(tmp_path / "three" / "train" / cls / f"{i}.png")
-    wrong = vitexp(*TINY, "task=distill", f"task.teacher_ckpt={teacher}", "data=imagefolder", "data.num_classes=3",
-                   f"data.root={tmp_path / 'three'}", "data.in_chans=1", "data.val_size=3", cwd=tmp_path, check=False)  # fmt: skip
+    wrong = vitexp(
+        *TINY,
+        "task=distill",
+        f"task.teacher_ckpt={teacher}",
+        "data=imagefolder",
+        "data.num_classes=3",
+        f"data.root={tmp_path / 'three'}",
+        "data.in_chans=1",
+        "data.val_size=3",
+        cwd=tmp_path,
+        check=False,
+    )
     assert "predicts 10 classes" in _one_line_error(wrong)
-    cnn_student = vitexp(*TINY, "task=distill", "task.distill_type=token", f"task.teacher_ckpt={teacher}",
-                         "model.builder=cnn", cwd=tmp_path, check=False)  # fmt: skip
+    cnn_student = vitexp(
+        *TINY,
+        "task=distill",
+        "task.distill_type=token",
+        f"task.teacher_ckpt={teacher}",
+        "model.builder=cnn",
+        cwd=tmp_path,
+        check=False,
+    )
     assert "needs a ViT student" in _one_line_error(cnn_student)

@@ -17,17 +17,32 @@ from hydra.utils import instantiate
 from tests.conftest import TINY, compose_config, vitexp
 
 # Deterministic batches (no random crop or rotation) and fp32, so that 1 and 2 processes can be compared.
-SAME = [*TINY, "trainer.precision=32", "optim.fused=false", "trainer.limit_train_batches=null",
-        "trainer.limit_val_batches=null", "data.splits.train_transform.crop_padding=0",
-        "data.splits.train_transform.rotate=0"]  # fmt: skip
+SAME = [
+    *TINY,
+    "trainer.precision=32",
+    "optim.fused=false",
+    "trainer.limit_train_batches=null",
+    "trainer.limit_val_batches=null",
+    "data.splits.train_transform.crop_padding=0",
+    "data.splits.train_transform.rotate=0",
+]
 
 
 def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=N -m vitexp ARGS`, as a user would start it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m",
-           "vitexp", *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "vitexp",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -62,7 +77,11 @@ def test_two_processes_write_one_run_folder_once(ddp):
     files = sorted(p.relative_to(ddp).as_posix() for p in ddp.rglob("*") if p.is_file())
     assert [f for f in files if f.endswith(".log")] == ["train_baseline.log"]
     assert [f for f in files if f.startswith("checkpoints/")] == [
-        "checkpoints/best.pt", "checkpoints/epoch_0001.pt", "checkpoints/epoch_0002.pt", "checkpoints/last.pt"]  # fmt: skip
+        "checkpoints/best.pt",
+        "checkpoints/epoch_0001.pt",
+        "checkpoints/epoch_0002.pt",
+        "checkpoints/last.pt",
+    ]
     epoch_lines = [line for line in (ddp / "train_baseline.log").read_text().splitlines() if "| train/loss" in line]
     assert len(epoch_lines) == 2  # printed by rank 0 only
     assert len(rows(ddp)) == 2
@@ -124,8 +143,7 @@ def test_resume_on_another_world_size(started, resumed, single, ddp, tmp_path):
 
 
 def test_slurm_launcher_config_composes_and_instantiates():
-    cfg = compose_config("cluster=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-                         hydra=True)  # fmt: skip
+    cfg = compose_config("cluster=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and cfg.hydra.mode.name == "MULTIRUN"
     assert (launcher.partition, launcher.tasks_per_node, launcher.max_num_timeout) == ("gpu", 4, 20)
@@ -139,8 +157,15 @@ def test_cfg_hydra_shows_the_slurm_job_settings(tmp_path):
 
 
 def test_submitit_local_launcher_runs_a_sweep_in_one_folder(tmp_path):
-    vitexp("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "optim.lr=1e-3,2e-3",
-           *TINY, "trainer.max_epochs=1", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        "--multirun",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "optim.lr=1e-3,2e-3",
+        *TINY,
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+    )
     (sweep,) = (tmp_path / "multirun_outputs").iterdir()  # jobs in other processes resolve the same folder
     for job in ("0", "1"):
         assert json.loads((sweep / job / "results.json").read_text())["status"] == "completed"
@@ -180,13 +205,20 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("started", "resumed"), [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
-def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample_on_another_world_size(started, resumed, uninterrupted,
-                                                                                   tmp_path):  # fmt: skip
+def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample_on_another_world_size(
+    started, resumed, uninterrupted, tmp_path
+):
     run = tmp_path / "run"
     args = [INJECT, "SIGTERM", "27", *MID, f"hydra.run.dir={run}"]
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if started == 2 else []
-    proc = subprocess.run([sys.executable, *launcher, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *launcher, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode != 0 and "interrupted (SIGTERM)" in proc.stderr, proc.stderr[-3000:]
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     # the signal reached rank 0 only, in step 27: every rank stopped after it, and it was saved there

@@ -51,8 +51,14 @@ def test_accumulating_two_half_batches_equals_one_full_batch():
     engine.train_one_epoch(
         full, DataLoader(TensorDataset(x, y), batch_size=16), loss, _opt(opt_full, sched_full), 0, CPU
     )
-    _, steps = engine.train_one_epoch(half, DataLoader(TensorDataset(x, y), batch_size=8), loss,
-                                      _opt(opt_half, sched_half), 0, replace(CPU, accumulate=2))  # fmt: skip
+    _, steps = engine.train_one_epoch(
+        half,
+        DataLoader(TensorDataset(x, y), batch_size=8),
+        loss,
+        _opt(opt_half, sched_half),
+        0,
+        replace(CPU, accumulate_grad_batches=2),
+    )
     assert steps == 1
     for a, b in zip(full.parameters(), half.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -63,8 +69,9 @@ def test_gradient_clipping_bounds_the_update():
     model, opt, sched = _setup(lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     loader = DataLoader(TensorDataset(x * 100, y), batch_size=32)
-    metrics, _ = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0,
-                                        replace(CPU, clip_norm=0.01))  # fmt: skip
+    metrics, _ = engine.train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, replace(CPU, gradient_clip_val=0.01)
+    )
     moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert metrics["grad_norm"] > 0.01  # the logged norm is the one before clipping
     assert moved <= 0.01 * 1.01  # SGD, lr 1: the step is the clipped gradient
@@ -87,9 +94,10 @@ def test_per_step_logging_reports_interval_means_every_n_steps():
     model, opt, sched = _setup()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 6 steps
     logged = []
-    monitor = engine.Monitor(on_log=lambda s, m: logged.append((s, m)), log_every=2)
-    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, CPU,
-                                           monitor=monitor)  # fmt: skip
+    monitor = engine.Monitor(on_log=lambda s, m: logged.append((s, m)), log_every_n_steps=2)
+    metrics, step = engine.train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, CPU, monitor=monitor
+    )
     assert [s for s, _ in logged] == [2, 4, 6]
     assert all(m.keys() == {"train_loss", "lr", "grad_norm"} for _, m in logged)
     # the three interval means of equal-sized intervals average to the epoch means

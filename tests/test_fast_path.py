@@ -53,12 +53,13 @@ def _offset_and_flip(out: torch.Tensor) -> tuple[int, int, bool]:
 
 def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip():
     n = 20_000
-    cpu = transforms.Compose([transforms.RandomCrop(SIZE, padding=PAD), transforms.RandomHorizontalFlip(0.5),
-                              transforms.PILToTensor()])  # fmt: skip
+    cpu = transforms.Compose(
+        [transforms.RandomCrop(SIZE, padding=PAD), transforms.RandomHorizontalFlip(0.5), transforms.PILToTensor()]
+    )
     torch.manual_seed(0)
     reference = Counter(_offset_and_flip(cpu(Gradient(1).image)) for _ in range(n))
     images, labels = to_device(TransformSubset(Gradient(n), range(n), None), SIZE, torch.device("cpu"), 0)
-    loader = DeviceLoader(images, labels, 1000, True, [0.0], [1 / 255], crop_padding=PAD, hflip=0.5)
+    loader = DeviceLoader(images, labels, 1000, train=True, mean=[0.0], std=[1 / 255], crop_padding=PAD, hflip=0.5)
     set_epoch(loader, 0, 1)
     device = Counter(_offset_and_flip(x.round().to(torch.uint8)) for batch, _ in loader for x in batch)
     cells = [(t, left, f) for t in range(2 * PAD + 1) for left in range(2 * PAD + 1) for f in (False, True)]
@@ -71,8 +72,8 @@ def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip()
 def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
     n = 100
     data = TransformSubset(Gradient(n), range(n), eval_transform(SIZE, [0.5], [0.25], 1.0, "bilinear"))
-    cpu = make_loader(data, 16, 0, False, True, False)
-    device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, True, [0.5], [0.25])
+    cpu = make_loader(data, 16, 0, train=True)
+    device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, train=True, mean=[0.5], std=[0.25])
     for epoch in (1, 2):
         set_epoch(cpu, 7, epoch)
         set_epoch(device, 7, epoch)
@@ -83,8 +84,16 @@ def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
 
 
 def _losses(tmp_path, *args):
-    vitexp(*TINY, "trainer.precision=32", "trainer.max_epochs=3", "trainer.limit_train_batches=10",
-           "data.splits.train_transform.crop_padding=0", "data.splits.train_transform.rotate=0", *args, cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        "trainer.precision=32",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=10",
+        "data.splits.train_transform.crop_padding=0",
+        "data.splits.train_transform.rotate=0",
+        *args,
+        cwd=tmp_path,
+    )
     (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
     with (run / "metrics.csv").open() as f:
         return [(float(r["train/loss"]), float(r["val/loss"])) for r in csv.DictReader(f)]
@@ -112,8 +121,19 @@ def test_benchmark_prints_one_json_line_with_the_figures(mode, tmp_path):
         args += ["data.on_device=true", "data.splits.train_transform.rotate=0"]
     proc = vitexp(*TINY, *args, cwd=tmp_path)
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"img_per_s", "step_ms", "mfu", "peak_mem_mb", "params", "macs", "device", "batch_size",
-            "anchor_img_per_s", "ratio", "infer_img_per_s"} <= figures.keys()  # fmt: skip
+    assert {
+        "img_per_s",
+        "step_ms",
+        "mfu",
+        "peak_mem_mb",
+        "params",
+        "macs",
+        "device",
+        "batch_size",
+        "anchor_img_per_s",
+        "ratio",
+        "infer_img_per_s",
+    } <= figures.keys()
     assert figures["img_per_s"] > 0 and 0 < figures["mfu"] < 1.5 and figures["batch_size"] == 16
     assert figures["ratio"] == pytest.approx(figures["img_per_s"] / figures["anchor_img_per_s"], rel=1e-2)
     assert abs(figures["step_ms"] - 1000 * 16 / figures["img_per_s"]) < 0.01
@@ -125,10 +145,14 @@ def test_run_summary_gives_time_to_accuracy_of_a_stopped_run(tmp_path):
     """A run stopped after 3 of 10 epochs (no results.json): accuracy against time since its command started."""
     start = datetime(2026, 1, 1, 12, 0, 0).timestamp()
     rows = [(1, 0.5, 10.0), (2, 0.86, 9.0), (3, 0.84, 9.0)]  # epoch, val/acc1, time/epoch_s
-    (tmp_path / "metrics.csv").write_text("epoch,val/acc1,time/epoch_s,throughput/img_s\n" + "".join(
-        f"{e},{a},{t},{1000 * e}\n" for e, a, t in rows))  # fmt: skip
-    (tmp_path / "train_baseline.log").write_text("".join(
-        f"[2026-01-01 12:00:{s}][INFO] epoch {e}/10 | val/acc1 {a}\n" for (e, a, _), s in zip(rows, (30, 40, 50))))  # fmt: skip
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,val/acc1,time/epoch_s,throughput/img_s\n" + "".join(f"{e},{a},{t},{1000 * e}\n" for e, a, t in rows)
+    )
+    (tmp_path / "train_baseline.log").write_text(
+        "".join(
+            f"[2026-01-01 12:00:{s}][INFO] epoch {e}/10 | val/acc1 {a}\n" for (e, a, _), s in zip(rows, (30, 40, 50))
+        )
+    )
     figures = summary(tmp_path, start, budget=45)
     assert figures["status"] == "stopped early" and figures["epochs"] == 3 and figures["planned_epochs"] == 10
     assert figures["best_val_acc1"] == 0.86 and figures["best_epoch"] == 2 and figures["best_within_45s"] == 0.86

@@ -18,6 +18,7 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from tests.builders import build
 from tests.conftest import TINY, metric_rows, vitexp
 from vitexp import VitexpError
 from vitexp.data import (
@@ -31,7 +32,6 @@ from vitexp.data import (
     train_transform,
 )
 from vitexp.images import image_folder, load_image
-from vitexp.models import build
 from vitexp.shards import ShardSet
 from vitexp.shards import main as write_shards
 
@@ -53,14 +53,40 @@ def _seeded(transform, image: Image.Image, seed: int = 0) -> torch.Tensor:
 
 
 def test_imagenet_preset_is_timms_create_transform(photos):
-    ours = train_transform("imagenet", 48, MEAN, STD, "bicubic", hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1",
-                           re_prob=0.25, **{**CIFAR, "scale": (0.3, 1.0)})  # fmt: skip
-    timms = create_transform(48, is_training=True, scale=(0.3, 1.0), ratio=(0.75, 4 / 3), hflip=0.5,
-                             color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-                             mean=MEAN, std=STD, re_prob=0.25, re_mode="pixel")  # fmt: skip
+    ours = train_transform(
+        "imagenet",
+        48,
+        MEAN,
+        STD,
+        "bicubic",
+        hflip=0.5,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        re_prob=0.25,
+        **{**CIFAR, "scale": (0.3, 1.0)},
+    )
+    timms = create_transform(
+        48,
+        is_training=True,
+        scale=(0.3, 1.0),
+        ratio=(0.75, 4 / 3),
+        hflip=0.5,
+        color_jitter=0.4,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        mean=MEAN,
+        std=STD,
+        re_prob=0.25,
+        re_mode="pixel",
+    )
     evaluation = eval_transform(48, MEAN, STD, crop_pct=0.875, interpolation="bicubic")
-    by_hand = transforms.Compose([transforms.Resize(int(48 / 0.875), transforms.InterpolationMode.BICUBIC),
-                                  transforms.CenterCrop(48), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])  # fmt: skip
+    by_hand = transforms.Compose(
+        [
+            transforms.Resize(int(48 / 0.875), transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(48),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     for path in _photos(photos)[::7]:
         image = load_image(str(path))
         for seed in range(2):
@@ -109,16 +135,41 @@ def test_bad_files_are_named_skipped_or_refused_in_one_line(photos, tmp_path, ca
     (root / "train" / "flower").mkdir()
     with pytest.raises(VitexpError, match=r"no readable images in class folder\(s\) flower under .*remove the folder"):
         image_folder(root / "train", "RGB")
-    with pytest.raises(VitexpError, match=r"data.img_size=30 is not divisible by model.patch_size=4; use data.img_size=28 or 32"):  # fmt: skip
+    with pytest.raises(
+        VitexpError, match=r"data.img_size=30 is not divisible by model.patch_size=4; use data.img_size=28 or 32"
+    ):
         build(
             "vit", "baseline", img_size=30, patch_size=4, in_chans=3, num_classes=2, embed_dim=32, depth=1, num_heads=2
         )
 
 
 def test_photos_are_not_held_on_the_device(photos):
-    splits = image_splits("imagefolder", str(photos), False, 0.1, None, 0, lambda x: x, lambda x: x)
-    settings = LoaderSettings(16, 16, 0, False, True, 32, MEAN, STD, 4, 0.5, transform="imagenet")
-    with pytest.raises(VitexpError, match="data.transform=imagenet crops each photo from its full size; set data.on_device=false"):  # fmt: skip
+    splits = image_splits(
+        "imagefolder",
+        str(photos),
+        download=False,
+        val_size=0.1,
+        train_subset=None,
+        seed=0,
+        train_transform=lambda x: x,
+        eval_transform=lambda x: x,
+    )
+    settings = LoaderSettings(
+        16,
+        16,
+        0,
+        persistent_workers=False,
+        on_device=True,
+        img_size=32,
+        mean=MEAN,
+        std=STD,
+        crop_padding=4,
+        hflip=0.5,
+        transform="imagenet",
+    )
+    with pytest.raises(
+        VitexpError, match="data.transform=imagenet crops each photo from its full size; set data.on_device=false"
+    ):
         loaders(settings, splits, torch.device("cpu"))
 
 
@@ -167,8 +218,9 @@ def test_an_epoch_over_2_ranks_and_2_workers_reads_every_sample_once(shards, tra
     sources = _Sources(ShardSet(shards / "train"))
     seen: Counter = Counter()
     for rank in range(2):
-        loader = make_loader(sources, 20, num_workers=2, persistent_workers=False, train=train, pin_memory=False,
-                             rank=rank, world=2)  # fmt: skip
+        loader = make_loader(
+            sources, 20, num_workers=2, persistent_workers=False, train=train, pin_memory=False, rank=rank, world=2
+        )
         if train:
             set_epoch(loader, seed=0, epoch=3)
         for _, keys in loader:
@@ -196,7 +248,16 @@ def test_missing_truncated_or_forged_shards_are_one_line_errors(shards, tmp_path
     with pytest.raises(VitexpError, match="is not a shard index"):
         ShardSet(copy / "train")
     with pytest.raises(VitexpError, match=r"no shards under data.root=.*python -m vitexp.shards"):
-        image_splits("shards", str(tmp_path), False, 0.1, None, 0, lambda x: x, lambda x: x)
+        image_splits(
+            "shards",
+            str(tmp_path),
+            download=False,
+            val_size=0.1,
+            train_subset=None,
+            seed=0,
+            train_transform=lambda x: x,
+            eval_transform=lambda x: x,
+        )
 
 
 def test_photos_train_evaluate_distill_and_prune_through_the_cli(photos, tmp_path):
@@ -204,8 +265,15 @@ def test_photos_train_evaluate_distill_and_prune_through_the_cli(photos, tmp_pat
     best = tmp_path / "train" / "checkpoints" / "best.pt"
     trained = json.loads((tmp_path / "train" / "results.json").read_text())
     assert trained["status"] == "completed" and trained["model"] == "baseline"
-    vitexp(*SMALL, "task=evaluate", f"data.root={photos}", f"ckpt_path={best}", "hydra.run.dir=eval",
-           "trainer.limit_val_batches=null", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *SMALL,
+        "task=evaluate",
+        f"data.root={photos}",
+        f"ckpt_path={best}",
+        "hydra.run.dir=eval",
+        "trainer.limit_val_batches=null",
+        cwd=tmp_path,
+    )
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["images"] == 22 and evaluated["val_acc1"] == pytest.approx(trained["best_val_acc1"], abs=1e-6)
     for task, args in (("distill", [f"task.teacher_ckpt={best}"]), ("prune", [f"ckpt_path={best}", "task.ratio=0.5"])):
@@ -232,10 +300,18 @@ def test_the_photo_defaults_compose_timms_transforms_and_vit_ti16(photos, tmp_pa
     assert (cfg.model.name, cfg.model.patch_size, cfg.data.img_size) == ("vit_ti16", 16, 224)
     assert (cfg.data.transform, cfg.data.crop_pct, cfg.data.interpolation) == ("imagenet", 0.875, "bicubic")
     assert compose_config("data=shards", "data.root=x", "model=patch8").model.name == "patch8"
-    splits: Splits = image_splits("imagefolder", str(photos), False, 0.1, None, 0,
-                                  train_transform("imagenet", 224, MEAN, STD, "bicubic", hflip=0.5, auto_augment=None,
-                                                  re_prob=0.0, **CIFAR),
-                                  eval_transform(224, MEAN, STD, 0.875, "bicubic"))  # fmt: skip
+    splits: Splits = image_splits(
+        "imagefolder",
+        str(photos),
+        download=False,
+        val_size=0.1,
+        train_subset=None,
+        seed=0,
+        train_transform=train_transform(
+            "imagenet", 224, MEAN, STD, "bicubic", hflip=0.5, auto_augment=None, re_prob=0.0, **CIFAR
+        ),
+        eval_transform=eval_transform(224, MEAN, STD, 0.875, "bicubic"),
+    )
     assert splits.train[0][0].shape == splits.val[0][0].shape == (3, 224, 224)
 
 
@@ -247,8 +323,14 @@ def test_photos_from_shards_under_torchrun_train_evaluate_distill_and_prune(shar
     torchrun(2, *args, "hydra.run.dir=train", cwd=tmp_path)  # 2 ranks x 2 loader workers
     best = tmp_path / "train" / "checkpoints" / "best.pt"
     trained = json.loads((tmp_path / "train" / "results.json").read_text())
-    vitexp(*args, "task=evaluate", f"ckpt_path={best}", "hydra.run.dir=eval", "trainer.limit_val_batches=null",
-           cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *args,
+        "task=evaluate",
+        f"ckpt_path={best}",
+        "hydra.run.dir=eval",
+        "trainer.limit_val_batches=null",
+        cwd=tmp_path,
+    )
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["val_acc1"] == pytest.approx(trained["best_val_acc1"], abs=1e-6)
     for task, extra in (("distill", [f"task.teacher_ckpt={best}"]), ("prune", [f"ckpt_path={best}"])):
@@ -263,8 +345,14 @@ def test_a_run_on_shards_killed_and_resumed_equals_an_uninterrupted_one(shards, 
 
     from tests import cli
 
-    args = [*SMALL, "data=shards", f"data.root={shards}", "data.num_workers=2", "trainer.max_epochs=3",
-            "trainer.limit_train_batches=null"]  # fmt: skip
+    args = [
+        *SMALL,
+        "data=shards",
+        f"data.root={shards}",
+        "data.num_workers=2",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=null",
+    ]
     vitexp(*args, "hydra.run.dir=straight", cwd=tmp_path)
     run = tmp_path / "killed"
     child = cli.Child([*args, f"hydra.run.dir={run}"], tmp_path)

@@ -22,20 +22,29 @@ def test_installed_package_finds_its_configs(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", target, src],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     shutil.rmtree(src)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
     proc = subprocess.run(
         [sys.executable, "-m", "vitexp", "--cfg", "job", "model=patch8", "data=cifar10"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "name: patch8" in proc.stdout and "name: cifar10" in proc.stdout
     located = subprocess.run(
         [sys.executable, "-c", "import vitexp.__main__ as m; print(m.config_dir())"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert located.stdout.strip().startswith(str(target))
     assert list(elsewhere.iterdir()) == []

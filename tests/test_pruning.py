@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
+from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
 from vitexp.bench import prune_speed, prune_vs_scratch
-from vitexp.models import arch_of, build_from_arch, cnn, count_macs, count_params
+from vitexp.models import arch_of, build_from_arch, count_macs, count_params, timm_model
 from vitexp.pruning import global_layout, layout_of, prune, uniform_layout
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import _step_models
@@ -25,12 +25,12 @@ X = torch.randn(3, 3, 32, 32)
 
 def _model():
     torch.manual_seed(0)
-    return instantiate(compose_config("data=cifar10", "model.depth=3").model).eval()
+    return model_of(compose_config("data=cifar10", "model.depth=3").model).eval()
 
 
 def _pruned_arch(model, ratio):
     kwargs = dict(arch_of(model)["kwargs"])
-    return {"builder": "pruned_vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout_of(model)}}
+    return {"builder": "vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout_of(model)}}
 
 
 @pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
@@ -76,7 +76,7 @@ def test_pruned_state_round_trips_through_arch_and_fused_attention_agrees():
 
 
 def test_model_pruned_is_uniform_and_trainable():
-    model = instantiate(compose_config("model=pruned", "model.ratio=0.5", "data=cifar10").model)
+    model = model_of(compose_config("model=pruned", "model.ratio=0.5", "data=cifar10").model)
     assert layout_of(model) == [[2, 256]] * 7
     model(X).sum().backward()
 
@@ -99,7 +99,7 @@ def test_one_command_pipeline_reports_before_pruned_after(pipeline):
     assert (pipeline / "unpruned" / "checkpoints" / "best.pt").is_file()
     assert (pipeline / "plots" / "accuracy_vs_macs.png").is_file()
     arch = torch.load(pipeline / "checkpoints" / "best.pt", weights_only=True)["arch"]
-    assert arch["builder"] == "pruned_vit" and arch["kwargs"]["layout"] == [[1, 64], [1, 64]]
+    assert arch["builder"] == "vit" and arch["kwargs"]["layout"] == [[1, 64], [1, 64]]
 
 
 def test_pruned_checkpoint_evaluates_and_distils(pipeline, tmp_path):
@@ -113,10 +113,12 @@ def test_pruned_checkpoint_evaluates_and_distils(pipeline, tmp_path):
 
 def test_bad_prune_input_is_one_line(tmp_path):
     path = tmp_path / "cnn.pt"
-    model = cnn("resnet10t", "resnet10t", 16, 1, 10, False)
+    model = timm_model("resnet10t", 16, 1, 10)
     checkpoint.save({"model": model.state_dict(), "arch": model.vitexp_arch, "config": {}}, path)
-    for args, fragment in (([f"ckpt_path={path}"], "takes a ViT checkpoint"),
-                           ([f"ckpt_path={path}", "task.ratio=1.0"], "task.ratio=1.0 is not valid: it must be a number in [0, 1)")):  # fmt: skip
+    for args, fragment in (
+        ([f"ckpt_path={path}"], "takes a ViT checkpoint"),
+        ([f"ckpt_path={path}", "task.ratio=1.0"], "task.ratio=1.0 is not valid: it must be a number in [0, 1)"),
+    ):
         proc = vitexp(*TINY, "task=prune", *args, cwd=tmp_path, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert fragment in proc.stderr.strip().splitlines()[-1]
@@ -174,8 +176,9 @@ def test_fused_and_unfused_attention_agree_after_global_pruning():
 def test_global_layout_rebuilds_in_a_fresh_process_and_loads_weights_only(tmp_path):
     model = _globally_pruned()
     path = tmp_path / "pruned.pt"
-    checkpoint.save({"model": model.state_dict(), "arch": _pruned_arch(model, 0.5), "x": X, "y": model(X).detach()},
-                    path)  # fmt: skip
+    checkpoint.save(
+        {"model": model.state_dict(), "arch": _pruned_arch(model, 0.5), "x": X, "y": model(X).detach()}, path
+    )
     code = (
         "import sys, torch\n"
         "from vitexp.models import build_from_arch\n"
@@ -201,8 +204,21 @@ def test_bad_allocation_and_rounding_are_one_line_errors():
 
 
 def test_prune_speed_bench_times_every_shape(capsys):
-    prune_speed.main(["--no-compile", "--repeats", "1", "--min-s", "0", "--batches", "1,4", "data=digits",
-                      "model.depth=2", "task.round_to=8", "trainer.device=cpu"])  # fmt: skip
+    prune_speed.main(
+        [
+            "--no-compile",
+            "--repeats",
+            "1",
+            "--min-s",
+            "0",
+            "--batches",
+            "1,4",
+            "data=digits",
+            "model.depth=2",
+            "task.round_to=8",
+            "trainer.device=cpu",
+        ]
+    )
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert [r["model"] for r in rows][:3] == ["dense", "uniform_r8", "global_r8"]
     for row in rows:
@@ -213,8 +229,9 @@ def test_prune_speed_bench_times_every_shape(capsys):
 @pytest.mark.slow
 def test_prune_vs_scratch_bench_runs_end_to_end(pipeline, tmp_path):
     dense = pipeline / "unpruned" / "checkpoints" / "best.pt"
-    prune_vs_scratch.main([*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--out",
-                           str(tmp_path)])  # fmt: skip
+    prune_vs_scratch.main(
+        [*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--out", str(tmp_path)]
+    )
     rows = json.loads((tmp_path / "results.json").read_text())
     methods = [(r["method"], r["allocation"]) for r in rows]
     assert methods[0] == ("dense", "-") and ("scratch", "uniform") in methods

@@ -121,8 +121,9 @@ def test_a_hydra_config_that_names_code_is_refused_on_resume_and_auto_resume(hon
     (requeued / "results.json").unlink()
     _before_first_checkpoint(requeued, sub_run=True)
     _tamper_hydra_config(requeued, lambda config: config["data"]["splits"].update({"extra": copy}))
-    proc = vitexp(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={requeued}", "auto_resume=true", cwd=tmp_path,
-                  check=False)  # fmt: skip
+    proc = vitexp(
+        *TINY, "trainer.max_epochs=1", f"hydra.run.dir={requeued}", "auto_resume=true", cwd=tmp_path, check=False
+    )
     assert "data.splits.extra._target_" in _refused(proc)
     _nothing_ran(marker, victim)
 
@@ -131,8 +132,10 @@ def test_an_interpolation_in_a_stored_config_is_refused_and_never_resolved(tmp_p
     run = tmp_path / "run"
     vitexp(*TINY, "trainer.max_epochs=1", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run}", cwd=tmp_path)
     (run / "results.json").unlink()
-    _tamper_checkpoint(run / "checkpoints" / "last.pt",
-                       lambda config: config["logger"].update({"name": "${oc.env:VITEXP_TEST_SECRET}"}))  # fmt: skip
+    _tamper_checkpoint(
+        run / "checkpoints" / "last.pt",
+        lambda config: config["logger"].update({"name": "${oc.env:VITEXP_TEST_SECRET}"}),
+    )
     env = {"VITEXP_TEST_SECRET": SECRET, "WANDB_MODE": "offline"}
     line = _refused(vitexp(f"resume={run}", cwd=tmp_path, check=False, env=env))
     assert "logger.name" in line and "interpolation" in line
@@ -153,8 +156,11 @@ def test_ckpt_path_teacher_ckpt_and_evaluate_take_only_weights_and_plain_values(
         config["logger"]["name"] = "${oc.env:HOME}"
 
     _tamper_checkpoint(evil, plant)
-    for args in (["task=evaluate", f"ckpt_path={evil}"], [f"ckpt_path={evil}", "trainer.max_epochs=1"],
-                 ["task=distill", f"task.teacher_ckpt={evil}", "trainer.max_epochs=1"]):  # fmt: skip
+    for args in (
+        ["task=evaluate", f"ckpt_path={evil}"],
+        [f"ckpt_path={evil}", "trainer.max_epochs=1"],
+        ["task=distill", f"task.teacher_ckpt={evil}", "trainer.max_epochs=1"],
+    ):
         vitexp(*TINY, *args, cwd=tmp_path)
         _nothing_ran(marker, victim)
     # the architecture a checkpoint names can only select a vitexp builder with plain arguments
@@ -163,8 +169,17 @@ def test_ckpt_path_teacher_ckpt_and_evaluate_take_only_weights_and_plain_values(
     torch.save(state, evil)
     proc = vitexp(*TINY, "task=evaluate", f"ckpt_path={evil}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "not plain values" in proc.stderr.strip().splitlines()[-1]
-    state["arch"] = {"builder": "cnn", "name": "x", "kwargs": {"model_name": "hf-hub:someone/model", "img_size": 16,
-                                                               "in_chans": 1, "num_classes": 10, "small_input": True}}  # fmt: skip
+    state["arch"] = {
+        "builder": "timm",
+        "name": "x",
+        "kwargs": {
+            "model_name": "hf-hub:someone/model",
+            "img_size": 16,
+            "in_chans": 1,
+            "num_classes": 10,
+            "small_input": True,
+        },
+    }
     torch.save(state, evil)
     proc = vitexp(*TINY, "task=evaluate", f"ckpt_path={evil}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "not a timm model name" in proc.stderr.strip().splitlines()[-1]
@@ -182,13 +197,14 @@ def test_resumed_config_takes_plain_values_and_refuses_code(tmp_path):
     cfg = compose_config(*TINY, "trainer.max_epochs=5")
     command = ["resume=run", "trainer.max_epochs=5"]
     saved = plain(cfg)
-    saved["optim"].update(lr=0.123, name="adamw")  # a value of the run, and a key an older vitexp wrote
-    saved["model"].update(depth=3, _target_="vitexp.models.vit")  # an older vitexp's own _target_
+    saved["optim"]["lr"] = 0.123  # a value of the run
+    saved["model"]["depth"] = 3
     saved["trainer"]["max_epochs"] = 9  # this command line says 5
     got = resumed(cfg, saved, ["debug=fast"], "run", command)
     assert (got.optim.lr, got.model.depth, got.trainer.max_epochs) == (0.123, 3, 5)
-    assert "name" not in got.optim and got.model._target_ == "vitexp.models.build"
+    assert "_target_" not in got.model  # a model is built from its registered `builder`
     attacks = {
+        "model._target_": lambda c: c["model"].update(_target_="vitexp.models.vit"),
         "model.notes._target_": lambda c: c["model"].update(notes={"_target_": "os.system", "_args_": ["true"]}),
         "optim.optimizer._target_": lambda c: c["optim"]["optimizer"].update(_target_="shutil.rmtree"),
         "logger.name": lambda c: c["logger"].update(name="${oc.env:HOME}"),

@@ -19,8 +19,8 @@ from vitexp.data import CropFlip, DeviceLoader, ShardedSampler, make_loader, set
 
 def test_a_samples_augmentation_depends_on_seed_epoch_and_index_only():
     splits = build(compose_config().data.splits)  # digits: random crop and rotation on the worker path
-    plain, workers = make_loader(splits.train, 32, 0, False, True, False), make_loader(splits.train, 32, 2, True, True,
-                                                                                        False)  # fmt: skip
+    plain = make_loader(splits.train, 32, 0, train=True)
+    workers = make_loader(splits.train, 32, 2, train=True, persistent_workers=True)
     torch.manual_seed(1)
     before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     set_epoch(plain, 0, 3)
@@ -73,11 +73,16 @@ def test_device_draws_are_a_function_of_the_sample_alone():
 def test_the_device_loader_resumes_at_the_same_augmented_images():
     images = torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8)
     labels = torch.arange(40)
-    full = DeviceLoader(images, labels, 8, True, [0.0], [1.0], crop_padding=2, hflip=0.5)
+    full = DeviceLoader(images, labels, 8, train=True, mean=[0.0], std=[1.0], crop_padding=2, hflip=0.5)
     set_epoch(full, 0, 1)
     expected = list(full)
     for world in (1, 2):
-        shards = [DeviceLoader(images, labels, 8, True, [0.0], [1.0], 2, 0.5, rank, world) for rank in range(world)]
+        shards = [
+            DeviceLoader(
+                images, labels, 8, train=True, mean=[0.0], std=[1.0], crop_padding=2, hflip=0.5, rank=rank, world=world
+            )
+            for rank in range(world)
+        ]
         for shard in shards:
             set_epoch(shard, 0, 1, start_batch=2)
         for b, parts in enumerate(zip(*shards, strict=True)):
@@ -89,9 +94,9 @@ def test_the_device_loader_resumes_at_the_same_augmented_images():
 
 
 def _sums(loss: float, images: int, norm: float) -> dict:
-    sums = engine._Sums(torch.device("cpu"), False)
-    sums.add_batch(torch.tensor(loss), images, True)
-    sums.add_step(torch.tensor(norm), True)
+    sums = engine.EpochSums(torch.device("cpu"), skip_nonfinite=False)
+    sums.add_batch(torch.tensor(loss), images, logging=True)
+    sums.add_step(torch.tensor(norm), logging=True)
     sums.steps += 1
     return sums.state_dict()
 

@@ -36,8 +36,9 @@ def leet(*args: str) -> str:
 
 def records(offline_run: Path, kind: str) -> list[dict]:
     """The offline run's records of one type (history, run, artifact, ...)."""
-    return [json.loads(line)[kind] for line in leet("--json", str(offline_run)).splitlines()
-            if f'"type":"{kind}"' in line]  # fmt: skip
+    return [
+        json.loads(line)[kind] for line in leet("--json", str(offline_run)).splitlines() if f'"type":"{kind}"' in line
+    ]
 
 
 def inspect(offline_run: Path) -> tuple[dict, list[dict]]:
@@ -61,8 +62,15 @@ def table_rows(markdown: str) -> list[list[str]]:
 def sweep(tmp_path_factory) -> Path:
     """The 2 x 2 sweep of the issue: lr x model on digits, offline W&B, 2 epochs."""
     cwd = tmp_path_factory.mktemp("sweep")
-    vitexp("--multirun", "optim.lr=1e-3,3e-4", "model=baseline,patch8", "data=digits", *TINY_WANDB,
-           "trainer.max_epochs=2", cwd=cwd)  # fmt: skip
+    vitexp(
+        "--multirun",
+        "optim.lr=1e-3,3e-4",
+        "model=baseline,patch8",
+        "data=digits",
+        *TINY_WANDB,
+        "trainer.max_epochs=2",
+        cwd=cwd,
+    )
     (folder,) = (cwd / "multirun_outputs").iterdir()
     return folder
 
@@ -88,8 +96,10 @@ def test_each_sweep_job_has_its_own_wandb_run_with_config_and_epoch_metrics(swee
         rows = list(csv.DictReader((job / "metrics.csv").open()))
         assert [h["epoch"] for h in epochs] == [1, 2]
         assert [h["val/acc1"] for h in epochs] == [float(r["val/acc1"]) for r in rows]
-        assert all({"train/loss", "val/loss", "lr", "grad_norm", "time/epoch_s", "throughput/img_s"} <= h.keys()
-                   for h in epochs)  # fmt: skip
+        assert all(
+            {"train/loss", "val/loss", "lr", "grad_norm", "time/epoch_s", "throughput/img_s"} <= h.keys()
+            for h in epochs
+        )
         steps = [h for h in history if "step/train_loss" in h]
         assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]  # debug=fast: 3 steps per epoch
         assert all(h["step/lr"] > 0 and h["step/grad_norm"] > 0 for h in steps)
@@ -130,8 +140,11 @@ def test_pareto_front():
 
 
 def test_run_name_says_task_model_and_overrides():
-    name = run_name("train", "patch8", ["model=patch8", "optim.lr=0.001", "logger=wandb", "logger.mode=offline",
-                                        "hydra.run.dir=x", "seed=1"])  # fmt: skip
+    name = run_name(
+        "train",
+        "patch8",
+        ["model=patch8", "optim.lr=0.001", "logger=wandb", "logger.mode=offline", "hydra.run.dir=x", "seed=1"],
+    )
     assert name == "train-patch8-optim.lr=0.001-seed=1"
 
 
@@ -177,8 +190,16 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 def test_online_without_network_warns_once_and_finishes(tmp_path):
     env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing listens on port 9
-    proc = vitexp(*TINY[:-1], "logger=wandb", "logger.mode=online", "logger.init_timeout=1", "trainer.max_epochs=1",
-                  cwd=tmp_path, env=env, check=False)  # fmt: skip
+    proc = vitexp(
+        *TINY[:-1],
+        "logger=wandb",
+        "logger.mode=online",
+        "logger.init_timeout=1",
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "W&B online is not available" in line]
     assert len(warnings) == 1 and "wandb sync" in warnings[0]
@@ -230,8 +251,13 @@ def _fake_run(folder: Path, overrides: list[str], acc: float, curve: list[float]
 
 
 def test_report_gives_the_mean_std_and_n_of_runs_that_differ_only_in_seed(tmp_path):
-    runs = [("baseline", 0, 0.50, [0.3, 0.50]), ("baseline", 1, 0.60, [0.4, 0.60]), ("baseline", 2, 0.70, [0.2, 0.7]),
-            ("patch8", 0, 0.40, [0.3, 0.40]), ("patch8", 1, 0.45, [0.1, 0.45])]  # fmt: skip
+    runs = [
+        ("baseline", 0, 0.50, [0.3, 0.50]),
+        ("baseline", 1, 0.60, [0.4, 0.60]),
+        ("baseline", 2, 0.70, [0.2, 0.7]),
+        ("patch8", 0, 0.40, [0.3, 0.40]),
+        ("patch8", 1, 0.45, [0.1, 0.45]),
+    ]
     for i, (model, seed, acc, curve) in enumerate(runs):
         _fake_run(tmp_path / str(i), [f"model={model}", f"seed={seed}", "trainer.max_epochs=2"], acc, curve)
     _fake_run(tmp_path / "5", ["model=patch8", "seed=2", "trainer.max_epochs=2"], 0.1, [0.1], status="failed")

@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
+from tests.builders import build
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint, engine
 from vitexp.config import resumed
-from vitexp.models import build, build_from_arch
+from vitexp.models import build_from_arch
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import optimization
 
@@ -29,8 +30,15 @@ DEIT = ["model=timm", "model.name=deit_tiny_patch16_224", "model.patch_size=4"]
 
 
 def _deit(img_size: int = 32, in_chans: int = 3, num_classes: int = 5, **kw):
-    return build("timm", "deit_tiny_patch16_224", img_size=img_size, in_chans=in_chans, num_classes=num_classes,
-                 kwargs=SIZES, **kw)  # fmt: skip
+    return build(
+        "timm",
+        "deit_tiny_patch16_224",
+        img_size=img_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        kwargs=SIZES,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,9 @@ def test_weights_file_resampled_to_another_size_and_channels(weights):
 
 
 def test_pretrained_file_trains_on_digits_at_48_pixels(weights, tmp_path):
-    proc = vitexp(*TINY, *DEIT, "data.img_size=48", f"model.pretrained={weights[0]}", "trainer.max_epochs=1",
-                  cwd=tmp_path)  # fmt: skip
+    proc = vitexp(
+        *TINY, *DEIT, "data.img_size=48", f"model.pretrained={weights[0]}", "trainer.max_epochs=1", cwd=tmp_path
+    )
     assert "deit_tiny_patch16_224" in proc.stderr
     best = next(tmp_path.glob("outputs/train/*/*/checkpoints/best.pt"))
     saved = checkpoint.load(best)
@@ -73,11 +82,25 @@ def test_weights_of_another_architecture_are_one_line(weights, tmp_path):
     with pytest.raises(VitexpError, match=r"100 keys missing \(e.g. conv1.weight\), 32 unexpected \(e.g. blocks"):
         build("timm", "resnet18", img_size=32, in_chans=3, num_classes=5, pretrained=str(weights[0]))
     with pytest.raises(VitexpError, match=r"0 keys missing, 0 unexpected, \d+ of another shape \(e.g. "):
-        build("timm", "deit_tiny_patch16_224", img_size=32, in_chans=3, num_classes=5, pretrained=str(weights[0]),
-              kwargs={**SIZES, "embed_dim": 96})  # fmt: skip
+        build(
+            "timm",
+            "deit_tiny_patch16_224",
+            img_size=32,
+            in_chans=3,
+            num_classes=5,
+            pretrained=str(weights[0]),
+            kwargs={**SIZES, "embed_dim": 96},
+        )
     no_vit_sizes = ["model.embed_dim=null", "model.depth=null", "model.num_heads=null"]  # set by debug=fast
-    proc = vitexp(*TINY, "model=timm", "model.name=resnet18", *no_vit_sizes, f"model.pretrained={weights[0]}",
-                  cwd=tmp_path, check=False)  # fmt: skip
+    proc = vitexp(
+        *TINY,
+        "model=timm",
+        "model.name=resnet18",
+        *no_vit_sizes,
+        f"model.pretrained={weights[0]}",
+        cwd=tmp_path,
+        check=False,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "another architecture" in last and "unexpected (e.g. blocks." in last
 
@@ -85,8 +108,13 @@ def test_weights_of_another_architecture_are_one_line(weights, tmp_path):
 def test_pretrained_true_offline_names_the_cache_and_the_fix(tmp_path):
     # a fresh interpreter: the hub reads HF_HOME and HF_HUB_OFFLINE when it is imported
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "vitexp", *TINY, "model=timm", "model.patch_size=4",
-                           "model.pretrained=true"], cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitexp", *TINY, "model=timm", "model.patch_size=4", "model.pretrained=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2, proc.stderr
     assert f"{tmp_path}/hf/hub" in last and "timm/vit_tiny_patch16_224" in last and "model.pretrained=<path>" in last
@@ -117,8 +145,14 @@ def test_layer_decay_scales_each_group_and_keeps_no_decay_groups():
 
 
 def test_head_only_epochs_then_everything_trains(weights, tmp_path):
-    vitexp(*TINY, *DEIT, f"model.pretrained={weights[0]}", "optim.head_only_epochs=1", "trainer.ckpt_every_n_epochs=1",
-           cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        *DEIT,
+        f"model.pretrained={weights[0]}",
+        "optim.head_only_epochs=1",
+        "trainer.ckpt_every_n_epochs=1",
+        cwd=tmp_path,
+    )
     folder = next(tmp_path.glob("outputs/train/*/*/checkpoints"))
     one, two = checkpoint.load(folder / "epoch_0001.pt")["model"], checkpoint.load(folder / "epoch_0002.pt")["model"]
     start = _deit(img_size=16, in_chans=1, num_classes=10, pretrained=str(weights[0])).state_dict()
@@ -165,8 +199,12 @@ print(f"max abs diff {diff:.3e}")
 
 def test_export_round_trip_in_plain_timm(trained, tmp_path):
     out = tmp_path / "folder"
-    proc = subprocess.run([sys.executable, "-m", "vitexp.export", str(trained / "checkpoints/best.pt"), "--out",
-                           str(out)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitexp.export", str(trained / "checkpoints/best.pt"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
     model, _ = checkpoint.load_model(trained / "checkpoints/best.pt")
@@ -175,23 +213,39 @@ def test_export_round_trip_in_plain_timm(trained, tmp_path):
         torch.save(model.eval()(x), tmp_path / "logits.pt")
     torch.save(x, tmp_path / "batch.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a process that cannot import this vitexp
-    proc = subprocess.run([sys.executable, "-c", FRESH_TIMM, str(out), str(tmp_path / "batch.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_TIMM, str(out), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     print(proc.stdout.strip())
     assert float(proc.stdout.split()[-1]) < 1e-5
     # and vitexp fine-tunes from the folder: its model arguments are the defaults
-    vitexp(*TINY, "model=timm", "model.name=deit_tiny_patch16_224", f"model.pretrained={out}", "trainer.max_epochs=1",
-           "hydra.run.dir=tuned", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        "model=timm",
+        "model.name=deit_tiny_patch16_224",
+        f"model.pretrained={out}",
+        "trainer.max_epochs=1",
+        "hydra.run.dir=tuned",
+        cwd=tmp_path,
+    )
     assert checkpoint.load(tmp_path / "tuned/checkpoints/best.pt")["arch"]["kwargs"]["kwargs"]["patch_size"] == 4
 
 
 def test_export_refuses_what_timm_cannot_describe(tmp_path):
-    model = build("pruned_vit", "pruned", ratio=0.5, img_size=16, in_chans=1, num_classes=10, **SIZES)
+    model = build("vit", "pruned", ratio=0.5, img_size=16, in_chans=1, num_classes=10, **SIZES)
     path = tmp_path / "pruned.pt"
     checkpoint.save({"model": model.state_dict(), "arch": model.vitexp_arch, "epoch": 0, "config": {}}, path)
-    proc = subprocess.run([sys.executable, "-m", "vitexp.export", str(path), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitexp.export", str(path), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2 and "has no timm model arguments" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -217,18 +271,36 @@ def test_timm_checkpoint_evaluates_and_resumes_without_its_weights_file(trained,
 @pytest.mark.slow
 def test_timm_deit_prunes_and_distils_and_evaluate_reproduces(trained, tmp_path):
     ckpt = trained / "checkpoints/best.pt"
-    vitexp(*TINY, *DEIT, "task=prune", f"ckpt_path={ckpt}", "task.ratio=0.5", "task.finetune_epochs=1",
-           "hydra.run.dir=prune", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        *DEIT,
+        "task=prune",
+        f"ckpt_path={ckpt}",
+        "task.ratio=0.5",
+        "task.finetune_epochs=1",
+        "hydra.run.dir=prune",
+        cwd=tmp_path,
+    )
     pruned = checkpoint.load(tmp_path / "prune/checkpoints/best.pt")
     assert pruned["arch"]["builder"] == "timm" and pruned["arch"]["kwargs"]["layout"] == [[1, 128], [1, 128]]
     assert _evaluate(tmp_path / "prune/checkpoints/best.pt", tmp_path / "e1") == pruned["metrics"]["val/acc1"]
     # a timm teacher given by name and weights file (this run's exported fine-tuned DeiT), used as loaded
     teacher = tmp_path / "teacher.safetensors"
     save_file(checkpoint.load(ckpt)["model"], teacher)
-    vitexp(*TINY, *DEIT, "task=distill", f"ckpt_path={ckpt}", "task.distill_type=soft", "task.teacher_epochs=0",
-           "task.teacher.model_name=deit_tiny_patch16_224", "task.teacher.small_input=false",
-           f"task.teacher.pretrained={teacher}", "task.teacher.kwargs={" + ",".join(f"{k}:{v}" for k, v in SIZES.items()) + "}", "hydra.run.dir=distill",
-           cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        *DEIT,
+        "task=distill",
+        f"ckpt_path={ckpt}",
+        "task.distill_type=soft",
+        "task.teacher_epochs=0",
+        "task.teacher.model_name=deit_tiny_patch16_224",
+        "task.teacher.small_input=false",
+        f"task.teacher.pretrained={teacher}",
+        "task.teacher.kwargs={" + ",".join(f"{k}:{v}" for k, v in SIZES.items()) + "}",
+        "hydra.run.dir=distill",
+        cwd=tmp_path,
+    )
     results = json.loads((tmp_path / "distill/results.json").read_text())
     assert results["teacher_val_acc1"] == checkpoint.load(ckpt)["metrics"]["val/acc1"]
     student = checkpoint.load(tmp_path / "distill/checkpoints/best.pt")

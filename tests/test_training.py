@@ -46,8 +46,9 @@ def test_fit_leaves_checkpoints_metrics_plots_and_results(trained):
     assert checkpoint.load(out / "checkpoints" / "best.pt")["metrics"]["val/acc1"] == results["best_val_acc1"]
 
 
-def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_one(recipe, trained, tmp_path,
-                                                                                     monkeypatch):  # fmt: skip
+def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_one(
+    recipe, trained, tmp_path, monkeypatch
+):
     monkeypatch.setattr(stop, "_requested", ["SIGTERM"])  # as if the signal arrived during epoch 1's first step
     with pytest.raises(KeyboardInterrupt):
         fit(recipe, tmp_path)
@@ -82,7 +83,9 @@ def test_a_sub_run_trains_another_model_as_task_train_and_is_skipped_once_done(r
     saved = checkpoint.load(best)
     assert saved["arch"]["kwargs"]["depth"] == 1 and saved["config"]["trainer"]["max_epochs"] == 1
     assert saved["config"]["task"]["name"] == "train" and saved["config"]["model"]["name"] == "helper"
-    assert sub_run(recipe, arch, 1).task == "train" and recipe.task == "train"
+    assert sub_run(recipe, arch, 1).settings.task.name == "train" and recipe.settings.task.name == "train"
+    saved = checkpoint.load(best)["config"]  # the settings it ran with, derived from them: they cannot drift
+    assert (saved["trainer"]["max_epochs"], saved["ckpt_path"], saved["model"]["depth"]) == (1, None, 1)
     written = best.stat().st_mtime_ns
     assert train_in(recipe, tmp_path / "teacher", arch, 1) == best and best.stat().st_mtime_ns == written
 
@@ -96,7 +99,7 @@ def test_prune_checkpoint_reports_each_stage_and_writes_a_rebuildable_pruned_mod
     assert [label for label, _ in points] == ["unpruned", "round 1", "round 2"]
     assert figures["pruned_params"] < figures["before_params"] and figures["pruned_macs"] < figures["before_macs"]
     pruned, saved = checkpoint.load_model(tmp_path / "checkpoints" / "pruned.pt")
-    assert saved["arch"]["builder"] == "pruned_vit" and [h for h, _ in saved["arch"]["kwargs"]["layout"]] == [1, 1]
+    assert saved["arch"]["builder"] == "vit" and [h for h, _ in saved["arch"]["kwargs"]["layout"]] == [1, 1]
     assert json.loads((tmp_path / "prune.json").read_text())["ratio"] == 0.5
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
@@ -106,8 +109,13 @@ def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, train
     from `weights_only` files, fine-tunes, and keeps the width when the pruned model is pruned again."""
     out, _ = trained
     measure = functools.partial(measure_stage, recipe, recipe.loaders[1])
-    figures, _ = prune_checkpoint(recipe, out / "checkpoints" / "best.pt",
-                                  Pruning(0.5, "magnitude", 1, True, 1, "uniform", 8), measure, tmp_path / "a")  # fmt: skip
+    figures, _ = prune_checkpoint(
+        recipe,
+        out / "checkpoints" / "best.pt",
+        Pruning(0.5, "magnitude", 1, True, 1, "uniform", 8),
+        measure,
+        tmp_path / "a",
+    )
     pruned, saved = checkpoint.load_model(tmp_path / "a" / "checkpoints" / "pruned.pt")
     rebuilt = measure(pruned, "rebuilt")
     assert (rebuilt["val_acc1"], rebuilt["macs"]) == (figures["pruned_val_acc1"], figures["pruned_macs"])
@@ -117,8 +125,13 @@ def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, train
     assert pruned.eval()(x).shape == (3, 10)
     tune = finetune_recipe(recipe, tmp_path / "a" / "checkpoints" / "pruned.pt", 1, None, 0.5)
     assert fit(tune, tmp_path / "tuned")["status"] == "completed"
-    prune_checkpoint(recipe, tmp_path / "a" / "checkpoints" / "pruned.pt",
-                     Pruning(0.5, "magnitude", 1, False, 1, "uniform", 8), measure, tmp_path / "b")  # fmt: skip
+    prune_checkpoint(
+        recipe,
+        tmp_path / "a" / "checkpoints" / "pruned.pt",
+        Pruning(0.5, "magnitude", 1, False, 1, "uniform", 8),
+        measure,
+        tmp_path / "b",
+    )
     again, saved = checkpoint.load_model(tmp_path / "b" / "checkpoints" / "pruned.pt")
     assert saved["arch"]["kwargs"]["embed_width"] == 32 and again.eval()(x).shape == (3, 10)
 
@@ -126,8 +139,9 @@ def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, train
 def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessing(recipe, trained):
     out, results = trained
     teacher, _ = checkpoint.load_model(out / "checkpoints" / "best.pt")
-    distiller = Distiller(nn.Identity(), teacher, recipe.data.mean, recipe.data.std, recipe.data.mean,
-                          recipe.data.std, 16)  # fmt: skip
+    distiller = Distiller(
+        nn.Identity(), teacher, recipe.data.mean, recipe.data.std, recipe.data.mean, recipe.data.std, 16
+    )
     # the same statistics on both sides: the teacher sees exactly what it was trained on, so its score is best.pt's
     assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class Op:
 
     name: str
     arg: Callable[[Tensor], Tensor] | None = None  # level in [0, 1] -> the kernel's argument
-    signed: bool = False  # the argument is negated for half the images
+    signed: bool = field(default=False, kw_only=True)  # the argument is negated for half the images
 
 
 def _enhance(top: float) -> Callable[[Tensor], Tensor]:
@@ -38,15 +38,15 @@ def _enhance(top: float) -> Callable[[Tensor], Tensor]:
 # bins, one operation per image. Translation is a fraction of the image side (up to 32 pixels at CIFAR's 32).
 TRIVIAL_WIDE = (
     Op("identity"),
-    Op("shear_x", lambda level: level * 0.99, True),
-    Op("shear_y", lambda level: level * 0.99, True),
-    Op("translate_x", lambda level: level * 1.0, True),
-    Op("translate_y", lambda level: level * 1.0, True),
-    Op("rotate", lambda level: level * 135.0, True),
-    Op("brightness", _enhance(0.99), True),
-    Op("color", _enhance(0.99), True),
-    Op("contrast", _enhance(0.99), True),
-    Op("sharpness", _enhance(0.99), True),
+    Op("shear_x", lambda level: level * 0.99, signed=True),
+    Op("shear_y", lambda level: level * 0.99, signed=True),
+    Op("translate_x", lambda level: level * 1.0, signed=True),
+    Op("translate_y", lambda level: level * 1.0, signed=True),
+    Op("rotate", lambda level: level * 135.0, signed=True),
+    Op("brightness", _enhance(0.99), signed=True),
+    Op("color", _enhance(0.99), signed=True),
+    Op("contrast", _enhance(0.99), signed=True),
+    Op("sharpness", _enhance(0.99), signed=True),
     Op("posterize", lambda level: 8 - (level * 6).round()),
     Op("solarize", lambda level: 255.0 * (1 - level)),
     Op("autocontrast"),
@@ -59,18 +59,18 @@ RAND_INCREASING = (
     Op("autocontrast"),
     Op("equalize"),
     Op("invert"),
-    Op("rotate", lambda level: level * 30.0, True),
+    Op("rotate", lambda level: level * 30.0, signed=True),
     Op("posterize", lambda level: 4 - (level * 4).floor()),
     Op("solarize", lambda level: 256 - (level * 256).floor()),
     Op("solarize_add", lambda level: (level * 110).floor()),
-    Op("color", _enhance(0.9), True),
-    Op("contrast", _enhance(0.9), True),
-    Op("brightness", _enhance(0.9), True),
-    Op("sharpness", _enhance(0.9), True),
-    Op("shear_x", lambda level: level * 0.3, True),
-    Op("shear_y", lambda level: level * 0.3, True),
-    Op("translate_x", lambda level: level * 0.45, True),
-    Op("translate_y", lambda level: level * 0.45, True),
+    Op("color", _enhance(0.9), signed=True),
+    Op("contrast", _enhance(0.9), signed=True),
+    Op("brightness", _enhance(0.9), signed=True),
+    Op("sharpness", _enhance(0.9), signed=True),
+    Op("shear_x", lambda level: level * 0.3, signed=True),
+    Op("shear_y", lambda level: level * 0.3, signed=True),
+    Op("translate_x", lambda level: level * 0.45, signed=True),
+    Op("translate_y", lambda level: level * 0.45, signed=True),
 )
 
 POLICIES = {"trivial": TRIVIAL_WIDE, "rand": RAND_INCREASING}
@@ -91,13 +91,25 @@ class DeviceAugment:
     in [1/3, 3], clipped to fit instead of redrawn, filled with a random colour.
     """
 
-    def __init__(self, policy: str, num_ops: int, magnitude: float, magnitude_std: float, op_prob: float,
-                 erase_prob: float, fill: Sequence[float], compile: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        policy: str,
+        num_ops: int,
+        magnitude: float,
+        magnitude_std: float,
+        op_prob: float,
+        erase_prob: float,
+        fill: Sequence[float],
+        *,
+        compile: bool = False,
+    ) -> None:
         if policy not in POLICIES:
             raise VitexpError(f"data.device_augment.policy={policy} is not one of {sorted(POLICIES)} (or null: off)")
         if not 0 <= magnitude <= 10 or num_ops < 0 or not 0 <= magnitude_std < math.inf:
-            raise VitexpError(f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0 "
-                              f"and magnitude_std={magnitude_std} finite and >= 0")  # fmt: skip
+            raise VitexpError(
+                f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0 "
+                f"and magnitude_std={magnitude_std} finite and >= 0"
+            )
         self.policy, self.ops = policy, POLICIES[policy]
         self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
         self.op_prob, self.erase_prob = op_prob, erase_prob

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read without executing anything from the file, loaded into a model."""
+"""Checkpoints: their layout (key names, the typed `TrainingState`, the checks of a loaded file), written atomically,
+read without executing anything from the file, loaded into a model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pickle
 import random
 import shutil
 import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,90 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitexp import VitexpError, files
+from vitexp import VitexpError, __version__, engine, files
 
-# The layout of the checkpoint dict; a file of a newer layout is refused with a clear error, not misread.
-FORMAT_VERSION = 1
+# The layout of the checkpoint dict; a file of another layout is refused with a clear error, not misread. Format 2:
+# every timm model by name is the `timm` builder's, and a pruned vitexp ViT is a `vit` with a `layout`.
+FORMAT_VERSION = 2
+
+# The keys of a checkpoint dict, and the fields of `TrainingState` of the same names
+MODEL = "model"
+ARCH = "arch"
+OPTIMIZER = "optimizer"
+SCHEDULER = "scheduler"
+SCALER = "scaler"
+EMA = "ema"
+EPOCH = "epoch"
+STEP = "step"
+RNG = "rng"
+CONFIG = "config"
+METRICS = "metrics"
+VAL_IMAGES = "val_images"
+POSITION = "position"
+WANDB_RUN_ID = "wandb_run_id"
+VERSION = "version"
+FORMAT = "format"
+# The fields of a checkpoint's `arch`: a builder of `vitexp.models.BUILDERS`, a name, and the builder's arguments
+BUILDER = "builder"
+NAME = "name"
+KWARGS = "kwargs"
+KEYS = (
+    MODEL,
+    ARCH,
+    OPTIMIZER,
+    SCHEDULER,
+    SCALER,
+    EMA,
+    EPOCH,
+    STEP,
+    RNG,
+    CONFIG,
+    METRICS,
+    VAL_IMAGES,
+    POSITION,
+    WANDB_RUN_ID,
+    VERSION,
+    FORMAT,
+)
+# What a file of weights alone holds (a pruned model before its fine-tuning): no state to resume a run from
+WEIGHTS_KEYS = (MODEL, ARCH, EPOCH, STEP, CONFIG, METRICS, VERSION, FORMAT)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds: the weights and the `arch` a fresh process rebuilds them into, the states an exact
+    resume puts back (optimizer, scheduler, GradScaler, EMA, every generator), where the run stands (epoch,
+    optimizer step, metrics, validation images, a mid-epoch `position`), the resolved config, the W&B run and the
+    vitexp version and layout `format` that wrote it. A state of a part the run has not (a GradScaler, an EMA) is
+    None; a pruned model's file holds no optimizer, scheduler or generators."""
+
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    arch: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    ema: dict[str, Any] | None = None
+    epoch: int = 0
+    step: int = 0
+    rng: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    val_images: int | None = None
+    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place: epoch, batch, each rank's running sums
+    wandb_run_id: str | None = None
+    version: str = __version__
+    format: int = FORMAT_VERSION
+
+    def state_dict(self, *, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint dict, keyed by `KEYS` (`WEIGHTS_KEYS` for a file that is not `resumable`): tensors and
+        plain containers that `torch.load(weights_only=True)` reads."""
+        return {key: getattr(self, key) for key in (KEYS if resumable else WEIGHTS_KEYS)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the fields a checkpoint dict holds (one `load` checked); a key it lacks keeps its default."""
+        for key in KEYS:
+            if key in state:
+                setattr(self, key, state[key])
 
 
 def save(checkpoint: dict[str, Any], path: str | Path, root: str | Path | None = None) -> None:
@@ -34,8 +117,9 @@ def save(checkpoint: dict[str, Any], path: str | Path, root: str | Path | None =
             stale.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise VitexpError(f"cannot write {path} ({_why(e, path.parent)}): free disk space or pick another "
-                          f"hydra.run.dir{kept}") from None  # fmt: skip
+        raise VitexpError(
+            f"cannot write {path} ({_why(e, path.parent)}): free disk space or pick another hydra.run.dir{kept}"
+        ) from None
 
 
 def _why(e: BaseException, folder: Path) -> str:
@@ -61,7 +145,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise VitexpError(
             f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(e).__name__})"
         ) from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "arch" not in checkpoint:
+    if not isinstance(checkpoint, dict) or MODEL not in checkpoint or ARCH not in checkpoint:
         raise VitexpError(f"{path} is not a vitexp checkpoint (no 'model' and 'arch' entries)")
     _check_fields(checkpoint, path)
     return checkpoint
@@ -71,7 +155,7 @@ def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
     """The fields every reader of a checkpoint takes: its layout's format and version, the weights, the `arch`."""
     from vitexp.models import check_arch
 
-    version, layout = checkpoint.get("version"), checkpoint.get("format", FORMAT_VERSION)
+    version, layout = checkpoint.get(VERSION), checkpoint.get(FORMAT, FORMAT_VERSION)
     if version is not None and not isinstance(version, str):
         raise VitexpError(f"{path}: version is a {type(version).__name__}, not a string; pass one vitexp wrote")
     if type(layout) is not int or layout != FORMAT_VERSION:
@@ -79,7 +163,7 @@ def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
             f"{path} has checkpoint format {files.printable(repr(layout), 60)}, this vitexp reads format "
             f"{FORMAT_VERSION}; use the vitexp version that wrote it ({files.printable(version, 60)})"
         )
-    weights = checkpoint["model"]
+    weights = checkpoint[MODEL]
     if not isinstance(weights, dict):
         raise VitexpError(f"{path}: model is a {type(weights).__name__}, not a dict of tensors; pass one vitexp wrote")
     for key, value in weights.items():
@@ -88,7 +172,7 @@ def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
                 f"{path}: model.{files.printable(key, 80)} is a {type(value).__name__}, not a tensor named by a "
                 f"string; pass a checkpoint vitexp wrote"
             )
-    check_arch(checkpoint["arch"], str(path))
+    check_arch(checkpoint[ARCH], str(path))
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -125,8 +209,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     checkpoint = load(path)
     # the weights are the checkpoint's: pretrained weights an arch might name are never read
-    model = build_from_arch(without_weights_source(checkpoint["arch"]), where=f"{path}: arch.kwargs")
-    load_weights(model, checkpoint["model"], str(path))
+    model = build_from_arch(without_weights_source(checkpoint[ARCH]), where=f"{path}: arch.kwargs")
+    load_weights(model, checkpoint[MODEL], str(path))
     return model, checkpoint
 
 
@@ -164,3 +248,90 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The top-level fields of a checkpoint that a resume reads, and the types vitexp writes them with: a file is data, and
+# a tensor or a string where a number belongs is refused here rather than met later as a traceback (`load` checks the
+# weights and the arch for every reader).
+_OPTIONAL = type(None)
+RESUME_FIELDS: dict[str, tuple[type, ...]] = {
+    EPOCH: (int,),
+    STEP: (int,),
+    CONFIG: (dict,),
+    METRICS: (dict,),
+    RNG: (dict,),
+    OPTIMIZER: (dict,),
+    SCHEDULER: (dict,),
+    SCALER: (dict, _OPTIONAL),
+    EMA: (dict, _OPTIONAL),
+    VAL_IMAGES: (int, _OPTIONAL),
+    POSITION: (dict, _OPTIONAL),
+}
+
+
+def check_resume_fields(ckpt: dict[str, Any], source: str | Path, fields: Iterable[str] = tuple(RESUME_FIELDS)) -> None:
+    """Refuse, with one line, a loaded checkpoint whose top-level `fields` do not have the types vitexp writes
+    (numbers not negative; metrics numbers; a mid-epoch position as a mid-epoch save writes it)."""
+    for key in fields:
+        value, kinds = ckpt.get(key), RESUME_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, kinds) or isinstance(value, int) and value < 0:
+            expected = " or ".join("None" if kind is _OPTIONAL else kind.__name__ for kind in kinds)
+            what = str(value) if isinstance(value, int) else f"a {type(value).__name__}"
+            raise _mistyped(source, key, f"is {what}, not {expected}{' >= 0' if int in kinds else ''}")
+    metrics = ckpt.get(METRICS) if METRICS in fields else {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()) or (
+        metrics and "best_val_acc1" not in metrics
+    ):
+        raise _mistyped(source, METRICS, "holds values that are not numbers (or no best_val_acc1)")
+    if POSITION in fields and ckpt.get(POSITION) is not None and not _valid_position(ckpt[POSITION]):
+        raise _mistyped(source, POSITION, "is not a mid-epoch place (epoch, batch and each rank's running sums)")
+
+
+def _mistyped(source: str | Path, key: str, why: str) -> VitexpError:
+    return VitexpError(
+        f"{files.printable(source)} is not a checkpoint vitexp wrote: its {key} {why}; start a new run "
+        f"(ckpt_path=<it> keeps its weights)"
+    )
+
+
+def _valid_position(position: dict[str, Any]) -> bool:
+    """A mid-epoch place as a mid-epoch save writes it, each rank's sums shaped as the engine's running sums are."""
+    template = engine._Sums(torch.device("cpu"), skip_nonfinite=False).state_dict()
+    sums = position.get("sums")
+
+    def same(value: Any, like: Any) -> bool:
+        if torch.is_tensor(like):
+            return torch.is_tensor(value) and value.shape == like.shape
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def fits(state: Any) -> bool:
+        return (
+            isinstance(state, dict)
+            and state.keys() == template.keys()
+            and all(same(state[k], v) for k, v in template.items())
+        )
+
+    numbers = [position.get("epoch"), position.get("batch")]
+    whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+    return whole and isinstance(sums, list) and bool(sums) and all(fits(state) for state in sums)
+
+
+def load_training_state(path: str | Path) -> TrainingState:
+    """A last.pt to resume from: `load`, every field a resume reads checked, as a `TrainingState`."""
+    saved = load(path)
+    check_resume_fields(saved, path)
+    state = TrainingState()
+    state.load_state_dict(saved)
+    return state
+
+
+def load_part(source: str | Path, name: str, load: Callable[[], Any]) -> None:
+    """`load()` one part of a checkpoint into the run; torch's loaders meet a state of the wrong shape (a file someone
+    edited, or one from another setup) as KeyError, TypeError, ... deep inside: one line instead."""
+    try:
+        load()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise VitexpError(
+            f"{files.printable(source)}: its {name} state does not fit this run ({type(e).__name__}); resume with "
+            f"the settings it was saved with, or start a new run with ckpt_path=<it>"
+        ) from None

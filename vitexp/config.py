@@ -11,9 +11,9 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from vitexp import VitexpError, files, rundir, validation
+from vitexp import VitexpError, files, rundir, schema
 from vitexp.files import printable
 
 # Config groups a resumed run takes from its first start; the first six define what the run is and cannot change.
@@ -21,17 +21,8 @@ FIXED_ON_RESUME = ("model", "task", "data", "optim", "experiment", "debug")
 CARRIED_ON_RESUME = (*FIXED_ON_RESUME, "trainer", "logger")
 # Keys through which a config node runs code when instantiated: never taken from a file.
 CODE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
-# `_target_`s of vitexp's own YAML in earlier versions, accepted (and replaced by today's) in older run folders.
-LEGACY_TARGETS = {"vitexp.models.vit", "vitexp.models.vit_distilled", "vitexp.models.pruned_vit", "vitexp.models.cnn"}
 # Nodes of free-form keyword arguments (timm's): a run's own keys are kept on resume, not checked against vitexp's.
 FREE_FORM = ("model.kwargs", "task.teacher.kwargs")
-# Keys renamed since earlier versions: (task, old key) -> new key.
-# keys renamed since a run could have been saved: (the task that had it, or None for all, old key) -> its new name
-RENAMED = {
-    ("prune", "task.steps"): "rounds",
-    (None, "data.splits.train_transform.randaugment"): "auto_augment",
-    (None, "data.splits.train_transform.random_erasing"): "re_prob",
-}
 
 
 def config_dir() -> str:
@@ -48,13 +39,16 @@ def options(group: str) -> list[str]:
 
 def build(node: Any, *args: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, with any failure turned into a one-line `VitexpError` naming the config key."""
+    key = getattr(node, "_get_full_key", lambda _: "")("")
     try:
+        if kwargs and isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict:
+            # a schema node refuses the call site's objects (transforms, flags) as values of its own type
+            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
         return instantiate(node, *args, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, VitexpError):
             raise cause from None
-        key = getattr(node, "_get_full_key", lambda _: "")("")
         raise VitexpError(f"cannot build {key or 'config node'}: {type(cause).__name__}: {cause}") from None
     except MissingMandatoryValue as e:
         raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
@@ -65,19 +59,26 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def typed(cfg: DictConfig) -> schema.Config:
+    """The composed config as schema instances (`vitexp.schema`), interpolations resolved; a setting still ??? is
+    refused in one line."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Range and type checks of the resolved config (`vitexp.validation`)."""
-    validation.validate(plain(cfg))
+    """Refuse, in one line, the first setting of `cfg` outside its field's choices or range (`vitexp.schema`)."""
+    schema.check(typed(cfg))
 
 
 def register_resolvers() -> None:
-    """The resolvers conf/hydra/default.yaml uses: a fresh folder per run, resumed runs back in their own.
+    """What every composition of vitexp's config needs: its schemas (`vitexp.schema`) in Hydra's ConfigStore.
 
-    They live here, not in `__main__`, so that launchers that pickle the config (submitit) can import them."""
-    OmegaConf.register_new_resolver("vitexp_run_dir", rundir.run_dir_for, replace=True)
-    OmegaConf.register_new_resolver("vitexp_output_subdir", rundir.output_subdir, replace=True, use_cache=True)
-    # cached in the config, so that jobs a launcher runs in other processes (submitit) resolve the same folder
-    OmegaConf.register_new_resolver("vitexp_fresh_dir", rundir.fresh_dir, replace=True, use_cache=True)
+    Here, not in `__main__`, so that launchers that pickle the config (submitit) can import it. The config has no
+    resolvers of its own: run folders are decided once it is composed (`vitexp.runs`), never while it resolves."""
+    schema.register()
 
 
 def run_dir() -> Path:
@@ -119,11 +120,13 @@ def resume_overrides(argv: list[str]) -> list[str]:
     if any(a.startswith("-") for a in argv) or resume in (None, "", "null"):
         return argv
     folder = rundir.resume_run_dir(resume)
-    # before Hydra writes .hydra/resume_<time>/ there and the run appends to its log: a link would take them elsewhere
+    # before the job records its start in .hydra/resume_<time>/ and appends to its log: a link would take them elsewhere
     files.refuse_links(folder)
     if not rundir.resumable(folder):
-        raise VitexpError(f"resume={printable(resume)}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); "
-                          f"pass a run folder vitexp wrote")  # fmt: skip
+        raise VitexpError(
+            f"resume={printable(resume)}: no run there (no checkpoints/last.pt, no .hydra/config.yaml); "
+            f"pass a run folder vitexp wrote"
+        )
     overrides, saved = rundir.first_start(folder)
     named = {a.split("=", 1)[0].lstrip("+~") for a in argv}
     return argv + [f"{g}={o}" for g, o in saved_choices(saved, overrides).items() if g not in named]
@@ -149,18 +152,28 @@ def resumed(
         if started_with.get(key) != option:
             changed.append(key)
     ours = OmegaConf.to_container(cfg, resolve=False)
-    task = saved["task"].get("name") if isinstance(saved.get("task"), dict) else None
-    task = task if isinstance(task, str) else None
-    _overlay(ours, saved, "", changed, source, task)
-    merged = OmegaConf.create(ours)
-    OmegaConf.resolve(merged)
+    _overlay(ours, saved, "", changed, source)
+    merged = cfg.copy()
+    try:
+        merged.merge_with(ours)  # the schema refuses a value of the wrong type
+        for key in FREE_FORM:  # replaced, not merged: the run's own arguments, as it ran
+            if (value := _at(ours, key)) is not _ABSENT:
+                OmegaConf.update(merged, key, value, merge=False)
+        OmegaConf.resolve(merged)
+        schema.check(typed(merged))
+    except OmegaConfBaseException as e:
+        raise VitexpError(f"cannot resume from {source}: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
+    except VitexpError as e:
+        raise VitexpError(f"cannot resume from {source}: {e}") from None
     OmegaConf.set_struct(merged, True)
     return merged
 
 
 def _refuse(source: str, key: str, why: str) -> VitexpError:
-    return VitexpError(f"refused to resume from {source}: {key} {why}; a run folder is data, never code. Start a new "
-                       f"run (ckpt_path=<its best.pt> keeps the weights, which load as tensors only)")  # fmt: skip
+    return VitexpError(
+        f"refused to resume from {source}: {key} {why}; a run folder is data, never code. Start a new "
+        f"run (ckpt_path=<its best.pt> keeps the weights, which load as tensors only)"
+    )
 
 
 def _check_data(value: Any, key: str, source: str) -> None:
@@ -179,7 +192,7 @@ def _check_data(value: Any, key: str, source: str) -> None:
         raise _refuse(source, key, f"holds a {type(value).__name__}, not plain data")
 
 
-def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: str, task: str | None) -> None:
+def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: str) -> None:
     """Copy the plain values of `theirs` (a file's config) into `ours` (composed from vitexp's YAML), in place."""
     for key, value in theirs.items():
         where = f"{path}{key}"
@@ -187,24 +200,34 @@ def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: st
             raise _refuse(source, f"{path}{key!r}", "is not a config key")
         if where in ("resume", "auto_resume") or any(where == k or where.startswith(f"{k}.") for k in changed):
             continue
-        new = RENAMED.get((task, where)) or RENAMED.get((None, where))
-        if new:
-            key, where = new, f"{path}{new}"
-        mine = ours.get(key) if key in ours else _ABSENT
+        mine = ours.get(key, _ABSENT)
         if key in CODE_KEYS:
-            if value != mine and not (key == "_target_" and isinstance(value, str) and value in LEGACY_TARGETS):
+            if value != mine:
                 raise _refuse(source, where, "names code to run that vitexp's own config does not")
         elif where in FREE_FORM and isinstance(value, dict):
             _check_data(value, where, source)
             ours[key] = value
         elif isinstance(value, dict) and isinstance(mine, dict):
-            _overlay(mine, value, f"{where}.", changed, source, task)
+            _overlay(mine, value, f"{where}.", changed, source)
         elif isinstance(value, str) and "${" in value and value == mine:
             continue  # the same interpolation as vitexp's own YAML (a first start's .hydra/config.yaml)
         else:
             _check_data(value, where, source)
-            if mine is not _ABSENT and not isinstance(mine, dict):
-                ours[key] = value  # a key this vitexp no longer has is dropped
+            if mine is _ABSENT:
+                raise VitexpError(
+                    f"cannot resume from {source}: {where} is not a setting of this vitexp's config; the run was "
+                    f"written by another version, start a new run (ckpt_path=<its best.pt> keeps the weights)"
+                )
+            ours[key] = value
+
+
+def _at(config: dict, key: str) -> Any:
+    """The value at dotted `key` of a plain config, or _ABSENT."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _ABSENT
+        config = config[part]
+    return config
 
 
 _ABSENT = object()

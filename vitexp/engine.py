@@ -22,15 +22,15 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 class StepSettings:
     """How each batch is computed and each optimizer step taken.
 
-    `accumulate` batches make one optimizer step (DDP's all-reduce runs on the last one only); `clip_norm` caps
+    `accumulate_grad_batches` batches make one optimizer step (DDP's all-reduce runs on the last one only); `gradient_clip_val` caps
     the gradient norm (null: logged, not applied); with `skip_nonfinite` a step whose gradient norm is not finite
     is skipped instead of ending the epoch with an error; `reduce` sums the epoch's figures over the ranks.
     """
 
     device: torch.device
     autocast_dtype: torch.dtype | None = None
-    accumulate: int = 1
-    clip_norm: float | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
     skip_nonfinite: bool = False
     reduce: Reduce | None = None
 
@@ -50,12 +50,12 @@ class Optimization:
 @dataclass(frozen=True)
 class Monitor:
     """What the loop shows while it runs: a progress bar, and `on_log(step, {train_loss, lr, grad_norm})` every
-    `log_every` optimizer steps (means over that interval)."""
+    `log_every_n_steps` optimizer steps (means over that interval)."""
 
     progress: bool = False
     desc: str = "train"
     on_log: Callable[[int, dict[str, float]], None] | None = None
-    log_every: int = 50
+    log_every_n_steps: int = 50
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -84,14 +84,14 @@ def _limited(loader: Iterable, limit: int | None, start: int = 0) -> tuple[Itera
     return (batch for i, batch in zip(range(start, n), loader)), n
 
 
-class _Sums:
+class EpochSums:
     """An epoch's running figures, kept on the device so that the step never waits for the host.
 
     With `skip_nonfinite` a step's batch losses wait in `pending` until its gradient norm is known to be finite.
     `interval` holds loss * images, images and the summed norm since the last per-step log.
     """
 
-    def __init__(self, device: torch.device, skip_nonfinite: bool) -> None:
+    def __init__(self, device: torch.device, *, skip_nonfinite: bool) -> None:
         self.device, self.skip_nonfinite = device, skip_nonfinite
         self.loss = torch.zeros((), device=device)
         self.norm = torch.zeros((), device=device)
@@ -100,7 +100,8 @@ class _Sums:
         self.interval = torch.zeros(3, device=device)
         self.seen = self.steps = self.skipped = self.interval_steps = 0
 
-    def add_batch(self, loss: torch.Tensor, images: int, logging: bool) -> None:
+    def add_batch(self, loss: torch.Tensor, images: int, *, logging: bool) -> None:
+        """Count one batch's mean loss over its `images`."""
         if self.skip_nonfinite:
             self.pending[0] += loss * images
             self.pending[1] += images
@@ -112,10 +113,12 @@ class _Sums:
             self.interval[1] += images
 
     def drop_step(self) -> None:
+        """Forget the losses of a step skipped for a non-finite gradient."""
         self.pending.zero_()
         self.skipped += 1
 
-    def add_step(self, norm: torch.Tensor, logging: bool) -> None:
+    def add_step(self, norm: torch.Tensor, *, logging: bool) -> None:
+        """Count one optimizer step with gradient norm `norm`, and the losses waiting for it."""
         if self.skip_nonfinite:
             self.loss += self.pending[0]
             self.counted += self.pending[1]
@@ -139,12 +142,14 @@ class _Sums:
         return tensors | {k: getattr(self, k) for k in _SUMS_COUNTS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from the figures `state_dict` saved."""
         for k in _SUMS_TENSORS:
             getattr(self, k).copy_(state[k])
         for k in _SUMS_COUNTS:
             setattr(self, k, int(state[k]))
 
     def running_loss(self) -> float:
+        """Mean train loss so far on this rank (for the progress bar)."""
         return self.loss.item() / max(self.counted.item() if self.skip_nonfinite else self.seen, 1)
 
     def totals(self, reduce: Reduce | None) -> tuple[float, float, float]:
@@ -153,6 +158,8 @@ class _Sums:
         totals = torch.stack([self.loss, counted, torch.tensor(float(self.seen), device=self.device)])
         return tuple((reduce(totals) if reduce else totals).tolist())
 
+
+_Sums = EpochSums  # the name training.py and checkpoint.py use
 
 _SUMS_TENSORS = ("loss", "norm", "counted", "pending", "interval")
 _SUMS_COUNTS = ("seen", "steps", "skipped", "interval_steps")
@@ -167,8 +174,10 @@ def sums_for_rank(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
     if len(states) == distributed.world_size():
         return states[rank]
     first, additive = states[0], rank == 0
-    merged = {k: (sum(s[k] for s in states) if additive else torch.zeros_like(first[k]))
-              for k in ("loss", "counted", "pending")}  # fmt: skip
+    merged = {
+        k: (sum(s[k] for s in states) if additive else torch.zeros_like(first[k]))
+        for k in ("loss", "counted", "pending")
+    }
     interval = sum(s["interval"] for s in states) if additive else torch.zeros_like(first["interval"])
     interval[2] = first["interval"][2]
     seen = sum(s["seen"] for s in states) if additive else 0
@@ -178,31 +187,33 @@ def sums_for_rank(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
 @dataclass(frozen=True)
 class EpochStart:
     """Where an epoch begins: its first batch (0, or where a mid-epoch checkpoint left it) and the running figures
-    (`_Sums.state_dict`) summed up to there."""
+    (`EpochSums.state_dict`) summed up to there."""
 
     batch: int = 0
     sums: dict[str, Any] | None = None
 
 
 # called after each optimizer step but an epoch's last: (step count, batches done in the epoch, the running figures)
-AfterStep = Callable[[int, int, "_Sums"], None]
+AfterStep = Callable[[int, int, "EpochSums"], None]
 
 
-def _optimizer_step(params: list[nn.Parameter], opt: Optimization, s: StepSettings, sums: _Sums, logging: bool) -> bool:
+def _optimizer_step(
+    params: list[nn.Parameter], opt: Optimization, s: StepSettings, sums: EpochSums, *, logging: bool
+) -> bool:
     """Unscale, measure (and clip) the gradient norm and step the optimizer; False when the step was skipped for a
     non-finite gradient. The schedule, the EMA and the step count are the caller's."""
     if opt.scaler:
         opt.scaler.unscale_(opt.optimizer)
     norm = (
-        nn.utils.clip_grad_norm_(params, s.clip_norm)
-        if s.clip_norm is not None
+        nn.utils.clip_grad_norm_(params, s.gradient_clip_val)
+        if s.gradient_clip_val is not None
         else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # logged, not applied
     )
     if s.skip_nonfinite and not torch.isfinite(norm):  # one host read per step: the price of skipping
         opt.optimizer.zero_grad(set_to_none=True)
         sums.drop_step()
         return False
-    sums.add_step(norm.detach(), logging)
+    sums.add_step(norm.detach(), logging=logging)
     if opt.scaler:
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
@@ -212,7 +223,7 @@ def _optimizer_step(params: list[nn.Parameter], opt: Optimization, s: StepSettin
     return True
 
 
-def _micro_step(model: nn.Module, images, targets, loss_fn, micro: int, sync: bool, opt, s) -> torch.Tensor:
+def _micro_step(model: nn.Module, images, targets, loss_fn, micro: int, opt, s, *, sync: bool) -> torch.Tensor:
     """Forward and backward of one batch, its loss scaled for `micro` accumulated batches; returns the loss."""
     images = images.to(s.device, non_blocking=True)
     targets = targets.to(s.device, non_blocking=True)
@@ -245,47 +256,70 @@ def train_one_epoch(
     """
     model.train()
     batches, n_batches = _limited(loader, limit_batches, start.batch)
-    s, sums, logging = settings, _Sums(settings.device, settings.skip_nonfinite), monitor.on_log is not None
+    s, logging = settings, monitor.on_log is not None
+    sums = EpochSums(s.device, skip_nonfinite=s.skip_nonfinite)
     if start.sums is not None:
         sums.load_state_dict(start.sums)
     params = [p for p in model.parameters() if p.requires_grad]
     time_start, batch = time.perf_counter(), 0
-    bar = tqdm(batches, total=n_batches, initial=start.batch, desc=monitor.desc, leave=False,
-               disable=not monitor.progress, dynamic_ncols=True)  # fmt: skip
+    bar = _progress_bar(batches, n_batches, start.batch, monitor)
     try:
         for i, (images, targets) in enumerate(bar, start.batch):
             batch = images.shape[0]
-            stepping = (i + 1) % s.accumulate == 0 or i + 1 == n_batches
-            micro = min(s.accumulate, n_batches - (i // s.accumulate) * s.accumulate)
-            sums.add_batch(_micro_step(model, images, targets, loss_fn, micro, stepping, opt, s), batch, logging)
+            stepping = (i + 1) % s.accumulate_grad_batches == 0 or i + 1 == n_batches
+            micro = min(
+                s.accumulate_grad_batches, n_batches - (i // s.accumulate_grad_batches) * s.accumulate_grad_batches
+            )
+            loss = _micro_step(model, images, targets, loss_fn, micro, opt, s, sync=stepping)
+            sums.add_batch(loss, batch, logging=logging)
             if not stepping:
                 continue
-            stepped = _optimizer_step(params, opt, s, sums, logging)
+            stepped = _optimizer_step(params, opt, s, sums, logging=logging)
             step += 1
             opt.scheduler.step_update(step)
             if stepped:
                 sums.steps += 1
                 if opt.ema is not None:
                     opt.ema.update(model, step=step)
-                _report(monitor, bar, sums, step, base_lr(opt.optimizer), logging)
+                _report(monitor, bar, sums, step, base_lr(opt.optimizer), logging=logging)
             if after_step is not None and i + 1 < n_batches:
                 after_step(step, i + 1, sums)
     except (RuntimeError, MemoryError) as e:
-        _reraise(e, s.device, batch, f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
-                                     f"trainer.accumulate_grad_batches={s.accumulate * 2} to keep the effective batch")  # fmt: skip
+        _reraise(e, s.device, batch, _smaller_batch(batch, s.accumulate_grad_batches))
     return _epoch_figures(sums, opt, s, time_start, monitor.desc, step), step
 
 
-def _report(monitor: Monitor, bar: Any, sums: _Sums, step: int, lr: float, logging: bool) -> None:
-    """The per-step log every `log_every` steps and the progress bar's figures every 10."""
-    if logging and step % monitor.log_every == 0:
+def _progress_bar(batches: Iterable, total: int, initial: int, monitor: Monitor) -> tqdm:
+    """The epoch's progress bar (off unless `monitor.progress`), counting from batch `initial`."""
+    return tqdm(
+        batches,
+        total=total,
+        initial=initial,
+        desc=monitor.desc,
+        leave=False,
+        disable=not monitor.progress,
+        dynamic_ncols=True,
+    )
+
+
+def _smaller_batch(batch: int, accumulate: int) -> str:
+    """How to fit in memory with the same effective batch: half the batch, twice the accumulation."""
+    return (
+        f"lower data.batch_size (e.g. data.batch_size={max(batch // 2, 1)}) and set "
+        f"trainer.accumulate_grad_batches={accumulate * 2} to keep the effective batch"
+    )
+
+
+def _report(monitor: Monitor, bar: Any, sums: EpochSums, step: int, lr: float, *, logging: bool) -> None:
+    """The per-step log every `log_every_n_steps` steps and the progress bar's figures every 10."""
+    if logging and step % monitor.log_every_n_steps == 0:
         loss, norm = sums.interval_means()
         monitor.on_log(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
     if monitor.progress and sums.steps % 10 == 0:
         bar.set_postfix(loss=f"{sums.running_loss():.4f}", lr=f"{lr:.2e}")
 
 
-def _epoch_figures(sums: _Sums, opt: Optimization, s: StepSettings, start: float, desc: str, step: int) -> dict:
+def _epoch_figures(sums: EpochSums, opt: Optimization, s: StepSettings, start: float, desc: str, step: int) -> dict:
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
     elapsed = time.perf_counter() - start

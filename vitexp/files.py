@@ -39,8 +39,10 @@ def plot_text(value: Any, limit: int = 200) -> str:
 
 
 def _link_error(path: Path, what: str) -> VitexpError:
-    return VitexpError(f"{printable(path)} is a symlink; {what} writes and reads only real files and folders inside "
-                       f"the folders it is given: replace the link with a copy, or pick another folder")  # fmt: skip
+    return VitexpError(
+        f"{printable(path)} is a symlink; {what} writes and reads only real files and folders inside "
+        f"the folders it is given: replace the link with a copy, or pick another folder"
+    )
 
 
 def check_inside(path: str | Path, root: str | Path, what: str = "vitexp") -> Path:

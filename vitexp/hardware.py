@@ -6,14 +6,43 @@ import functools
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vitexp import VitexpError, distributed
+from vitexp.schema import Trainer
 
 DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the `trainer` settings (and `optim.fused`) come to on this machine, their `auto` choices made."""
+
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype; None: fp32
+    fp16_scaler: bool  # a GradScaler (precision 16)
+    compile: bool
+    fused: bool
+    progress: bool
+
+
+def choose(trainer: Trainer, *, fused: bool | str) -> Machine:
+    """The device, autocast dtype, GradScaler, compilation, fused optimizer and progress bars `trainer` and
+    `optim.fused` ask for on this machine; sets torch's deterministic mode as `trainer.deterministic` says."""
+    device = resolve_device(trainer.device)
+    use_deterministic(trainer.deterministic)
+    return Machine(
+        device=device,
+        amp=autocast_dtype(trainer.precision, device),
+        fp16_scaler=str(trainer.precision) == "16",
+        compile=use_compile(trainer.compile, device),
+        fused=use_fused(fused, device),
+        progress=show_progress(trainer.progress),
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -63,7 +63,7 @@ def load_image(path: str, mode: str = "RGB") -> Image.Image:
         raise VitexpError(f"cannot decode {printable(path)} ({printable(e)}); delete or replace the file") from None
 
 
-def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFolder:
+def image_folder(path: Path, mode: str, *, check: bool = True) -> datasets.ImageFolder:
     """The class folders under `path`, images read as `mode`; files that are not images (by extension or, with
     `check`, by their header) are skipped and counted in the log, so one stray file does not stop a run hours in."""
     skipped: list[str] = []
@@ -86,8 +86,10 @@ def image_folder(path: Path, mode: str, check: bool = True) -> datasets.ImageFol
     except FileNotFoundError as e:
         if "for the classes" in str(e):
             empty = str(e).split("for the classes ", 1)[1].split(". ")[0]
-            raise VitexpError(f"no readable images in class folder(s) {printable(empty)} under {printable(path)}: add "
-                              f"images or remove the folder") from None  # fmt: skip
+            raise VitexpError(
+                f"no readable images in class folder(s) {printable(empty)} under {printable(path)}: add "
+                f"images or remove the folder"
+            ) from None
         raise VitexpError(
             f"no images in {printable(path)}: put them in class folders {printable(path)}/<class>/*.jpg "
             f"({printable(e)})"

@@ -1,4 +1,5 @@
-"""Model builders over timm, one registry of them (`BUILDERS`) for configs and checkpoints, and model statistics."""
+"""Model builders over timm: one registry of them (`BUILDERS`) that model configs and checkpoints name, one way from a
+config node (`arch_from_config`) or a checkpoint's `arch` to a module (`build_from_arch`), and model statistics."""
 
 from __future__ import annotations
 
@@ -47,10 +48,39 @@ _TIMM_FACTORY = (
 _FROM_DATA = frozenset({"img_size", "in_chans", "num_classes"})
 
 
-def vit(name: str, **kwargs: Any) -> VisionTransformer:
-    """A timm VisionTransformer; `kwargs` are its own argument names. `name` labels runs and checkpoints."""
+def vit(
+    name: str,
+    *,
+    ratio: float | None = None,
+    layout: list[list[int]] | None = None,
+    embed_width: int | None = None,
+    where: str = "model",
+    **kwargs: Any,
+) -> VisionTransformer:
+    """A timm VisionTransformer; `kwargs` are its own argument names, `name` labels runs and checkpoints.
+
+    A pruned ViT has fewer attention heads and MLP channels per block: `layout` ([heads, MLP width] per block, as a
+    prune run records it) or, when null, `ratio` of both removed uniformly; `embed_width`: a residual stream narrower
+    than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels). `where`: the config node
+    errors name."""
+    if ratio is not None and not 0 <= ratio < 1:
+        raise VitexpError(f"{where}.ratio={ratio} must be in [0, 1)")
     model = VisionTransformer(**kwargs)
-    model.vitexp_arch = {"builder": "vit", "name": name, "kwargs": dict(kwargs)}
+    arch = dict(kwargs)
+    if ratio is not None or layout:
+        from vitexp.pruning import uniform_layout
+
+        blocks, hidden = len(model.blocks), model.blocks[0].mlp.fc1.out_features
+        layout = (
+            [list(map(int, b)) for b in layout]
+            if layout
+            else uniform_layout(blocks, model.blocks[0].attn.num_heads, hidden, ratio)
+        )
+        arch |= {"ratio": ratio, "layout": layout} if ratio is not None else {"layout": layout}
+    _prune(model, layout, embed_width, name, where)
+    if embed_width:
+        arch["embed_width"] = int(embed_width)
+    model.vitexp_arch = {"builder": "vit", "name": name, "kwargs": arch}
     return model
 
 
@@ -63,81 +93,103 @@ def vit_distilled(name: str, **kwargs: Any) -> VisionTransformerDistilled:
     return model
 
 
-def cnn(
+def timm_model(
     name: str,
-    model_name: str,
     img_size: int,
     in_chans: int,
     num_classes: int,
-    small_input: bool,
-    pretrained: bool | str = False,
-    kwargs: dict[str, Any] | None = None,
     *,
+    model_name: str | None = None,
+    small_input: bool = False,
+    pretrained: bool | str = False,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
+    patch_size: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    kwargs: dict[str, Any] | None = None,
+    layout: list[list[int]] | None = None,
+    embed_width: int | None = None,
     where: str = "model",
 ) -> nn.Module:
-    """Any timm model by name (e.g. a ResNet teacher for distillation), randomly initialised or from `pretrained`
-    weights (as `timm_model`), with timm's keyword arguments `kwargs`; `where`: the config node errors name.
-
-    `small_input` adapts ResNet-style stems to 32x32 images as CIFAR ResNets do: a 3x3 stride-1 first
-    convolution and no max-pool, so the last stage still sees 4x4 feature maps.
-    """
-    model = _create(model_name, img_size, in_chans, num_classes, dict(kwargs or {}), where)
+    """Any timm model by registered name (`model_name`, or `name`, which labels runs) with timm's keyword arguments
+    `kwargs`, from `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model
+    arguments are the defaults of `kwargs`, or true for timm's tag). The ViT sizes and drop rates, when not None,
+    take precedence over `kwargs`; `small_input` fits a ResNet stem to 32x32 images; `layout` and `embed_width` are
+    a pruned ViT's (as `vit`'s). The `arch` it records rebuilds the module without the weights' source: a checkpoint
+    brings its own weights. `where`: the config node errors name."""
+    architecture = model_name or name
+    args = _with_folder_arguments(architecture, dict(kwargs or {}), pretrained, where, model_name=model_name)
+    # the ViT sizes debug=fast shrinks, and the drop rates; None: timm's default (create_model drops None values)
+    named = {
+        "drop_rate": drop_rate,
+        "drop_path_rate": drop_path_rate,
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+    }
+    sizes = {k: v for k, v in named.items() if v is not None}
+    model = _create(architecture, img_size, in_chans, num_classes, {**args, **sizes}, where)
     if pretrained:
         load_pretrained(model, pretrained, where=where)
-    if small_input and isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
+    if small_input:
+        _small_stem(model, in_chans)
+    layout = [list(map(int, b)) for b in layout] if layout else None
+    _prune(model, layout, embed_width, name, where)
+    given = {"model_name": model_name, "small_input": small_input, "embed_width": embed_width}
+    kept = {k: v for k, v in given.items() if v}
+    model.vitexp_arch = {
+        "builder": "timm",
+        "name": name,
+        "kwargs": {"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False}
+        | named
+        | {"kwargs": args, "layout": layout}
+        | kept,
+    }
+    return model
+
+
+def _with_folder_arguments(
+    architecture: str, args: dict[str, Any], pretrained: bool | str, where: str, *, model_name: str | None
+) -> dict[str, Any]:
+    """`args` over the model arguments of the timm model folder `pretrained` is (none when it is not one); a folder
+    of another architecture than the one asked for is refused."""
+    if not pretrained_weights.is_folder(pretrained):
+        return args
+    saved_architecture, saved, _ = pretrained_weights.folder_config(pretrained, where=where)
+    if split_model_name_tag(architecture)[0] != saved_architecture:
+        field = "model_name" if model_name else "name"
+        raise VitexpError(
+            f"{where}.pretrained={pretrained} holds a {printable(saved_architecture)}, not a {architecture}; set "
+            f"{where}.{field}={printable(saved_architecture)}"
+        )
+    saved = {k: v for k, v in saved.items() if k not in _FROM_DATA}
+    check_timm_kwargs(architecture, saved, f"{pretrained}/config.json: model_args")
+    return {**saved, **args}
+
+
+def _small_stem(model: nn.Module, in_chans: int) -> None:
+    """A ResNet-style stem fit for 32x32 images as CIFAR ResNets have it: a 3x3 stride-1 first convolution and no
+    max-pool, so that the last stage still sees 4x4 feature maps. Other models are left as they are."""
+    if isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool"):
         model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    model.vitexp_arch = {
-        "builder": "cnn",
-        "name": name,
-        "kwargs": {"model_name": model_name, "img_size": img_size, "in_chans": in_chans,
-                   "num_classes": num_classes, "small_input": small_input, "kwargs": dict(kwargs or {})},
-    }  # fmt: skip
-    return model
 
 
-def timm_model(name: str, img_size: int, in_chans: int, num_classes: int, pretrained: bool | str = False,
-               drop_rate: float | None = None, drop_path_rate: float | None = None, patch_size: int | None = None,
-               embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-               kwargs: dict[str, Any] | None = None, layout: list[list[int]] | None = None,
-               embed_width: int | None = None, *, where: str = "model") -> nn.Module:  # fmt: skip
-    """Any timm model by registered `name` (`model=timm`) with timm's own keyword arguments `kwargs`, from
-    `pretrained` weights when given (`vitexp.pretrained`: a file, a timm model folder whose model arguments it takes
-    as defaults, or true for timm's tag); `patch_size`, `embed_dim`, `depth`, `num_heads` and the drop rates, when
-    not None, take precedence over `kwargs`; `layout` ([heads, MLP width] per block) and `embed_width` (a narrower
-    residual stream) are a pruned ViT's. The `arch` it records rebuilds the module without the weights' source: a
-    checkpoint brings its own weights. `where`: the config node errors name."""
-    args = dict(kwargs or {})
-    if pretrained_weights.is_folder(pretrained):
-        architecture, saved, _ = pretrained_weights.folder_config(pretrained, where=where)
-        if split_model_name_tag(name)[0] != architecture:
-            raise VitexpError(f"{where}.pretrained={pretrained} holds a {printable(architecture)}, not a {name}; set "
-                              f"{where}.name={printable(architecture)}")  # fmt: skip
-        saved = {k: v for k, v in saved.items() if k not in _FROM_DATA}
-        check_timm_kwargs(name, saved, f"{pretrained}/config.json: model_args")
-        args = {**saved, **args}
-    # the ViT sizes debug=fast shrinks, and the drop rates; None: timm's default (create_model drops None values)
-    named = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "patch_size": patch_size,
-             "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}  # fmt: skip
-    model = _create(
-        name, img_size, in_chans, num_classes, {**args, **{k: v for k, v in named.items() if v is not None}}, where
-    )
-    if pretrained:
-        load_pretrained(model, pretrained, where=where)
-    if layout or embed_width:
-        from vitexp.pruning import apply_layout, set_embed_width
+def _prune(model: nn.Module, layout: list[list[int]] | None, width: int | None, name: str, where: str) -> None:
+    """Shrink a ViT to a pruned `layout` and residual stream `width` (fresh weights), when given."""
+    if not (layout or width):
+        return
+    from vitexp.pruning import apply_layout, set_embed_width  # torch-pruning: only for a pruned model
 
-        if not isinstance(model, VisionTransformer):
-            raise VitexpError(f"{where}.layout is for pruned ViTs; {name} is a {type(model).__name__}")
-        if layout:
-            apply_layout(model, [list(map(int, b)) for b in layout])
-        if embed_width:
-            set_embed_width(model, int(embed_width))
-    model.vitexp_arch = {"builder": "timm", "name": name, "kwargs": {
-        "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False, **named,
-        "kwargs": args, "layout": [list(map(int, b)) for b in layout] if layout else None,
-        **({"embed_width": int(embed_width)} if embed_width else {})}}  # fmt: skip
-    return model
+    if not isinstance(model, VisionTransformer):
+        raise VitexpError(f"{where}.layout is for pruned ViTs; {name} is a {type(model).__name__}")
+    if layout:
+        apply_layout(model, layout)
+    if width:
+        set_embed_width(model, int(width))
 
 
 def _create(
@@ -173,38 +225,11 @@ def train_only_head(model: nn.Module, head_only: bool) -> None:
         head.requires_grad_(True)
 
 
-def pruned_vit(name: str, ratio: float, layout: list[list[int]] | None = None, embed_width: int | None = None, *,
-               where: str = "model", **kwargs: Any) -> VisionTransformer:  # fmt: skip
-    """A timm ViT with fewer attention heads and MLP channels per block: `layout` ([heads, MLP width] per
-    block, as a prune run records it) or, when null, `ratio` of both removed uniformly; `embed_width`: a residual
-    stream narrower than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels); `where`:
-    the config node errors name."""
-    from vitexp.pruning import apply_layout, set_embed_width, uniform_layout
-
-    if not 0 <= ratio < 1:
-        raise VitexpError(f"{where}.ratio={ratio} must be in [0, 1)")
-    model = VisionTransformer(**kwargs)
-    hidden = model.blocks[0].mlp.fc1.out_features
-    layout = (
-        [list(map(int, b)) for b in layout]
-        if layout
-        else uniform_layout(len(model.blocks), model.blocks[0].attn.num_heads, hidden, ratio)
-    )
-    apply_layout(model, layout)
-    if embed_width:
-        set_embed_width(model, int(embed_width))
-    narrowed = {"embed_width": int(embed_width)} if embed_width else {}
-    model.vitexp_arch = {"builder": "pruned_vit", "name": name,
-                         "kwargs": {**kwargs, "ratio": ratio, "layout": layout, **narrowed}}  # fmt: skip
-    return model
-
-
-# The only constructors a checkpoint may name: a file selects one of these, it never names code to run.
+# The only constructors a model config or a checkpoint may name: a file selects one of these, it never names code to
+# run. `vit`: a vitexp ViT, pruned when it has a layout; `vit_distilled`: DeiT's; `timm`: any timm model by name.
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vit": vit,
     "vit_distilled": vit_distilled,
-    "pruned_vit": pruned_vit,
-    "cnn": cnn,
     "timm": timm_model,
 }
 
@@ -221,7 +246,6 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
 _FORWARDS_TO: dict[str, type[nn.Module]] = {
     "vit": VisionTransformer,
     "vit_distilled": VisionTransformerDistilled,
-    "pruned_vit": VisionTransformer,
 }
 _PLAIN = "not plain values (numbers, strings, bools, lists of them, null)"
 
@@ -331,8 +355,9 @@ def check_arguments(builder: str, name: str, kwargs: dict[str, Any], where: str 
     missing = sorted(n for n in own if params[n].default is inspect.Parameter.empty and n not in kwargs)
     if missing:
         raise VitexpError(f"{where}.{missing[0]} is missing: builder {builder!r} needs {', '.join(missing)}")
-    if "kwargs" in own:  # a timm model by name (cnn: model_name, timm: name) with timm's keyword arguments
-        field, model_name = ("model_name", kwargs["model_name"]) if builder == "cnn" else ("name", name)
+    if "kwargs" in own:  # a timm model by name (model_name, else name) with timm's keyword arguments
+        named = kwargs.get("model_name") is not None
+        field, model_name = ("model_name", kwargs["model_name"]) if named else ("name", name)
         check_timm_name(model_name, f"{where}.{field}")
         check_timm_kwargs(model_name, kwargs.get("kwargs"), f"{where}.kwargs")
 
@@ -356,7 +381,7 @@ def check_arch(arch: Any, source: str) -> dict[str, Any]:
     if not isinstance(arch.get("kwargs"), dict):
         what = "missing" if "kwargs" not in arch else f"{_kind(arch['kwargs'])}, not a dict"
         raise VitexpError(f"{source}: arch.kwargs is {what}; refused")
-    if builder == "timm":
+    if builder == "timm" and arch["kwargs"].get("model_name") is None:  # else `name` only labels the model
         check_timm_name(arch["name"], f"{source}: arch.name")
     check_arguments(builder, arch["name"], arch["kwargs"], f"{source}: arch.kwargs")
     return arch
@@ -395,13 +420,8 @@ def build_from_arch(arch: dict[str, Any], *, where: str = "model") -> nn.Module:
 
 def arch_from_config(node: dict[str, Any]) -> dict[str, Any]:
     """The `arch` dict of a model config node (`builder`, `name` and the builder's arguments)."""
-    kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in ("builder", "name")}
+    kwargs = {k: v for k, v in node.items() if k not in ("builder", "name")}
     return {"builder": node["builder"], "name": node["name"], "kwargs": kwargs}
-
-
-def build(builder: str, name: str, **kwargs: Any) -> nn.Module:
-    """The `_target_` of every model config: `builder` names one of `BUILDERS`, as a checkpoint's `arch` does."""
-    return build_from_arch({"builder": builder, "name": name, "kwargs": kwargs})
 
 
 def count_params(model: nn.Module) -> int:

@@ -82,16 +82,20 @@ def load(model: nn.Module, source: bool | str, *, where: str = "model") -> None:
         cfg |= folder_config(source, where=where)[2] | {"source": "local-dir", "file": str(source)}
     elif from_file:
         if not Path(source).is_file() or not source.endswith(WEIGHT_SUFFIXES):
-            raise VitexpError(f"{where}.pretrained={source} is not a weights file or a timm model folder; pass a "
-                              f"{', '.join(WEIGHT_SUFFIXES)} file or a folder with config.json")  # fmt: skip
+            raise VitexpError(
+                f"{where}.pretrained={source} is not a weights file or a timm model folder; pass a "
+                f"{', '.join(WEIGHT_SUFFIXES)} file or a folder with config.json"
+            )
         cfg |= {"file": source, "custom_load": source.endswith(".npz")}
     found: dict[str, list[str]] = {}
     hook = model.register_load_state_dict_post_hook(
         lambda _, keys: found.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys))
     )
     try:
-        load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=_in_chans(model),
-                        filter_fn=_filter(model, cfg, from_file), strict=False)  # fmt: skip
+        filter_fn = _filter(model, cfg, from_file)
+        load_pretrained(
+            model, cfg, num_classes=model.num_classes, in_chans=_in_chans(model), filter_fn=filter_fn, strict=False
+        )
     except VitexpError:
         raise
     except Exception as e:  # noqa: BLE001 - timm, torch and the hub raise many types; each becomes one line

@@ -36,8 +36,9 @@ def uniform_layout(depth: int, num_heads: int, hidden: int, ratio: float, round_
     return [[max(1, round(num_heads * (1 - ratio))), rounded_width(hidden, 1 - ratio, round_to)] for _ in range(depth)]
 
 
-def global_layout(scores: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int, width: int, round_to: int
-                  ) -> list[list[int]]:  # fmt: skip
+def global_layout(
+    scores: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int, width: int, round_to: int
+) -> list[list[int]]:
     """Keep the `heads` best heads and the `width` best MLP channels of the whole model, ranked across blocks by
     `scores` (per block: head importances, channel importances); every block keeps at least one head and one
     multiple of `round_to` channels, and the MLP widths are multiples of `round_to` that sum to `width`."""
@@ -97,8 +98,9 @@ def set_embed_width(model: VisionTransformer, width: int) -> VisionTransformer:
         )
 
     proj = model.patch_embed.proj
-    model.patch_embed.proj = nn.Conv2d(proj.in_channels, width, proj.kernel_size, proj.stride, proj.padding,
-                                       bias=proj.bias is not None)  # fmt: skip
+    model.patch_embed.proj = nn.Conv2d(
+        proj.in_channels, width, proj.kernel_size, proj.stride, proj.padding, bias=proj.bias is not None
+    )
     model.patch_embed.norm = norm(model.patch_embed.norm)
     for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
         if isinstance(token := getattr(model, name, None), nn.Parameter):
@@ -138,6 +140,7 @@ def prune(
     example: torch.Tensor,
     steps: int = 1,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
     prune_embed: bool = False,
     after_round: Callable[[int], None] | None = None,
     allocation: str = "uniform",
@@ -153,8 +156,11 @@ def prune(
     _check(model, ratio, importance, allocation, round_to)
     # Only head groups (qkv rows and proj columns) and MLP hidden channels are roots; the embedding width
     # is kept unless asked for, since every residual connection shares it.
-    ignored = [model.head] + ([] if prune_embed else [model.patch_embed.proj] + [b.attn.proj for b in model.blocks]
-                              + [b.mlp.fc2 for b in model.blocks])  # fmt: skip
+    ignored = [model.head] + (
+        []
+        if prune_embed
+        else [model.patch_embed.proj] + [b.attn.proj for b in model.blocks] + [b.mlp.fc2 for b in model.blocks]
+    )
     tokens = {
         p: p.dim() - 1 for name, p in model.named_parameters() if name in ("cls_token", "dist_token", "pos_embed")
     }
@@ -192,8 +198,9 @@ def _check(model: VisionTransformer, ratio: float, importance: str, allocation: 
         raise VitexpError(f"task.round_to={round_to} must be a whole number from 1 to the MLP width ({hidden})")
 
 
-def block_scores(model: VisionTransformer, importance: str, example: torch.Tensor,
-                 tokens: dict[nn.Parameter, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def block_scores(
+    model: VisionTransformer, importance: str, example: torch.Tensor, tokens: dict[nn.Parameter, int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per block: the importance of each attention head and of each MLP hidden channel, as torch-pruning scores
     its groups (normalised within each group; Taylor reads the gradients already in the model)."""
     graph = tp.DependencyGraph().build_dependency(
@@ -209,16 +216,25 @@ def block_scores(model: VisionTransformer, importance: str, example: torch.Tenso
     return scores
 
 
-def _prune_to(model: VisionTransformer, layout: Sequence[Sequence[int]], importance: str, example: torch.Tensor,
-              ignored: list[nn.Module], tokens: dict[nn.Parameter, int], embed_ratio: float) -> None:  # fmt: skip
+def _prune_to(
+    model: VisionTransformer,
+    layout: Sequence[Sequence[int]],
+    importance: str,
+    example: torch.Tensor,
+    ignored: list[nn.Module],
+    tokens: dict[nn.Parameter, int],
+    embed_ratio: float,
+) -> None:
     """Shrink every block to its [heads, MLP width] of `layout`, keeping the most important heads and channels."""
     attentions = [block.attn for block in model.blocks]
     # Exact counts from torch-pruning: it removes ceil(r * heads) heads and keeps int((1 - r) * channels) channels,
     # hence the small offsets. qkv gets a positive channel ratio only so that its group is visited for its heads;
     # prune_head_dims=False keeps every head's width.
     channels = {b.mlp.fc1: max(0.0, 1 - (w + 0.5) / b.mlp.fc1.out_features) for b, (_, w) in zip(model.blocks, layout)}
-    heads = {b.attn.qkv: max(0.0, (b.attn.num_heads - h) / b.attn.num_heads - 1e-6)
-             for b, (h, _) in zip(model.blocks, layout)}  # fmt: skip
+    heads = {
+        b.attn.qkv: max(0.0, (b.attn.num_heads - h) / b.attn.num_heads - 1e-6)
+        for b, (h, _) in zip(model.blocks, layout)
+    }
     pruner = tp.pruner.MetaPruner(
         model,
         example,

@@ -15,8 +15,20 @@ from vitexp.files import printable
 
 log = logging.getLogger("vitexp")
 
-EPOCH_FIELDS = ["epoch", "train/loss", "val/loss", "val/acc1", "val/acc5", "lr", "grad_norm", "time/epoch_s",
-                "throughput/img_s", "val_ema/acc1", "val/acc1_cls", "val/acc1_dist"]  # fmt: skip
+EPOCH_FIELDS = [
+    "epoch",
+    "train/loss",
+    "val/loss",
+    "val/acc1",
+    "val/acc5",
+    "lr",
+    "grad_norm",
+    "time/epoch_s",
+    "throughput/img_s",
+    "val_ema/acc1",
+    "val/acc1_cls",
+    "val/acc1_dist",
+]
 
 
 def _fmt(value: Any) -> str:

@@ -27,8 +27,21 @@ from vitexp import VitexpError, files
 from vitexp.files import plot_text, printable
 from vitexp.records import read_metrics
 
-COLUMNS = ["run", "task", "model", "overrides", "status", "best_val_acc1", "epochs", "params", "macs",
-           "train_img_per_s", "infer_img_per_s", "wall_s", "n"]  # fmt: skip
+COLUMNS = [
+    "run",
+    "task",
+    "model",
+    "overrides",
+    "status",
+    "best_val_acc1",
+    "epochs",
+    "params",
+    "macs",
+    "train_img_per_s",
+    "infer_img_per_s",
+    "wall_s",
+    "n",
+]
 # the figures a row of several runs gives as mean, standard deviation and n
 FIGURES = ["best_val_acc1", "epochs", "params", "macs", "train_img_per_s", "infer_img_per_s", "wall_s"]
 # what the report reads from results.json: figures (numbers, or null) and names (strings)
@@ -422,8 +435,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vitexp.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (multirun_outputs/<time>) or run folders")
     parser.add_argument("--out", type=Path, help="where report.csv and the PNGs go (default: the common folder)")
-    parser.add_argument("--by", default="seed", help="runs whose overrides differ only in these keys (comma-separated; "
-                        "default: seed) are one row with mean, std and n of each figure; none: one row per run")  # fmt: skip
+    parser.add_argument(
+        "--by",
+        default="seed",
+        help="runs whose overrides differ only in these keys (comma-separated; "
+        "default: seed) are one row with mean, std and n of each figure; none: one row per run",
+    )
     args = parser.parse_args(argv)
     missing = [printable(p) for p in args.paths if not p.is_dir()]
     if missing:

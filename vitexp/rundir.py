@@ -23,7 +23,7 @@ def resume_run_dir(resume: str) -> Path:
     return path.parent.parent if path.suffix == ".pt" else path
 
 
-@functools.cache  # Hydra resolves the folder more than once per job; the claim is made once per process
+@functools.cache  # one claim per process and path: asked again, the folder it claimed, not a new one
 def fresh_dir(path: str) -> str:
     """`path`, created now, or `path_1`, `path_2`, ... when another run took it (two runs in the same second)."""
     candidate, n = Path(path), 0
@@ -36,19 +36,15 @@ def fresh_dir(path: str) -> str:
             candidate = Path(f"{path}_{n}")
 
 
-def run_dir_for(resume: str | None, default: str) -> str:
-    """A resumed run goes back into its own folder; a new one gets a fresh folder."""
-    return str(resume_run_dir(resume)) if resume else fresh_dir(default)
-
-
 def output_subdir(resume: str | None, output_dir: str, mode: Any = None, overrides: Any = ()) -> str | None:
-    """A run folder keeps the .hydra/ of its first start; each resume (or auto-resume) records its own beside it. A
-    sweep job run again into its folder records nothing when the folder holds a completed run (the job is skipped)
-    or another job's (it is refused): that folder stays as it was."""
+    """Where in `output_dir` a job records its start (None: nowhere). A run folder keeps the .hydra/ of its first
+    start; each resume (or auto-resume) records its own beside it. A sweep job run again into its folder records
+    nothing when the folder holds a completed run (the job is skipped) or another job's (it is refused), nor does a
+    folder with a symlink: that folder stays as it was."""
     folder = Path(output_dir)
     try:
         files.refuse_links(folder)
-    except VitexpError:  # Hydra would write .hydra/ through the link: the job itself refuses the folder, in one line
+    except VitexpError:  # the record would go through the link: the job itself refuses the folder, in one line
         return None
     if not resume and getattr(mode, "name", mode) == "MULTIRUN":
         try:
@@ -169,18 +165,15 @@ def resume_point(folder: Path) -> ResumePoint:
     """Read what `folder` holds to resume from: last.pt if there is one, else its first start's .hydra/ files (its
     sub-runs, a teacher or an unpruned model, continue from their own last.pt)."""
     last_pt, subs = folder / "checkpoints" / "last.pt", _sub_run_checkpoints(folder)
-    last = checkpoint.load(last_pt) if last_pt.is_file() else None
-    if last is not None:
-        from vitexp.training import check_resume_fields  # training imports timm: only when a resume reads last.pt
-
-        check_resume_fields(last, last_pt)
+    last = checkpoint.load_training_state(last_pt) if last_pt.is_file() else None
     overrides = _first_overrides(folder)
     if last is not None:
-        config, run_id = last["config"], last.get("wandb_run_id")
+        config, run_id = last.config, last.wandb_run_id
     else:
         config = _read_yaml(folder / ".hydra" / "config.yaml", "start the run again instead")
-        run_id = checkpoint.load(subs[-1]).get("wandb_run_id") if subs else None  # sub-runs log to the job's run
+        # sub-runs log to the job's W&B run
+        run_id = checkpoint.load(subs[-1]).get(checkpoint.WANDB_RUN_ID) if subs else None
     if not isinstance(config, dict):
         raise VitexpError(f"resume={folder}: its saved config is not a vitexp config; start the run again instead")
     safe_id = isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id)
-    return ResumePoint(folder, last, config, overrides, run_id if safe_id else None)
+    return ResumePoint(folder, last.state_dict() if last else None, config, overrides, run_id if safe_id else None)

@@ -67,8 +67,10 @@ def read_index(folder: Path) -> tuple[list[str], list[Shard]]:
         if not path.is_file():
             raise VitexpError(f"shard {printable(path)} is missing; copy it back or write the shards again")
         if path.stat().st_size != shard.bytes:
-            raise VitexpError(f"shard {printable(path)} has {path.stat().st_size} bytes, its index says {shard.bytes} "
-                              f"(truncated or replaced); copy it again or write the shards again")  # fmt: skip
+            raise VitexpError(
+                f"shard {printable(path)} has {path.stat().st_size} bytes, its index says {shard.bytes} "
+                f"(truncated or replaced); copy it again or write the shards again"
+            )
     return classes, shards
 
 
@@ -77,8 +79,10 @@ def _load_index(folder: Path) -> Any:
     try:
         return json.loads(files.read_text(path, folder))
     except FileNotFoundError:
-        raise VitexpError(f"no {INDEX} in {printable(folder)}: write the shards with python -m vitexp.shards "
-                          f"<image folder> --out {printable(folder.parent)}") from None  # fmt: skip
+        raise VitexpError(
+            f"no {INDEX} in {printable(folder)}: write the shards with python -m vitexp.shards "
+            f"<image folder> --out {printable(folder.parent)}"
+        ) from None
     except OSError as e:
         raise VitexpError(f"cannot read {printable(path)} ({e.strerror}); make it readable") from None
     except (json.JSONDecodeError, RecursionError) as e:
@@ -267,8 +271,10 @@ def _members(stream: IO[bytes], path: Path, expected: int) -> np.ndarray:
             rows.append((image.offset_data, image.size, label, name.offset_data, name.size))
         table = np.array(rows, dtype=np.int64).reshape(-1, 5)
     except (tarfile.TarError, KeyError, StopIteration, ValueError, UnicodeDecodeError, OverflowError) as e:
-        raise VitexpError(f"shard {printable(path)} is not a readable vitexp shard ({type(e).__name__}: "
-                          f"{printable(e)}); copy it again or write the shards again") from None  # fmt: skip
+        raise VitexpError(
+            f"shard {printable(path)} is not a readable vitexp shard ({type(e).__name__}: "
+            f"{printable(e)}); copy it again or write the shards again"
+        ) from None
     if len(table) != expected:
         raise VitexpError(
             f"shard {printable(path)} holds {len(table)} samples, its index says {expected}; write the shards again"
@@ -291,8 +297,14 @@ def _write_shard(path: Path, first: int, samples: Sequence[tuple[str, int]], roo
     with files.atomic(path) as f, webdataset.TarWriter(f) as tar:
         for n, (file, label) in enumerate(samples, first):
             suffix = Path(file).suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            tar.write({"__key__": f"{n:09d}", suffix: Path(file).read_bytes(), "cls": str(label),
-                       "txt": os.path.relpath(file, root)})  # fmt: skip
+            tar.write(
+                {
+                    "__key__": f"{n:09d}",
+                    suffix: Path(file).read_bytes(),
+                    "cls": str(label),
+                    "txt": os.path.relpath(file, root),
+                }
+            )
     with files.open_regular(path) as stream:
         table = _members(stream, path, len(samples))
     with files.atomic(sidecar) as f:
@@ -311,8 +323,12 @@ def write_split(source: Path, out: Path, samples_per_shard: int, workers: int) -
     firsts = [n * samples_per_shard for n in range(len(chunks))]
     with ProcessPoolExecutor(max(1, workers)) as pool:
         shards = list(pool.map(_write_shard, paths, firsts, chunks, [source] * len(chunks)))
-    index = {"format": FORMAT, "classes": folder.classes, "samples": len(folder.samples),
-             "shards": [s.__dict__ for s in shards]}  # fmt: skip
+    index = {
+        "format": FORMAT,
+        "classes": folder.classes,
+        "samples": len(folder.samples),
+        "shards": [s.__dict__ for s in shards],
+    }
     files.write_text(out / INDEX, json.dumps(index, indent=1), out)  # last: a folder without an index is unfinished
     return len(folder.samples)
 
@@ -322,8 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitexp.shards", description=main.__doc__)
     parser.add_argument("folder", type=Path, help="ImageFolder root: train/<class>/* and optionally val/, test/")
     parser.add_argument("--out", type=Path, required=True, help="folder to write <split>/*.tar and index.json to")
-    parser.add_argument("--samples-per-shard", type=int, default=2000,
-                        help="samples per tar file (aim for shards of 100 MB-1 GB on large data)")  # fmt: skip
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=2000,
+        help="samples per tar file (aim for shards of 100 MB-1 GB on large data)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

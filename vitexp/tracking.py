@@ -44,9 +44,18 @@ def start_wandb(
     finish_wandb(failed=False)
     run_dir = Path(run_dir)
     files.make_folder(run_dir / "wandb", root=run_dir)  # wandb writes its files there: a link would take them away
-    options = dict(project=project, entity=entity, group=group, tags=tags, job_type=job_type, config=config,
-                   dir=str(run_dir), id=run_id or secrets.token_hex(4), resume="allow" if run_id else None,
-                   name=None if run_id else name)  # fmt: skip
+    options = dict(
+        project=project,
+        entity=entity,
+        group=group,
+        tags=tags,
+        job_type=job_type,
+        config=config,
+        dir=str(run_dir),
+        id=run_id or secrets.token_hex(4),
+        resume="allow" if run_id else None,
+        name=None if run_id else name,
+    )
     try:
         _wandb_run = wandb.init(**options, mode=mode, settings=wandb.Settings(init_timeout=init_timeout))
     except Exception as e:  # wandb raises CommError, UsageError, TimeoutError, ... depending on what failed
@@ -66,7 +75,7 @@ def wandb_run_id() -> str | None:
     return _wandb_run.id if _wandb_run is not None else None
 
 
-def finish_wandb(failed: bool) -> None:
+def finish_wandb(*, failed: bool) -> None:
     """Close the job's W&B run, marked failed when the task raised."""
     global _wandb_run
     if _wandb_run is not None:
@@ -124,6 +133,10 @@ def log_checkpoint(path: Path, aliases: list[str], metadata: dict[str, Any]) -> 
 
 def run_name(task: str, model: str, overrides: list[str]) -> str:
     """A readable run name: task, model and what the command line changed (`train-baseline-optim.lr=0.001`)."""
-    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("task", "model", "resume", "logger")
-             and not o.lstrip("+~").startswith(("hydra.", "logger."))]  # fmt: skip
+    shown = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") not in ("task", "model", "resume", "logger")
+        and not o.lstrip("+~").startswith(("hydra.", "logger."))
+    ]
     return "-".join([task, model, *shown])[:128]

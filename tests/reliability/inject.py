@@ -74,8 +74,9 @@ def main(argv: list[str]) -> None:
     from vitexp import engine
 
     evaluate = engine.evaluate
-    engine.evaluate = lambda model, loader, *a, **k: evaluate(model, DyingLoader(loader) if hit("eval") else loader,
-                                                              *a, **k)  # fmt: skip
+    engine.evaluate = lambda model, loader, *a, **k: evaluate(
+        model, DyingLoader(loader) if hit("eval") else loader, *a, **k
+    )
     save = torch.save
 
     def half_save(obj, f, *a, **k):

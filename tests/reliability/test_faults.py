@@ -81,8 +81,16 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
 
 def test_a_batch_too_big_for_memory_suggests_gradient_accumulation(tmp_path):
     # 1024 images of 64x64 in 2x2 patches need ~100 GB of activations; the process may map 6 GiB
-    args = ["trainer.device=cpu", "logger=none", "trainer.max_epochs=1", "data.batch_size=1024", "data.img_size=64",
-            "model.patch_size=2", "trainer.precision=32", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    args = [
+        "trainer.device=cpu",
+        "logger=none",
+        "trainer.max_epochs=1",
+        "data.batch_size=1024",
+        "data.img_size=64",
+        "model.patch_size=2",
+        "trainer.precision=32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = cli.run(args, tmp_path, limits={resource.RLIMIT_AS: 6 << 30})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
@@ -106,8 +114,15 @@ def _tree(root: Path, classes: int) -> Path:
 def test_a_checkpoint_for_another_class_count_is_one_line(tmp_path):
     three, four = _tree(tmp_path / "three", 3), _tree(tmp_path / "four", 4)
     data = ["data=imagefolder", "data.img_size=16", "data.batch_size=8", "data.val_size=0.25", "data.num_workers=0"]
-    vitexp(*TINY, *data, f"data.root={three}", "data.num_classes=3", "trainer.max_epochs=1",
-           f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    vitexp(
+        *TINY,
+        *data,
+        f"data.root={three}",
+        "data.num_classes=3",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     best = tmp_path / "run" / "checkpoints" / "best.pt"
     on_four = [*TINY, *data, f"data.root={four}", "data.num_classes=4", f"ckpt_path={best}"]
     finetune = vitexp(*on_four, f"hydra.run.dir={tmp_path / 'finetune'}", cwd=tmp_path, check=False)
@@ -139,8 +154,17 @@ def test_an_image_that_fails_to_decode_is_named(tmp_path):
     root = _tree(tmp_path, 2)
     good = (root / "train" / "class1" / "0.png").read_bytes()
     (root / "train" / "class1" / "cut.png").write_bytes(good[: len(good) // 2])  # header intact, pixels cut
-    args = [*TINY, "data=imagefolder", f"data.root={root}", "data.img_size=16", "data.num_classes=2",
-            "data.batch_size=8", "data.val_size=1", "data.num_workers=1", "trainer.max_epochs=1"]  # fmt: skip
+    args = [
+        *TINY,
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.img_size=16",
+        "data.num_classes=2",
+        "data.batch_size=8",
+        "data.val_size=1",
+        "data.num_workers=1",
+        "trainer.max_epochs=1",
+    ]
     # 3 train batches of 8 and 1 val image: every file is decoded in the first epoch
     proc = vitexp(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -25,8 +25,13 @@ from vitexp.rundir import resumable
 
 DEVICE = os.environ.get("VITEXP_RELIABILITY_DEVICE", "cpu")  # cuda: the same trials on a GPU
 # on a GPU, deterministic kernels: CUDA's fastest ones (attention's backward) add in a varying order
-BASE = ["debug=fast", f"trainer.device={DEVICE}", "logger=none", "trainer.limit_train_batches=4",
-        *(["trainer.deterministic=true"] if DEVICE == "cuda" else [])]  # fmt: skip
+BASE = [
+    "debug=fast",
+    f"trainer.device={DEVICE}",
+    "logger=none",
+    "trainer.limit_train_batches=4",
+    *(["trainer.deterministic=true"] if DEVICE == "cuda" else []),
+]
 TASKS = {
     "train": [*BASE, "trainer.max_epochs=3"],
     "distill": [*BASE, "task=distill", "task.teacher_epochs=2", "trainer.max_epochs=2"],
@@ -36,11 +41,20 @@ TASKS = {
 # every checkpoint a finished run of each task holds, sub-runs included
 CHECKPOINTS = {
     "train": ["checkpoints/last.pt", "checkpoints/best.pt"],
-    "distill": ["teacher/checkpoints/last.pt", "teacher/checkpoints/best.pt", "checkpoints/last.pt",
-                "checkpoints/best.pt"],
-    "prune": ["unpruned/checkpoints/last.pt", "unpruned/checkpoints/best.pt", "checkpoints/pruned.pt",
-              "checkpoints/last.pt", "checkpoints/best.pt"],
-}  # fmt: skip
+    "distill": [
+        "teacher/checkpoints/last.pt",
+        "teacher/checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ],
+    "prune": [
+        "unpruned/checkpoints/last.pt",
+        "unpruned/checkpoints/best.pt",
+        "checkpoints/pruned.pt",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ],
+}
 CHECKPOINTS["prune_kd"] = CHECKPOINTS["prune"]
 FAULTS = ("step", "eval", "save", "time")
 TRIALS = int(os.environ.get("VITEXP_TRIALS", "12"))
@@ -110,8 +124,9 @@ def assert_same_run(run: Path, ref: Path, task: str) -> None:
         assert want["epoch"] == got["epoch"] and want["step"] == got["step"], name
         for key, tensor in want["model"].items():
             assert torch.equal(tensor, got["model"][key]), f"{name}: {key} differs from the uninterrupted run"
-        for a, b in zip(want.get("optimizer", {}).get("state", {}).values(),
-                        got.get("optimizer", {}).get("state", {}).values()):  # fmt: skip
+        for a, b in zip(
+            want.get("optimizer", {}).get("state", {}).values(), got.get("optimizer", {}).get("state", {}).values()
+        ):
             assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: optimizer state differs"
     assert metric_rows(run / "metrics.csv") == metric_rows(ref / "metrics.csv")
     for sub in {"distill": ["teacher"], "prune": ["unpruned"], "prune_kd": ["unpruned"]}.get(task, []):

@@ -60,8 +60,11 @@ def _trial(task: str, loader: str, fault: str, n: int, reference, tmp_path: Path
     it, and compare with the uninterrupted run."""
     ref, _ = reference(task, loader)
     run = tmp_path / "run"
-    proc = cli.run([fault, str(n), *TASKS[task], *LOADERS[loader], *STEP_CHECKPOINTS, f"hydra.run.dir={run}"],
-                   tmp_path, entry="inject")  # fmt: skip
+    proc = cli.run(
+        [fault, str(n), *TASKS[task], *LOADERS[loader], *STEP_CHECKPOINTS, f"hydra.run.dir={run}"],
+        tmp_path,
+        entry="inject",
+    )
     if fault == "step":
         assert proc.returncode == -signal.SIGKILL, f"step {n} was not reached:\n{proc.stderr[-3000:]}"
         print(f"{task}/{loader}: SIGKILL before step {n}; resuming from {saved_steps(run)}")
@@ -71,8 +74,10 @@ def _trial(task: str, loader: str, fault: str, n: int, reference, tmp_path: Path
         assert f"interrupted ({fault})" in last_line and f"resume={run}" in last_line, last_line
         completed = json.loads((tmp_path / "inject_steps.json").read_text())["completed"]
         saved = saved_steps(run)
-        print(f"{task}/{loader}: {fault} in step {n}: {completed} steps completed, {saved} saved, "
-              f"{completed - sum(saved.values())} lost")  # fmt: skip
+        print(
+            f"{task}/{loader}: {fault} in step {n}: {completed} steps completed, {saved} saved, "
+            f"{completed - sum(saved.values())} lost"
+        )
         assert completed - sum(saved.values()) <= 1
     vitexp(f"resume={run}", cwd=tmp_path)
     assert_same_run(run, ref, task)

@@ -16,6 +16,7 @@ def anchor_img_per_s(
     vit_kwargs: dict[str, Any],
     batch_size: int,
     device: torch.device,
+    *,
     bf16: bool = False,
     compile: bool = False,
     warmup: int = 5,

@@ -14,14 +14,14 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from vitexp import engine
 from vitexp.config import config_dir
 from vitexp.distill import DistillationLoss, Distiller
-from vitexp.models import count_macs
+from vitexp.models import arch_from_config, build_from_arch, count_macs
 
 DEFAULTS = ["task=distill", "data=cifar10", "model=patch8", "task.distill_type=hard", "task.teacher.small_input=false"]
 
@@ -39,13 +39,19 @@ def time_steps(model: nn.Module, loss_fn, batch, steps: int) -> float:
 
 
 def main() -> None:
+    """Time both steps and print one JSON line."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=DEFAULTS + sys.argv[1:])
     torch.manual_seed(0)
-    student, teacher = instantiate(cfg.model), instantiate(cfg.task.teacher)
+    student, teacher = (
+        build_from_arch(arch_from_config(OmegaConf.to_container(node, resolve=True)))
+        for node in (cfg.model, cfg.task.teacher)
+    )
     batch_size, steps = cfg.data.batch_size, 10
-    batch = (torch.randn(batch_size, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size),
-             torch.randint(0, cfg.data.num_classes, (batch_size,)))  # fmt: skip
+    batch = (
+        torch.randn(batch_size, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size),
+        torch.randint(0, cfg.data.num_classes, (batch_size,)),
+    )
     ce = nn.CrossEntropyLoss()
     distiller = Distiller(student, teacher, cfg.data.mean, cfg.data.std, cfg.data.mean, cfg.data.std, cfg.data.img_size)
     loss = DistillationLoss(ce, cfg.task.distill_type, cfg.task.alpha, cfg.task.tau)
@@ -60,13 +66,23 @@ def main() -> None:
         for _ in range(steps):
             teacher(batch[0])
         teacher_fwd = (time.perf_counter() - start) / steps
-    print(json.dumps({
-        "student": cfg.model.name, "teacher": cfg.task.teacher.model_name, "batch_size": batch_size,
-        "student_macs": count_macs(student), "teacher_macs": count_macs(teacher),
-        "plain_step_ms": round(1000 * min(plain), 1), "distill_step_ms": round(1000 * min(distilled), 1),
-        "teacher_forward_ms": round(1000 * teacher_fwd, 1), "overhead_ratio": round(min(distilled) / min(plain), 3),
-        "device": "cpu", "threads": torch.get_num_threads(),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "student": cfg.model.name,
+                "teacher": cfg.task.teacher.model_name,
+                "batch_size": batch_size,
+                "student_macs": count_macs(student),
+                "teacher_macs": count_macs(teacher),
+                "plain_step_ms": round(1000 * min(plain), 1),
+                "distill_step_ms": round(1000 * min(distilled), 1),
+                "teacher_forward_ms": round(1000 * teacher_fwd, 1),
+                "overhead_ratio": round(min(distilled) / min(plain), 3),
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

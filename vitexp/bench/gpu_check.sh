@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one bounded run (default 560 s), in this order so that nothing else uses
+# The GPU figures of docs/benchmarks.md in one bounded run (default 560 s), in this order so that nothing else uses
 # the GPU while a timed part runs:
 #   1. experiment=cifar10_speedrun, alone: wall, epochs, img/s, accuracy per epoch with the time since start
 #   2. task=benchmark: the ViT-Ti/4 step at batch 1024 beside the in-process reference loop (ratio, MFU)

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from vitexp import checkpoint
 from vitexp.config import config_dir, register_resolvers
 from vitexp.hardware import autocast_dtype, precision_name, resolve_device
-from vitexp.models import count_macs, count_params, input_shape
+from vitexp.models import arch_from_config, build_from_arch, count_macs, count_params, input_shape
 from vitexp.pruning import layout_of, prune
 
 DEFAULTS = ["task=prune", "data=cifar10"]
@@ -62,14 +62,22 @@ def img_per_s(model: Callable, x: torch.Tensor, amp: torch.dtype | None, min_s: 
     return x.shape[0] * calls / (time.perf_counter() - start)
 
 
-def speeds(models: dict[str, nn.Module], batches: Sequence[int], compiled: bool, repeats: int,
-           amp: torch.dtype | None, min_s: float = 0.5) -> dict[str, dict[str, float]]:  # fmt: skip
+def speeds(
+    models: dict[str, nn.Module],
+    batches: Sequence[int],
+    *,
+    compiled: bool,
+    repeats: int,
+    amp: torch.dtype | None,
+    min_s: float = 0.5,
+) -> dict[str, dict[str, float]]:
     """Images/s of every model, eager (and compiled), at every batch size: the best of `repeats` rounds, each round
     measuring every model once in turn. Keys: model name -> `eager_b<N>` / `compiled_b<N>`."""
     device = next(next(iter(models.values())).parameters()).device
     generator = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randn(b, *input_shape(next(iter(models.values()))), generator=generator).to(device)
-              for b in batches}  # fmt: skip
+    inputs = {
+        b: torch.randn(b, *input_shape(next(iter(models.values()))), generator=generator).to(device) for b in batches
+    }
     runs = {name: {"eager": model.eval()} for name, model in models.items()}
     if compiled:
         for name, model in models.items():
@@ -101,8 +109,13 @@ def report(models: dict[str, nn.Module], figures: dict[str, dict[str, float]]) -
     """One row per model: params, MACs, layout, images/s, batch-1 latency and the speed-ups over `dense`."""
     dense_macs, base, rows = count_macs(models["dense"]), figures["dense"], []
     for name, model in models.items():
-        row = {"model": name, "params": count_params(model), "macs": count_macs(model),
-               "mac_ratio": round(dense_macs / count_macs(model), 3), "layout": layout_of(model)}  # fmt: skip
+        row = {
+            "model": name,
+            "params": count_params(model),
+            "macs": count_macs(model),
+            "mac_ratio": round(dense_macs / count_macs(model), 3),
+            "layout": layout_of(model),
+        }
         for key, value in figures[name].items():
             row[f"img_per_s_{key}"] = round(value, 1)
             row[f"speedup_{key}"] = round(value / base[key], 3)
@@ -129,6 +142,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Measure the pruned variants and print the table and one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=_ints, default=[1, 256], help="comma-separated, e.g. 1,256")
     parser.add_argument("--repeats", type=int, default=3)
@@ -141,12 +155,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(cfg.trainer.device)
     amp = autocast_dtype(cfg.trainer.precision, device)
     torch.manual_seed(0)
-    dense = checkpoint.load_model(cfg.ckpt_path)[0] if cfg.ckpt_path else instantiate(cfg.model)
+    arch = arch_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    dense = checkpoint.load_model(cfg.ckpt_path)[0] if cfg.ckpt_path else build_from_arch(arch)
     models = variants(dense.to(device).eval(), cfg.task.ratio, cfg.task.round_to)
-    rows = report(models, speeds(models, args.batches, not args.no_compile, args.repeats, amp, args.min_s))
+    figures = speeds(
+        models, args.batches, compiled=not args.no_compile, repeats=args.repeats, amp=amp, min_s=args.min_s
+    )
+    rows = report(models, figures)
     print_table(rows)
-    print(json.dumps({"ratio": cfg.task.ratio, "round_to": cfg.task.round_to, "device": str(device),
-                      "precision": precision_name(amp), "threads": torch.get_num_threads(), "rows": rows}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "ratio": cfg.task.ratio,
+                "round_to": cfg.task.round_to,
+                "device": str(device),
+                "precision": precision_name(amp),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

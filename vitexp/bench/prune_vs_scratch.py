@@ -45,19 +45,27 @@ from vitexp.training import Recipe, fit, train_in  # noqa: E402
 log = logging.getLogger("vitexp")
 
 
-def compare(cfg: DictConfig, budgets: Sequence[int], allocations: Sequence[str], out: Path, distill: bool,
-            compiled: bool) -> list[dict[str, Any]]:  # fmt: skip
+def compare(
+    cfg: DictConfig, budgets: Sequence[int], allocations: Sequence[str], out: Path, *, distill: bool, compiled: bool
+) -> list[dict[str, Any]]:
     """Run every arm for every budget in `out`; returns one row per (method, allocation, budget), dense first."""
     task, source = cfg.task, cfg.ckpt_path
     recipe = read_recipe(cfg)
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, False, False, False)
+    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
     measure = functools.partial(measure_stage, recipe, val)
     shapes, rows = {}, []
     for allocation in allocations:
         folder = out / f"pruned_{allocation}"
         seed_everything(cfg.seed)
-        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches,
-                          allocation, task.round_to)  # fmt: skip
+        pruning = Pruning(
+            task.ratio,
+            task.importance,
+            task.rounds,
+            prune_embed=task.prune_embed,
+            calibration_batches=task.calibration_batches,
+            allocation=allocation,
+            round_to=task.round_to,
+        )
         figures, _ = prune_checkpoint(recipe, source, pruning, measure, folder)
         shapes[allocation] = folder / "checkpoints" / "pruned.pt"
         rows.append(_row("pruned, no training", allocation, 0, figures["pruned_val_acc1"], figures["pruned_macs"]))
@@ -71,8 +79,12 @@ def compare(cfg: DictConfig, budgets: Sequence[int], allocations: Sequence[str],
         scratch = checkpoint.load(shapes[allocations[0]])["arch"]
         best = train_in(recipe, out / f"scratch_{allocations[0]}_{epochs}ep", scratch, epochs)
         rows.append(_row("scratch", allocations[0], epochs, *_read(best.parent.parent)))
-    _add_speed(rows, {"dense": checkpoint.load_model(source)[0], **{a: checkpoint.load_model(p)[0]
-                                                                   for a, p in shapes.items()}}, recipe, compiled)  # fmt: skip
+    _add_speed(
+        rows,
+        {"dense": checkpoint.load_model(source)[0], **{a: checkpoint.load_model(p)[0] for a, p in shapes.items()}},
+        recipe,
+        compiled=compiled,
+    )
     return rows
 
 
@@ -93,10 +105,12 @@ def _row(method: str, allocation: str, epochs: int, acc: float, macs: int) -> di
     return {"method": method, "allocation": allocation, "epochs": epochs, "val_acc1": acc, "macs": macs}
 
 
-def _add_speed(rows: list[dict[str, Any]], models: dict[str, Any], recipe: Recipe, compiled: bool) -> None:
+def _add_speed(rows: list[dict[str, Any]], models: dict[str, Any], recipe: Recipe, *, compiled: bool) -> None:
     """Images/s at batch 256 and latency at batch 1 of every shape (eager, and compiled when asked), interleaved."""
-    device = recipe.loop.device
-    figures = speeds({k: m.to(device) for k, m in models.items()}, (1, 256), compiled, 3, recipe.loop.amp)
+    device = recipe.machine.device
+    figures = speeds(
+        {k: m.to(device) for k, m in models.items()}, (1, 256), compiled=compiled, repeats=3, amp=recipe.machine.amp
+    )
     for row in rows:
         shape = figures["dense" if row["method"] == "dense" else row["allocation"]]
         for key, value in shape.items():
@@ -113,8 +127,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ["method", "allocation", "epochs", "val top-1", "MACs (M)", *speed_keys, "speed-up b256"]
     lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
     for r in rows:
-        cells = [r["method"], r["allocation"], str(r["epochs"]), f"{r['val_acc1']:.2%}", f"{r['macs'] / 1e6:.1f}",
-                 *(f"{r[k]:g}" for k in speed_keys), f"{r['speedup_eager_b256']:.2f}x"]  # fmt: skip
+        cells = [
+            r["method"],
+            r["allocation"],
+            str(r["epochs"]),
+            f"{r['val_acc1']:.2%}",
+            f"{r['macs'] / 1e6:.1f}",
+            *(f"{r[k]:g}" for k in speed_keys),
+            f"{r['speedup_eager_b256']:.2f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,8 +146,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, (by_budget, by_speed) = plt.subplots(1, 2, figsize=(13, 4.5))
     arms = sorted({(r["method"], r["allocation"]) for r in rows if r["epochs"] > 0})
     for method, allocation in arms:
-        points = sorted((r["epochs"], r["val_acc1"], r["img_per_s_eager_b256"]) for r in rows
-                        if (r["method"], r["allocation"]) == (method, allocation) and r["epochs"] > 0)  # fmt: skip
+        points = sorted(
+            (r["epochs"], r["val_acc1"], r["img_per_s_eager_b256"])
+            for r in rows
+            if (r["method"], r["allocation"]) == (method, allocation) and r["epochs"] > 0
+        )
         label = f"{method} ({allocation})"
         by_budget.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         by_speed.scatter([p[2] for p in points], [p[1] for p in points], label=label)
@@ -137,8 +161,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     by_speed.scatter([dense["img_per_s_eager_b256"]], [dense["val_acc1"]], color="black", marker="*", s=120)
     by_budget.set(xscale="log", xlabel="budget (epochs)", ylabel="val top-1", title="accuracy vs budget")
-    by_speed.set(xlabel="images/s at batch 256 (eager, measured)", ylabel="val top-1",
-                 title="accuracy vs measured speed (labels: epochs)")  # fmt: skip
+    by_speed.set(
+        xlabel="images/s at batch 256 (eager, measured)",
+        ylabel="val top-1",
+        title="accuracy vs measured speed (labels: epochs)",
+    )
     by_budget.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
@@ -159,6 +186,7 @@ def _allocations(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run every arm and write the table, results.json and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=_ints, default=[1, 3, 10], help="epochs, comma-separated")
     parser.add_argument("--allocations", type=_allocations, default=["uniform", "global"], help="comma-separated")
@@ -173,12 +201,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     validate(cfg)
     if not cfg.ckpt_path:
         raise VitexpError("prune_vs_scratch needs ckpt_path=<a trained dense best.pt>; train one with python -m vitexp")
-    rows = compare(cfg, args.budgets, args.allocations, args.out, not args.no_distill, args.compile)
+    rows = compare(cfg, args.budgets, args.allocations, args.out, distill=not args.no_distill, compiled=args.compile)
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, args.out / "plots" / "prune_vs_scratch.png",
-         f"{cfg.data.name}: prune ratio {cfg.task.ratio} ({cfg.task.importance}) vs scratch")  # fmt: skip
+    plot(
+        rows,
+        args.out / "plots" / "prune_vs_scratch.png",
+        f"{cfg.data.name}: prune ratio {cfg.task.ratio} ({cfg.task.importance}) vs scratch",
+    )
     print(text)
 
 

@@ -67,12 +67,13 @@ def summary(run: Path, start: float, budget: float) -> dict:
         "time_to": {
             f"{t:.2f}": next((round(at[e], 1) for e, a in enumerate(acc, 1) if a >= t and e in at), None)
             for t in THRESHOLDS
-        },  # fmt: skip
+        },
         "curve": [(e, round(a, 4), round(at[e], 1) if e in at else None) for e, a in enumerate(acc, 1)],
     }
 
 
 def main() -> None:
+    """Print one run folder's figures as a JSON line, then its accuracy curve."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("start", type=float)

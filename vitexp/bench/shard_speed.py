@@ -27,12 +27,33 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _loader(root: Path, source: str, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    train = train_transform(args.transform, args.img_size, MEAN, STD, "bilinear", hflip=0.5, auto_augment=None,
-                            re_prob=0.0, crop_padding=4, rotate=0.0, scale=(0.08, 1.0), ratio=(0.75, 4 / 3),
-                            color_jitter=0.4)  # fmt: skip
-    splits = image_splits(source, str(root), False, 5000, None, 0, train, eval_transform(args.img_size, MEAN, STD,
-                          1.0, "bilinear"), check_images=False)  # fmt: skip
-    return make_loader(splits.train, args.batch_size, args.workers, False, True, False)
+    train = train_transform(
+        args.transform,
+        args.img_size,
+        MEAN,
+        STD,
+        "bilinear",
+        hflip=0.5,
+        auto_augment=None,
+        re_prob=0.0,
+        crop_padding=4,
+        rotate=0.0,
+        scale=(0.08, 1.0),
+        ratio=(0.75, 4 / 3),
+        color_jitter=0.4,
+    )
+    splits = image_splits(
+        source,
+        str(root),
+        download=False,
+        val_size=5000,
+        train_subset=None,
+        seed=0,
+        train_transform=train,
+        eval_transform=eval_transform(args.img_size, MEAN, STD, 1.0, "bilinear"),
+        check_images=False,
+    )
+    return make_loader(splits.train, args.batch_size, args.workers, train=True)
 
 
 def _img_per_s(loader: torch.utils.data.DataLoader, batches: int, epoch: int) -> tuple[float, int]:
@@ -58,7 +79,7 @@ def _once_over_ranks(shards: Path, workers: int) -> bool:
 
     seen: Counter = Counter()
     for rank in range(2):
-        loader = make_loader(Sources(), 2 * 100, workers, False, False, False, rank=rank, world=2)
+        loader = make_loader(Sources(), 2 * 100, workers, train=False, rank=rank, world=2)
         for indices in loader:
             seen.update(indices.tolist())
     return seen == Counter(range(len(data)))
@@ -88,11 +109,22 @@ def main() -> None:
             for name, loader in loaders.items():
                 speed, per_epoch = _img_per_s(loader, args.batches, repeat)
                 best[name] = max(best.get(name, 0.0), speed)
-                print(json.dumps({"path": name, "repeat": repeat, "img_per_s": round(speed, 1),
-                                  "samples_per_epoch": per_epoch}))  # fmt: skip
-        print(json.dumps({"shards_vs_folder": round(best["shards"] / best["folder"], 3),
-                          "once_over_2_ranks": _once_over_ranks(shards, args.workers), "workers": args.workers,
-                          "batch_size": args.batch_size, "batches": args.batches}))  # fmt: skip
+                print(
+                    json.dumps(
+                        {"path": name, "repeat": repeat, "img_per_s": round(speed, 1), "samples_per_epoch": per_epoch}
+                    )
+                )
+        print(
+            json.dumps(
+                {
+                    "shards_vs_folder": round(best["shards"] / best["folder"], 3),
+                    "once_over_2_ranks": _once_over_ranks(shards, args.workers),
+                    "workers": args.workers,
+                    "batch_size": args.batch_size,
+                    "batches": args.batches,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

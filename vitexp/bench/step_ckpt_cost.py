@@ -44,23 +44,44 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="step_ckpt_cost-") as root:
         for r, every in ((r, every) for r in range(args.repeats) for every in settings):
             run = Path(root) / f"every_{every}_{r}"
-            cmd = [sys.executable, "-m", "vitexp", *DEFAULTS, f"trainer.max_epochs={args.epochs}",
-                   f"trainer.ckpt_every_n_steps={every}", *overrides, f"hydra.run.dir={run}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "vitexp",
+                *DEFAULTS,
+                f"trainer.max_epochs={args.epochs}",
+                f"trainer.ckpt_every_n_steps={every}",
+                *overrides,
+                f"hydra.run.dir={run}",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
             img_s, size = throughput(run)
             steps = checkpoint.load(run / "checkpoints" / "last.pt")["step"]
             rates[every].append(img_s)
-            print(f"round {r + 1}: ckpt_every_n_steps={every or 'none'}: {img_s:.1f} img/s over {args.epochs} epochs, "
-                  f"{steps} steps (last.pt {size / 1e6:.1f} MB)", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}: ckpt_every_n_steps={every or 'none'}: {img_s:.1f} img/s over {args.epochs} epochs, "
+                f"{steps} steps (last.pt {size / 1e6:.1f} MB)",
+                flush=True,
+            )
     best = {every: max(found) for every, found in rates.items()}
     reference = best[settings[0]]
     for every in settings:
-        print(f"ckpt_every_n_steps={every or 'none'}: best {best[every]:.1f} img/s, "
-              f"{best[every] / reference:.3f} of {settings[0] or 'none'}'s")  # fmt: skip
-    print(json.dumps({"img_per_s": {str(e or "none"): round(v, 1) for e, v in best.items()}, "epochs": args.epochs,
-                      "repeats": args.repeats, "overrides": overrides}))  # fmt: skip
+        print(
+            f"ckpt_every_n_steps={every or 'none'}: best {best[every]:.1f} img/s, "
+            f"{best[every] / reference:.3f} of {settings[0] or 'none'}'s"
+        )
+    print(
+        json.dumps(
+            {
+                "img_per_s": {str(e or "none"): round(v, 1) for e, v in best.items()},
+                "epochs": args.epochs,
+                "repeats": args.repeats,
+                "overrides": overrides,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

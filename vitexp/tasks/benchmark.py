@@ -46,41 +46,53 @@ class SyntheticBatches:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Time `model`'s training step with this data, optimizer and trainer, and its inference; print one JSON line
     (images/s, step ms, MFU, peak memory, ...) and write it to results.json."""
-    task, batch = cfg.task, cfg.data.batch_size
-    recipe = read_recipe(cfg, with_data=task.mode == "real")
-    loop = recipe.loop
-    seed_everything(cfg.seed)
-    model = build_from_arch(recipe.arch).to(loop.device)
-    shape = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
+    recipe = read_recipe(cfg, with_data=cfg.task.mode == "real")
+    settings, machine = recipe.settings, recipe.machine
+    task, batch, data_settings = settings.task, settings.data.batch_size, settings.data
+    seed_everything(settings.seed)
+    model = build_from_arch(recipe.arch).to(machine.device)
+    shape = (data_settings.in_chans, data_settings.img_size, data_settings.img_size)
     data = recipe.loaders[0] or SyntheticBatches(*_batch(batch, shape, recipe), task.steps)
     if len(data) < task.warmup_steps + task.steps and task.mode == "real":
         raise VitexpError(f"{len(data)} batches are fewer than task.warmup_steps + task.steps; lower them")
     opt = optimization(recipe, model, len(data))
-    flops_per_batch = train_flops(model, recipe.loss, *_batch(batch, shape, recipe), loop.amp)
-    step_model = torch.compile(model, mode=loop.compile_mode, dynamic=False) if loop.compile else model
-    settings = engine.StepSettings(loop.device, loop.amp, loop.accumulate, loop.clip_norm)
+    flops_per_batch = train_flops(model, recipe.loss, *_batch(batch, shape, recipe), machine.amp)
+    compile_mode = settings.trainer.compile_mode
+    step_model = torch.compile(model, mode=compile_mode, dynamic=False) if machine.compile else model
+    trainer = settings.trainer
+    step = engine.StepSettings(machine.device, machine.amp, trainer.accumulate_grad_batches, trainer.gradient_clip_val)
 
     def timed(n: int, epoch: int) -> float:
         if isinstance(data, SyntheticBatches):
             data.n = n
         else:
-            set_epoch(data, cfg.seed, epoch)
-        return engine.train_one_epoch(step_model, data, recipe.loss, opt, 0, settings, limit_batches=n)[0][
-            "throughput/img_s"]  # fmt: skip
+            set_epoch(data, settings.seed, epoch)
+        figures, _ = engine.train_one_epoch(step_model, data, recipe.loss, opt, 0, step, limit_batches=n)
+        return figures["throughput/img_s"]
 
     plain_vit = arch_of(model)["builder"] == "vit"
     if task.anchor and not plain_vit:
         log.warning(f"model={printable(recipe.arch['name'])} is not a plain ViT; the reference loop is skipped")
-    if loop.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loop.device)
+    if machine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(machine.device)
     timed(task.warmup_steps, 0)  # compilation, allocator and cache warm-up
     ours, anchor = [], []
     for r in range(task.repeats):  # interleaved, so that drifting clocks or neighbours hit both alike
         if task.anchor and plain_vit:
-            anchor.append(anchor_img_per_s(dict(arch_of(model)["kwargs"]), batch, loop.device,
-                                           loop.amp == torch.bfloat16, loop.compile, task.warmup_steps, task.steps))  # fmt: skip
+            kwargs, bf16 = dict(arch_of(model)["kwargs"]), machine.amp == torch.bfloat16
+            anchor.append(
+                anchor_img_per_s(
+                    kwargs,
+                    batch,
+                    machine.device,
+                    bf16=bf16,
+                    compile=machine.compile,
+                    warmup=task.warmup_steps,
+                    steps=task.steps,
+                )
+            )
         ours.append(timed(task.steps, r + 1))
-    results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch, cfg)
+    results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch)
     write_results(run_dir(), results)
     log.info(
         f"{printable(recipe.arch['name'])} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
@@ -92,34 +104,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _batch(batch: int, shape: tuple[int, ...], recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    device = recipe.loop.device
-    return torch.randn(batch, *shape, device=device), torch.randint(0, recipe.num_classes, (batch,), device=device)
+    device, classes = recipe.machine.device, recipe.settings.data.num_classes
+    return torch.randn(batch, *shape, device=device), torch.randint(0, classes, (batch,), device=device)
 
 
-def _figures(recipe: Recipe, model: nn.Module, step_model: nn.Module, ours: list[float], anchor: list[float],
-             flops_per_batch: int, cfg: DictConfig) -> dict[str, Any]:  # fmt: skip
+def _figures(
+    recipe: Recipe,
+    model: nn.Module,
+    step_model: nn.Module,
+    ours: list[float],
+    anchor: list[float],
+    flops_per_batch: int,
+) -> dict[str, Any]:
     """The benchmark's one JSON object."""
-    loop, batch, device = recipe.loop, cfg.data.batch_size, recipe.loop.device
-    img_per_s, peak = max(ours), measured_peak_flops(device, loop.amp or torch.float32)
+    settings, machine, device = recipe.settings, recipe.machine, recipe.machine.device
+    batch = settings.data.batch_size
+    img_per_s, peak = max(ours), measured_peak_flops(device, machine.amp or torch.float32)
     achieved = flops_per_batch / batch * img_per_s
-    infer = inference_img_per_s(step_model, cfg.data.eval_batch_size, loop.amp, iters=cfg.task.steps)
+    infer = inference_img_per_s(step_model, settings.data.eval_batch_size, machine.amp, iters=settings.task.steps)
     return {
-        "task": "benchmark", "mode": cfg.task.mode, "model": recipe.arch["name"], "img_per_s": round(img_per_s, 1),
-        "step_ms": round(1000 * batch / round(img_per_s, 1), 2), "train_tflops": round(achieved / 1e12, 4),
-        "peak_tflops": round(peak / 1e12, 3), "mfu": round(achieved / peak, 4),
-        "peak_mem_mb": round(peak_memory_mb(device), 1), "params": count_params(model), "macs": count_macs(model),
-        "infer_img_per_s": round(infer, 1), "anchor_img_per_s": round(max(anchor), 1) if anchor else None,
+        "task": "benchmark",
+        "mode": settings.task.mode,
+        "model": recipe.arch["name"],
+        "img_per_s": round(img_per_s, 1),
+        "step_ms": round(1000 * batch / round(img_per_s, 1), 2),
+        "train_tflops": round(achieved / 1e12, 4),
+        "peak_tflops": round(peak / 1e12, 3),
+        "mfu": round(achieved / peak, 4),
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "params": count_params(model),
+        "macs": count_macs(model),
+        "infer_img_per_s": round(infer, 1),
+        "anchor_img_per_s": round(max(anchor), 1) if anchor else None,
         "ratio": round(img_per_s / max(anchor), 3) if anchor else None,
-        "rounds_img_per_s": [round(x, 1) for x in ours], "rounds_anchor_img_per_s": [round(x, 1) for x in anchor],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "batch_size": batch, "precision": precision_name(loop.amp), "compile": loop.compile,
-        "fused": bool(recipe.optimizer.keywords.get("fused")), "torch": torch.__version__, "version": __version__,
+        "rounds_img_per_s": [round(x, 1) for x in ours],
+        "rounds_anchor_img_per_s": [round(x, 1) for x in anchor],
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "batch_size": batch,
+        "precision": precision_name(machine.amp),
+        "compile": machine.compile,
+        "fused": bool(recipe.optimizer.keywords.get("fused")),
+        "torch": torch.__version__,
+        "version": __version__,
         "status": "completed",
-    }  # fmt: skip
+    }
 
 
-def train_flops(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                amp: torch.dtype | None) -> int:  # fmt: skip
+def train_flops(
+    model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targets: torch.Tensor, amp: torch.dtype | None
+) -> int:
     """FLOPs of one forward and backward pass on this batch, from torch's FLOP counter."""
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -11,12 +11,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vitexp import VitexpError, checkpoint, engine
-from vitexp.config import plain
+from vitexp.config import typed
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
 from vitexp.files import printable
 from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
-from vitexp.tasks.recipe import open_run, read_recipe
+from vitexp.runs import open_run
+from vitexp.schema import Data
+from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, fit, train_in
 
 log = logging.getLogger("vitexp")
@@ -27,23 +29,26 @@ SWEEP_METRIC = "best_val_acc1"
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil `task.teacher_ckpt` (or a teacher trained here first) into `model`."""
     run = open_run(cfg)
-    cfg, task = run.cfg, run.cfg.task
+    settings = typed(run.cfg)
+    task, data = settings.task, settings.data
     token = task.distill_type == "token"
-    if token and cfg.model.builder not in ("vit", "vit_distilled"):
+    if token and settings.model.builder not in ("vit", "vit_distilled"):
         raise VitexpError(
-            f"distill_type=token needs a ViT student, not a {printable(cfg.model.builder)}; use soft or hard"
+            f"distill_type=token needs a ViT student, not a {printable(settings.model.builder)}; use soft or hard"
         )
-    given = _teacher(task.teacher_ckpt, cfg.data) if task.teacher_ckpt else None  # a bad teacher fails first
+    given = _teacher(task.teacher_ckpt, data) if task.teacher_ckpt else None  # a bad teacher fails first
     if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
-        given = _built_teacher(arch_from_config(plain(task.teacher)), cfg.data)
-    recipe = read_recipe(cfg)
-    teacher_path = task.teacher_ckpt or (
-        f"{task.teacher.model_name} ({task.teacher.pretrained or 'random init'})" if given
-        else train_in(recipe, run.out / "teacher", arch_from_config(plain(task.teacher)), task.teacher_epochs,
-                    model_key="task.teacher")
-    )  # fmt: skip
-    teacher, saved, statistics, size = given or _teacher(teacher_path, cfg.data)
-    teacher = teacher.to(recipe.loop.device)
+        given = _built_teacher(arch_from_config(task.teacher), data)
+    recipe = read_recipe(run.cfg)
+    if given:
+        teacher_path = (
+            task.teacher_ckpt or f"{task.teacher['model_name']} ({task.teacher['pretrained'] or 'random init'})"
+        )
+    else:
+        arch = arch_from_config(task.teacher)
+        teacher_path = train_in(recipe, run.out / "teacher", arch, task.teacher_epochs, model_key="task.teacher")
+    teacher, saved, statistics, size = given or _teacher(teacher_path, data)
+    teacher = teacher.to(recipe.machine.device)
 
     def with_teacher(student: nn.Module) -> Distiller:
         return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
@@ -57,19 +62,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         wrap=with_teacher,
         views=lambda m: {"val/acc1_cls": TokenHead(m, "cls"), "val/acc1_dist": TokenHead(m, "dist")} if token else {},
     )
-    figures = {"teacher": saved["arch"]["name"], "teacher_ckpt": str(teacher_path), "teacher_val_acc1": teacher_acc,
-               "teacher_params": count_params(teacher), "teacher_macs": count_macs(teacher)}  # fmt: skip
+    figures = {
+        "teacher": saved["arch"]["name"],
+        "teacher_ckpt": str(teacher_path),
+        "teacher_val_acc1": teacher_acc,
+        "teacher_params": count_params(teacher),
+        "teacher_macs": count_macs(teacher),
+    }
     return fit(student, run.out, run.last, extra_results=figures)
 
 
-def _teacher(path: str | Path, data: DictConfig) -> tuple[nn.Module, dict[str, Any], tuple, int]:
+def _teacher(path: str | Path, data: Data) -> tuple[nn.Module, dict[str, Any], tuple, int]:
     """The teacher in `path`, its checkpoint, the normalisation it was trained with and its input size; a teacher
     for other classes or channels than `data` is a one-line error."""
     teacher, saved = checkpoint.load_model(path)
     return teacher, saved, _teacher_statistics(saved, path), _fits(teacher, path, data)
 
 
-def _built_teacher(arch: dict[str, Any], data: DictConfig) -> tuple[nn.Module, dict[str, Any], tuple, int]:
+def _built_teacher(arch: dict[str, Any], data: Data) -> tuple[nn.Module, dict[str, Any], tuple, int]:
     """`task.teacher` as built, without training (`teacher_epochs=0`): its own weights (`pretrained`) and this
     data's normalisation."""
     teacher = build_from_arch(arch, where="task.teacher")
@@ -77,7 +87,7 @@ def _built_teacher(arch: dict[str, Any], data: DictConfig) -> tuple[nn.Module, d
     return teacher, {"arch": arch_of(teacher)}, statistics, _fits(teacher, "task.teacher", data)
 
 
-def _fits(teacher: nn.Module, where: str | Path, data: DictConfig) -> int:
+def _fits(teacher: nn.Module, where: str | Path, data: Data) -> int:
     """The teacher's input size; a teacher for other classes or channels than `data` is a one-line error."""
     chans, size, _ = input_shape(teacher)
     if teacher.num_classes != data.num_classes or chans != data.in_chans:
@@ -94,14 +104,21 @@ def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[
         data = saved["config"]["data"]
         return tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
     except (KeyError, TypeError, ValueError):
-        raise VitexpError(f"teacher {path} records no data.mean and data.std as numbers; pass a checkpoint vitexp "
-                          f"wrote") from None  # fmt: skip
+        raise VitexpError(
+            f"teacher {path} records no data.mean and data.std as numbers; pass a checkpoint vitexp wrote"
+        ) from None
 
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:
     """The teacher's top-1 accuracy on this run's validation split, through the student's preprocessing."""
-    loop = recipe.loop
-    loader = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, False, False, False)
-    metrics, _ = engine.evaluate(scorer, loader, loop.device, recipe.num_classes, autocast_dtype=loop.amp,
-                                 limit_batches=loop.limit_val_batches)  # fmt: skip
+    machine, settings = recipe.machine, recipe.settings
+    loader = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    metrics, _ = engine.evaluate(
+        scorer,
+        loader,
+        machine.device,
+        settings.data.num_classes,
+        autocast_dtype=machine.amp,
+        limit_batches=settings.trainer.limit_val_batches,
+    )
     return metrics["acc1"]

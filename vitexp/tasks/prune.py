@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitexp import VitexpError, __version__, checkpoint, distributed, engine, files, plots
+from vitexp import VitexpError, checkpoint, distributed, engine, files, plots
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.files import printable
@@ -23,7 +23,8 @@ from vitexp.hardware import seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
-from vitexp.tasks.recipe import open_run, read_recipe
+from vitexp.runs import open_run
+from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, fit, train_in
 
 log = logging.getLogger("vitexp")
@@ -49,16 +50,23 @@ class Pruning:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prune `ckpt_path` (or a model trained here first) to `task.ratio`, fine-tune, report every stage."""
     run = open_run(cfg)
-    cfg, task = run.cfg, run.cfg.task
-    recipe = read_recipe(cfg)
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, False, False, False)
+    recipe = read_recipe(run.cfg)
+    settings, task = recipe.settings, recipe.settings.task
+    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
     measure = functools.partial(measure_stage, recipe, val)
     pruned_path = run.out / "checkpoints" / "pruned.pt"
     if run.last is None:
-        seed_everything(cfg.seed)
-        source = cfg.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
-        pruning = Pruning(task.ratio, task.importance, task.rounds, task.prune_embed, task.calibration_batches,
-                          task.allocation, task.round_to)  # fmt: skip
+        seed_everything(settings.seed)
+        source = settings.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
+        pruning = Pruning(
+            task.ratio,
+            task.importance,
+            task.rounds,
+            task.prune_embed,
+            task.calibration_batches,
+            task.allocation,
+            task.round_to,
+        )
         figures, points = prune_checkpoint(recipe, source, pruning, measure, run.out)
         if task.finetune_epochs == 0:
             results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
@@ -70,11 +78,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tune = finetune_recipe(recipe, pruned_path, task.finetune_epochs, teacher, task.alpha)
     results = fit(tune, run.out, run.last, extra_results=figures)
     tuned, _ = checkpoint.load_model(run.out / "checkpoints" / "best.pt")
-    after = measure(tuned.to(recipe.loop.device), "after fine-tuning (best.pt)")
+    after = measure(tuned.to(recipe.machine.device), "after fine-tuning (best.pt)")
     results |= {f"after_{k}": v for k, v in after.items() if k != "layout"}
     if distributed.is_main():
-        plots.accuracy_vs_macs([*points, ("fine-tuned", after)], run.out / "plots" / "accuracy_vs_macs.png",
-                               f"prune {task.importance}", root=run.out)  # fmt: skip
+        plots.accuracy_vs_macs(
+            [*points, ("fine-tuned", after)],
+            run.out / "plots" / "accuracy_vs_macs.png",
+            f"prune {task.importance}",
+            root=run.out,
+        )
     write_results(run.out, results)
     return results
 
@@ -85,35 +97,53 @@ def prune_checkpoint(
     """Prune the ViT in `source`, measuring it before and after each round; writes checkpoints/pruned.pt,
     prune.json and the accuracy-vs-MACs plot. Returns the figures for results.json and the plot's points."""
     model, trained = checkpoint.load_model(source)
-    builder = trained["arch"]["builder"]
-    if not (builder in ("vit", "pruned_vit") or builder == "timm" and type(model) is VisionTransformer):
-        raise VitexpError(f"{source} holds a {trained['arch']['builder']} model; task=prune takes a ViT checkpoint")
-    device = recipe.loop.device
-    model.to(device)
+    if type(model) is not VisionTransformer:
+        raise VitexpError(f"{source} holds a {type(model).__name__} model; task=prune takes a ViT checkpoint")
+    model.to(recipe.machine.device)
     before, width0 = measure(model, "before pruning"), embed_width(model)
-    train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, False, True, False)
-    calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))
-                   ] if pruning.importance == "taylor" else None  # fmt: skip
-    example = torch.zeros(1, *input_shape(model), device=device)
-    rounds = []
-    prune(model, pruning.ratio, pruning.importance, example, pruning.rounds, calibration, pruning.prune_embed,
-          after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")), allocation=pruning.allocation,
-          round_to=pruning.round_to)  # fmt: skip
+    rounds = _prune_rounds(recipe, model, pruning, measure)
     width = embed_width(model)
-    arch = _pruned_arch(trained["arch"], pruning.ratio, layout_of(model), width if width != width0 else None)
-    figures = {f"{stage}_{k}": v for stage, f in (("before", before), ("pruned", rounds[-1])) for k, v in f.items()
-               if k != "layout"}  # fmt: skip
-    figures |= {"source_ckpt": str(source), "ratio": pruning.ratio, "importance": pruning.importance,
-                "allocation": pruning.allocation, "round_to": pruning.round_to}  # fmt: skip
+    arch = _pruned_arch(trained[checkpoint.ARCH], pruning.ratio, layout_of(model), width if width != width0 else None)
+    stages = (("before", before), ("pruned", rounds[-1]))
+    figures = {f"{stage}_{k}": v for stage, f in stages for k, v in f.items() if k != "layout"}
+    figures |= {
+        "source_ckpt": str(source),
+        "ratio": pruning.ratio,
+        "importance": pruning.importance,
+        "allocation": pruning.allocation,
+        "round_to": pruning.round_to,
+    }
     points = [("unpruned", before), *((f"round {i + 1}", r) for i, r in enumerate(rounds))]
     if distributed.is_main():
-        checkpoint.save({"model": model.state_dict(), "arch": arch, "epoch": 0, "step": 0, "version": __version__,
-                         "format": checkpoint.FORMAT_VERSION, "config": recipe.config, "metrics": rounds[-1]},
-                        out / "checkpoints" / "pruned.pt", out)  # fmt: skip
+        pruned = checkpoint.TrainingState(model=model.state_dict(), arch=arch, config=recipe.config, metrics=rounds[-1])
+        checkpoint.save(pruned.state_dict(resumable=False), out / "checkpoints" / "pruned.pt", out)
         files.write_text(out / "prune.json", json.dumps({**figures, "points": points}, indent=2) + "\n", out)
         plots.accuracy_vs_macs(points, out / "plots" / "accuracy_vs_macs.png", f"prune {pruning.importance}", root=out)
     distributed.barrier()  # pruned.pt is written before the fine-tuning reads it on every rank
     return figures, points
+
+
+def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Pruning, measure: Measure) -> list[dict[str, Any]]:
+    """Prune `model` in place over `pruning.rounds` rounds; the figures measured after each."""
+    device = recipe.machine.device
+    calibration = None
+    if pruning.importance == "taylor":  # first-order importance needs a few real batches
+        train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, train=True)
+        calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))]
+    rounds: list[dict[str, Any]] = []
+    prune(
+        model,
+        pruning.ratio,
+        pruning.importance,
+        torch.zeros(1, *input_shape(model), device=device),
+        pruning.rounds,
+        calibration,
+        prune_embed=pruning.prune_embed,
+        after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")),
+        allocation=pruning.allocation,
+        round_to=pruning.round_to,
+    )
+    return rounds
 
 
 def read_prune_json(out: Path) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
@@ -144,46 +174,58 @@ def _is_point(point: Any) -> bool:
 def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | None, alpha: float) -> Recipe:
     """The fine-tuning of the model in `pruned` (a pruned.pt) for `epochs`, distilling `teacher` (the unpruned
     checkpoint) with weight `alpha` when given."""
-    tune = replace(recipe, arch=checkpoint.load(pruned)["arch"], init_weights=str(pruned),
-                   loop=replace(recipe.loop, max_epochs=epochs))  # fmt: skip
+    settings = recipe.settings
+    settings = replace(settings, ckpt_path=str(pruned), trainer=replace(settings.trainer, max_epochs=epochs))
+    tune = replace(recipe, settings=settings, arch=checkpoint.load(pruned)[checkpoint.ARCH])
     return _distilled_from(tune, teacher, alpha) if teacher else tune
 
 
-def _pruned_arch(trained: dict[str, Any], ratio: float, layout: list[list[int]], width: int | None = None
-                 ) -> dict[str, Any]:  # fmt: skip
-    """The pruned model's `arch`: a timm model (model=timm) keeps its name and arguments and gains the layout;
-    `width`: the residual stream's, when `task.prune_embed` narrowed it."""
+def _pruned_arch(
+    trained: dict[str, Any], ratio: float, layout: list[list[int]], width: int | None = None
+) -> dict[str, Any]:
+    """The pruned model's `arch`: the trained one with the `layout`, and `width` when `task.prune_embed` narrowed
+    the residual stream; a vitexp ViT is named `pruned` and records the `ratio` (a timm model keeps its name)."""
     narrowed = {"embed_width": width} if width else {}
-    if trained["builder"] == "timm":
-        return {**trained, "kwargs": {**trained["kwargs"], "layout": layout, **narrowed}}
     kwargs = {k: v for k, v in trained["kwargs"].items() if k not in ("ratio", "layout")}
-    return {"builder": "pruned_vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout,
-                                                                  **narrowed}}  # fmt: skip
+    if trained["builder"] == "timm":
+        return {**trained, "kwargs": {**kwargs, "layout": layout, **narrowed}}
+    return {"builder": "vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout, **narrowed}}
 
 
 def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
     """The fine-tuning recipe with the unpruned model as a frozen teacher (hard distillation, weight `alpha`)."""
     teacher, _ = checkpoint.load_model(source)
-    teacher.to(tune.loop.device)
+    teacher.to(tune.machine.device)
     mean, std = tune.data.mean, tune.data.std
-    return replace(tune, wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.data.img_size),
-                   loss=DistillationLoss(tune.loss, "hard", alpha, 1.0))  # fmt: skip
+    return replace(
+        tune,
+        wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.data.img_size),
+        loss=DistillationLoss(tune.loss, "hard", alpha, 1.0),
+    )
 
 
 def measure_stage(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
     """Val top-1, size, MACs, throughput at the eval batch size and latency at batch 1, logged as one line."""
-    loop, batch = recipe.loop, recipe.data.eval_batch_size
-    metrics, _ = engine.evaluate(model, val, loop.device, recipe.num_classes, autocast_dtype=loop.amp,
-                                 limit_batches=loop.limit_val_batches)  # fmt: skip
+    machine, batch, settings = recipe.machine, recipe.data.eval_batch_size, recipe.settings
+    metrics, _ = engine.evaluate(
+        model,
+        val,
+        machine.device,
+        settings.data.num_classes,
+        autocast_dtype=machine.amp,
+        limit_batches=settings.trainer.limit_val_batches,
+    )
     figures = {
         "val_acc1": metrics["acc1"],
         "params": count_params(model),
         "macs": count_macs(model),
-        "infer_img_per_s": inference_img_per_s(model, batch, loop.amp),
-        "latency_ms": 1000 / inference_img_per_s(model, 1, loop.amp, iters=20),
+        "infer_img_per_s": inference_img_per_s(model, batch, machine.amp),
+        "latency_ms": 1000 / inference_img_per_s(model, 1, machine.amp, iters=20),
         "layout": layout_of(model),
     }
-    log.info(f"{stage}: val/acc1 {figures['val_acc1']:.4f} | {figures['params'] / 1e6:.2f}M params | "
-             f"{figures['macs'] / 1e6:.1f}M MACs | {figures['infer_img_per_s']:.0f} img/s at batch {batch} | "
-             f"{figures['latency_ms']:.2f} ms at batch 1")  # fmt: skip
+    log.info(
+        f"{stage}: val/acc1 {figures['val_acc1']:.4f} | {figures['params'] / 1e6:.2f}M params | "
+        f"{figures['macs'] / 1e6:.1f}M MACs | {figures['infer_img_per_s']:.0f} img/s at batch {batch} | "
+        f"{figures['latency_ms']:.2f} ms at batch 1"
+    )
     return figures

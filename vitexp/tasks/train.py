@@ -6,7 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vitexp.tasks.recipe import open_run, read_recipe
+from vitexp.runs import open_run
+from vitexp.tasks.recipe import read_recipe
 from vitexp.training import fit
 
 SWEEP_METRIC = "best_val_acc1"  # what a sweep job returns to Hydra's sweeper

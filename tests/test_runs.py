@@ -1,0 +1,116 @@
+"""The run life cycle (`vitexp.runs`): the config composed once per process, and Hydra's errors in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf.errors import ConfigAttributeError
+
+from tests.conftest import REPO, TINY, compose_config
+from vitexp.__main__ import _one_line
+
+# `python -m vitexp ARGS` that records, per rank, each composition of the config and each job it runs, in order.
+COUNTING = """
+import atexit, json, os, sys
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+import vitexp.__main__ as entry
+
+events, out = [], sys.argv[1]
+sys.argv = ["vitexp", *sys.argv[2:]]
+compose, job = ConfigLoaderImpl.load_configuration, entry._job
+
+def counted_compose(self, *args, **kwargs):
+    events.append("compose")
+    return compose(self, *args, **kwargs)
+
+def counted_job(cfg):
+    events.append("job")
+    return job(cfg)
+
+ConfigLoaderImpl.load_configuration = counted_compose
+entry._job = counted_job
+atexit.register(lambda: open(os.path.join(out, os.environ.get("RANK", "0") + ".json"), "w").write(json.dumps(events)))
+entry.main()
+"""
+
+
+def _events(tmp_path: Path, *args: str, nproc: int = 1) -> dict[str, list[str]]:
+    """Run the counting entry point (under torchrun with `nproc` > 1): each rank's compositions and jobs, in order."""
+    script, out = tmp_path / "counting.py", tmp_path / "events"
+    script.write_text(COUNTING)
+    out.mkdir()
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [*launch, str(script), str(out), *args]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+def test_a_plain_run_composes_its_config_once(tmp_path):
+    assert _events(tmp_path, *TINY, "trainer.max_epochs=1") == {"0": ["compose", "job"]}
+
+
+def test_each_sweep_job_composes_its_config_once(tmp_path):
+    events = _events(tmp_path, "--multirun", *TINY, "trainer.max_epochs=1", "seed=0,1")
+    # the sweep's; Hydra's basic sweeper composing each job of the batch to refuse a bad one before any runs; then
+    # each job's own, once
+    checks = ["compose", "compose"]
+    assert events == {"0": ["compose", *checks, "compose", "job", "compose", "job"]}
+    (sweep,) = (tmp_path / "multirun_outputs").iterdir()
+    assert all((sweep / job / ".hydra" / "config.yaml").is_file() for job in ("0", "1"))
+
+
+def test_each_torchrun_rank_composes_its_config_once(tmp_path):
+    events = _events(tmp_path, *TINY, "trainer.max_epochs=1", nproc=2)
+    assert events == {"0": ["compose", "job"], "1": ["compose", "job"]}
+    (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()  # one folder, picked by rank 0
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "results.json").is_file()
+
+
+def test_composing_the_config_creates_and_reads_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(*TINY, "resume=null", hydra=True)
+    folders = (cfg.hydra.run.dir, cfg.hydra.sweep.dir)  # resolved: plain interpolations, no resolver of vitexp's
+    assert folders[0].startswith("outputs/train/baseline/") and folders[1].startswith("multirun_outputs/")
+    assert cfg.hydra.output_subdir is None  # each job records its own start (vitexp.runs.record_start)
+    assert not list(tmp_path.iterdir())
+
+
+def _raised(exception: Exception, cause: Exception | None = None) -> Exception:
+    exception.__cause__ = cause
+    return exception
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            _raised(MissingConfigException("", missing_cfg_file="model/nope", options=["baseline", "patch8"])),
+            "no config 'model/nope'; choose one of: baseline, patch8",
+        ),
+        (
+            _raised(OverrideParseException(override="optim.lr=[1e-3", message="no viable alternative\nSee ...")),
+            "cannot parse optim.lr=[1e-3: no viable alternative",
+        ),
+        (
+            _raised(ConfigCompositionException("Could not override"), ConfigAttributeError("Key 'x' not in 'T'")),
+            "Could not override Key 'x' not in 'T'",
+        ),
+        (
+            _raised(ConfigCompositionException("Could not delete from config. 'nope' does not exist.")),
+            "Could not delete from config. 'nope' does not exist.",
+        ),
+    ],
+    ids=["missing-option", "unparsable", "no-key-field", "text-only"],
+)
+def test_composition_errors_are_one_line_from_their_fields(error, line):
+    assert _one_line(error) == line
