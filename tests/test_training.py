@@ -146,6 +146,20 @@ def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessi
     assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])
 
 
+def test_trainer_matmul_precision_sets_torchs_and_is_checked():
+    try:
+        read_recipe(compose_config(*TINY, "trainer.matmul_precision=medium"), with_data=False)
+        assert torch.get_float32_matmul_precision() == "medium"
+        read_recipe(compose_config(*TINY), with_data=False)
+        assert torch.get_float32_matmul_precision() == "highest"  # the default: full fp32, as torch's own
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    with pytest.raises(
+        VitexpError, match="trainer.matmul_precision='tf32' is not valid: choose one of highest, high, medium"
+    ):
+        validate(compose_config(*TINY, "trainer.matmul_precision=tf32"))
+
+
 def test_trainer_deterministic_selects_deterministic_kernels_and_is_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:

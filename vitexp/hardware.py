@@ -32,9 +32,11 @@ class Machine:
 
 def choose(trainer: Trainer, *, fused: bool | str) -> Machine:
     """The device, autocast dtype, GradScaler, compilation, fused optimizer and progress bars `trainer` and
-    `optim.fused` ask for on this machine; sets torch's deterministic mode as `trainer.deterministic` says."""
+    `optim.fused` ask for on this machine; sets torch's deterministic mode and float32 matmul precision as
+    `trainer.deterministic` and `trainer.matmul_precision` say."""
     device = resolve_device(trainer.device)
     use_deterministic(trainer.deterministic)
+    torch.set_float32_matmul_precision(trainer.matmul_precision)
     return Machine(
         device=device,
         amp=autocast_dtype(trainer.precision, device),

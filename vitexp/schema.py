@@ -87,6 +87,7 @@ class Trainer:
     compile: Any = choice("auto", True, False)
     compile_mode: str | None = MISSING
     deterministic: Any = choice(True, False, "warn")
+    matmul_precision: str = choice("highest", "high", "medium")
     skip_nonfinite: bool = MISSING
     limit_train_batches: int | None = _optional_count()
     limit_val_batches: int | None = _optional_count()
