@@ -21,13 +21,14 @@ from omegaconf import OmegaConf
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint, files, plots, tracking
 from vitexp.__main__ import _preflight
+from vitexp.checkpoint import check_resume_fields
 from vitexp.config import resume_overrides
 from vitexp.export import write_folder
 from vitexp.models import build_from_arch
 from vitexp.records import EpochLog, read_metrics, write_results
 from vitexp.rundir import resume_point
 from vitexp.tasks.recipe import read_recipe
-from vitexp.training import RunState, check_resume_fields, checkpoint_state, optimization, restore
+from vitexp.training import RunState, checkpoint_state, optimization, restore
 
 VICTIM = b"export PATH=$HOME/bin:$PATH\n"
 

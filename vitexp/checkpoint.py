@@ -296,7 +296,7 @@ def _mistyped(source: str | Path, key: str, why: str) -> VitexpError:
 
 def _valid_position(position: dict[str, Any]) -> bool:
     """A mid-epoch place as a mid-epoch save writes it, each rank's sums shaped as the engine's running sums are."""
-    template = engine._Sums(torch.device("cpu"), skip_nonfinite=False).state_dict()
+    template = engine.EpochSums(torch.device("cpu"), skip_nonfinite=False).state_dict()
     sums = position.get("sums")
 
     def same(value: Any, like: Any) -> bool:

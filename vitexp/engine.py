@@ -159,8 +159,6 @@ class EpochSums:
         return tuple((reduce(totals) if reduce else totals).tolist())
 
 
-_Sums = EpochSums  # the name training.py and checkpoint.py use
-
 _SUMS_TENSORS = ("loss", "norm", "counted", "pending", "interval")
 _SUMS_COUNTS = ("seen", "steps", "skipped", "interval_steps")
 

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitexp import VitexpError, checkpoint, distributed, engine, plots, stop, tracking
-from vitexp.checkpoint import check_resume_fields
 from vitexp.data import LoaderSettings, Splits, set_epoch
 from vitexp.hardware import Machine, precision_name, seed_everything
 from vitexp.models import (
@@ -137,7 +136,7 @@ def fit(
 
 def _resuming(last: dict[str, Any], out: Path) -> None:
     """Check a loaded last.pt's run-state fields and say where the run continues."""
-    check_resume_fields(last, out / "checkpoints" / "last.pt")
+    checkpoint.check_resume_fields(last, out / "checkpoints" / "last.pt")
     where = f", mid-epoch at batch {last['position']['batch']}" if last.get("position") else ""
     log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']}{where})")
 
@@ -283,7 +282,7 @@ class StepCheckpoints:
     def at(self, epoch: int) -> engine.AfterStep:
         """The engine's `after_step` for `epoch`."""
 
-        def after_step(step: int, batch: int, sums: engine._Sums) -> None:
+        def after_step(step: int, batch: int, sums: engine.EpochSums) -> None:
             timed = self.minutes is not None and time.monotonic() - self.last >= 60 * self.minutes
             stopping, timed = distributed.any_rank([stop.requested() is not None, timed])
             if stopping or timed or (self.every and step % self.every == 0):
@@ -297,7 +296,7 @@ class StepCheckpoints:
 
         return after_step
 
-    def save(self, epoch: int, step: int, batch: int, sums: engine._Sums) -> None:
+    def save(self, epoch: int, step: int, batch: int, sums: engine.EpochSums) -> None:
         """Write last.pt at this step (rank 0; every rank's sums gathered)."""
         ckpt = checkpoint_state(self.model, self.opt, replace(self.state, step=step), self.config)
         ckpt[checkpoint.POSITION] = {"epoch": epoch, "batch": batch, "sums": distributed.gather(sums.state_dict())}
@@ -319,18 +318,11 @@ def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
 
 def validate(recipe: Recipe, eval_model: nn.Module, model: nn.Module, ema: Any, reduce: Any) -> dict[str, Any]:
     """Val loss and accuracies of the model, and the val top-1 of its EMA and of the recipe's extra views."""
-    machine, val_loader, settings = recipe.machine, recipe.loaders[1], recipe.settings
+    machine, val_loader = recipe.machine, recipe.loaders[1]
 
     def score(module: nn.Module) -> dict[str, float]:
-        return engine.evaluate(
-            module,
-            val_loader,
-            machine.device,
-            settings.data.num_classes,
-            autocast_dtype=machine.amp,
-            limit_batches=settings.trainer.limit_val_batches,
-            progress=module is eval_model and machine.progress,
-            reduce=reduce,
+        return evaluate_on(
+            recipe, module, val_loader, progress=module is eval_model and machine.progress, reduce=reduce
         )[0]
 
     val = score(eval_model)
@@ -339,6 +331,21 @@ def validate(recipe: Recipe, eval_model: nn.Module, model: nn.Module, ema: Any, 
     for name, view in {**views, **recipe.views(model)}.items():
         figures[name] = score(view)["acc1"]
     return figures
+
+
+def evaluate_on(recipe: Recipe, model: nn.Module, loader: Iterable, **kwargs: Any) -> tuple[dict[str, float], Any]:
+    """`engine.evaluate` of `model` on `loader` on the recipe's device and autocast, at most
+    `trainer.limit_val_batches` batches; `kwargs` go to it as they are."""
+    machine, settings = recipe.machine, recipe.settings
+    return engine.evaluate(
+        model,
+        loader,
+        machine.device,
+        settings.data.num_classes,
+        autocast_dtype=machine.amp,
+        limit_batches=settings.trainer.limit_val_batches,
+        **kwargs,
+    )
 
 
 def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState, config: dict) -> dict[str, Any]:

@@ -105,26 +105,9 @@ def _worker_loaders(s: LoaderSettings, splits: Splits, device: torch.device) -> 
             "data.device_augment.policy=null"
         )
     rank, world, pin = distributed.rank(), distributed.world_size(), device.type == "cuda"
-    train = make_loader(
-        splits.train,
-        s.batch_size,
-        s.num_workers,
-        train=True,
-        persistent_workers=s.persistent_workers,
-        pin_memory=pin,
-        rank=rank,
-        world=world,
-    )
-    val = make_loader(
-        splits.val,
-        s.eval_batch_size,
-        s.num_workers,
-        train=False,
-        persistent_workers=s.persistent_workers,
-        pin_memory=pin,
-        rank=rank,
-        world=world,
-    )
+    shared = {"persistent_workers": s.persistent_workers, "pin_memory": pin, "rank": rank, "world": world}
+    train = make_loader(splits.train, s.batch_size, s.num_workers, train=True, **shared)
+    val = make_loader(splits.val, s.eval_batch_size, s.num_workers, train=False, **shared)
     return train, val
 
 

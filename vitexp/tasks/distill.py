@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from vitexp import VitexpError, checkpoint, engine
+from vitexp import VitexpError, checkpoint
 from vitexp.config import typed
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
@@ -19,7 +19,7 @@ from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs
 from vitexp.runs import open_run
 from vitexp.schema import Data
 from vitexp.tasks.recipe import read_recipe
-from vitexp.training import Recipe, fit, train_in
+from vitexp.training import Recipe, evaluate_on, fit, train_in
 
 log = logging.getLogger("vitexp")
 
@@ -111,14 +111,5 @@ def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:
     """The teacher's top-1 accuracy on this run's validation split, through the student's preprocessing."""
-    machine, settings = recipe.machine, recipe.settings
     loader = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
-    metrics, _ = engine.evaluate(
-        scorer,
-        loader,
-        machine.device,
-        settings.data.num_classes,
-        autocast_dtype=machine.amp,
-        limit_batches=settings.trainer.limit_val_batches,
-    )
-    return metrics["acc1"]
+    return evaluate_on(recipe, scorer, loader)[0]["acc1"]

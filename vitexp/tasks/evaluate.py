@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vitexp import VitexpError, checkpoint, engine, plots
+from vitexp.checkpoint import check_resume_fields
 from vitexp.config import build, run_dir, typed
 from vitexp.data import make_loader
 from vitexp.files import printable
@@ -19,7 +20,6 @@ from vitexp.models import count_macs, count_params, inference_img_per_s, input_s
 from vitexp.records import write_results
 from vitexp.runs import start_tracking
 from vitexp.schema import Config, Data
-from vitexp.training import check_resume_fields
 
 log = logging.getLogger("vitexp")
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitexp import VitexpError, checkpoint, distributed, engine, files, plots
+from vitexp import VitexpError, checkpoint, distributed, files, plots
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.files import printable
@@ -25,7 +25,7 @@ from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
 from vitexp.runs import open_run
 from vitexp.tasks.recipe import read_recipe
-from vitexp.training import Recipe, fit, train_in
+from vitexp.training import Recipe, evaluate_on, fit, train_in
 
 log = logging.getLogger("vitexp")
 
@@ -206,15 +206,8 @@ def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
 
 def measure_stage(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
     """Val top-1, size, MACs, throughput at the eval batch size and latency at batch 1, logged as one line."""
-    machine, batch, settings = recipe.machine, recipe.data.eval_batch_size, recipe.settings
-    metrics, _ = engine.evaluate(
-        model,
-        val,
-        machine.device,
-        settings.data.num_classes,
-        autocast_dtype=machine.amp,
-        limit_batches=settings.trainer.limit_val_batches,
-    )
+    machine, batch = recipe.machine, recipe.data.eval_batch_size
+    metrics, _ = evaluate_on(recipe, model, val)
     figures = {
         "val_acc1": metrics["acc1"],
         "params": count_params(model),
