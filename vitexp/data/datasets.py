@@ -137,7 +137,9 @@ def _image_bases(source: str, path: Path, mode: str, *, download: bool, check_im
             f"no shards under data.root={path}: write them with python -m vitexp.shards <image folder> --out {path}"
         )
     if (path / "train").is_dir():
-        return {s: image_folder(path / s, mode, check=check_images) for s in ("train", "val", "test") if (path / s).is_dir()}
+        return {
+            s: image_folder(path / s, mode, check=check_images) for s in ("train", "val", "test") if (path / s).is_dir()
+        }
     if source in TORCHVISION_SETS:
         if not download and not path.is_dir():
             raise VitexpError(
