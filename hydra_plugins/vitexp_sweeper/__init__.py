@@ -148,25 +148,19 @@ class OptunaSweeper(Sweeper):
         os.environ["OMP_NUM_THREADS"] = str(threads)  # jobs in other processes
 
     def _launch(self, study: Any, wanted: Any, batch: list[tuple[Any, Any]]) -> int:
-        """Run a batch's jobs (trial N in job folder N), tell the study each result; the number that failed."""
-        from hydra.core.utils import JobStatus
-        from optuna.trial import TrialState
-
-        from vitexp import search
-
-        failed = 0
+        """Run a batch's jobs (trial N in job folder N; trials of consecutive numbers in one launch, side by side
+        with a launcher that runs jobs at once), tell the study each result; the number that failed."""
+        groups: list[list[Any]] = []
         for trial, _ in batch:
-            overrides = [f"{k}={v}" for k, v in {**trial.params, **wanted.fixed}.items()]
-            (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-            value = ret.return_value if ret.status == JobStatus.COMPLETED else None
-            if value == search.PRUNED:
-                study.tell(trial.number, state=TrialState.PRUNED)
-            elif isinstance(value, (int, float)):
-                study.tell(trial.number, float(value))
-            else:  # a failed job is a failed trial; the search goes on
-                log.warning(f"trial {trial.number} failed")
-                study.tell(trial.number, state=TrialState.FAIL)
-                failed += 1
+            if groups and groups[-1][-1].number + 1 == trial.number:
+                groups[-1].append(trial)
+            else:
+                groups.append([trial])
+        failed = 0
+        for group in groups:
+            jobs = [[f"{k}={v}" for k, v in {**t.params, **wanted.fixed}.items()] for t in group]
+            for trial, ret in zip(group, self.launcher.launch(jobs, initial_job_idx=group[0].number)):
+                failed += _tell(study, trial, ret)
         return failed
 
     def _finish(self, study: Any, folder: Path) -> None:
@@ -189,3 +183,22 @@ class OptunaSweeper(Sweeper):
             best = {"name": "optuna", "best_params": study.best_params, "best_value": study.best_value}
             files.write_text(folder / "optimization_results.yaml", yaml.safe_dump(best), root=folder)
             log.info(f"best trial {study.best_trial.number}: {study.best_value} with {study.best_params}")
+
+
+def _tell(study: Any, trial: Any, ret: Any) -> int:
+    """Tell the study how a trial's job ended: its value, pruned, or failed (1: the search goes on)."""
+    from hydra.core.utils import JobStatus
+    from optuna.trial import TrialState
+
+    from vitexp import search
+
+    value = ret.return_value if ret.status == JobStatus.COMPLETED else None
+    if value == search.PRUNED:
+        study.tell(trial.number, state=TrialState.PRUNED)
+    elif isinstance(value, (int, float)):
+        study.tell(trial.number, float(value))
+    else:
+        log.warning(f"trial {trial.number} failed")
+        study.tell(trial.number, state=TrialState.FAIL)
+        return 1
+    return 0
