@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from PIL import Image
 
 from tests import fuzz_inputs as fz
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp import checkpoint, config, models, report, rundir, shards, sweeps
+from vitexp import checkpoint, config, models, report, rundir, search, shards, sweeps
 
 # (fast, slow) cases per entry point: the fast ones keep the default suite within its budget on two cores.
 PROFILES = {"fast": dict(max_examples=1, derandomize=True), "slow": dict(max_examples=1, derandomize=False)}
@@ -54,7 +53,7 @@ class World:
     run: Path  # a finished tiny run
     ckpt: dict[str, Any]  # its last.pt, loaded
     cfg: Any  # the tiny config, composed
-    study: dict[str, Any]  # an optuna_study.json record
+    study: str  # an Optuna journal file's text
     shards: Path  # a split folder of two shards
     payload: bytes
     marker: Path
@@ -94,18 +93,17 @@ def world(tmp_path_factory) -> World:
     )
 
 
-def _honest_study(folder: Path) -> dict[str, Any]:
+def _honest_study(folder: Path) -> str:
     import optuna
-    from optuna.distributions import CategoricalDistribution, IntUniformDistribution, LogUniformDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState, create_trial
 
     folder.mkdir()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study = optuna.create_study(study_name="s", storage=search.storage(None, folder), direction="maximize")
     dists = {
-        "optim.lr": LogUniformDistribution(1e-4, 0.1),
-        "model.depth": IntUniformDistribution(1, 4),
+        "optim.lr": FloatDistribution(1e-4, 0.1, log=True),
+        "model.depth": IntDistribution(1, 4),
         "data": CategoricalDistribution(["cifar10", "mnist"]),
     }
     trials = [
@@ -113,14 +111,11 @@ def _honest_study(folder: Path) -> dict[str, Any]:
         (TrialState.FAIL, None, (0.1, 1, "mnist")),
         (TrialState.RUNNING, None, (0.001, 4, "cifar10")),
     ]
-    with warnings.catch_warnings():  # add_trial and create_trial are "experimental" in Optuna 2
-        warnings.simplefilter("ignore")
-        for state, value, params in trials:
-            trial = create_trial(state=state, value=value, params=dict(zip(dists, params)), distributions=dists)
-            trial.set_user_attr("seed", "0")
-            study.add_trial(trial)
-    sweeps.save_study(storage, "s", folder)
-    return json.loads((folder / sweeps.STUDY_FILE).read_text())
+    for state, value, params in trials:
+        trial = create_trial(state=state, value=value, params=dict(zip(dists, params)), distributions=dists)
+        trial.set_user_attr("seed", "0")
+        study.add_trial(trial)
+    return (folder / search.JOURNAL_FILE).read_text()
 
 
 def _honest_shards(base: Path) -> Path:
@@ -295,12 +290,12 @@ def _sweep(world: World, data) -> None:
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(JOB))
     started = ["optim.lr=0.1,0.01", "debug=fast"]
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": started}}, "seed": 0}))
-    (sweep / sweeps.STUDY_FILE).write_text(json.dumps(world.study))
-    names = ["multirun.yaml", sweeps.STUDY_FILE, "0/.hydra/overrides.yaml", "0/results.json"]
+    (sweep / search.JOURNAL_FILE).write_text(world.study)
+    names = ["multirun.yaml", search.JOURNAL_FILE, "0/.hydra/overrides.yaml", "0/results.json"]
     damage_files(data, p, sweep, names, [*names, "0", "0/.hydra"])
     argv = ["-m", *started, f"hydra.sweep.dir={sweep}"]
     fz.call("sweeps.check_command", p, [sweep], lambda: sweeps.check_command(argv))
-    fz.call("sweeps.load_study", p, [sweep], lambda: sweeps.load_study(sweep / sweeps.STUDY_FILE))
+    fz.call("search.load_study", p, [sweep], lambda: search.load_study(sweep / search.JOURNAL_FILE, name="s"))
     fz.call("rundir.earlier_job", p, [sweep], lambda: rundir.earlier_job(job, JOB))
     fz.call("rundir.output_subdir", p, [sweep], lambda: rundir.output_subdir(None, str(job), "MULTIRUN", JOB))
 
@@ -443,7 +438,7 @@ def test_honest_inputs_pass_every_entry_point(world):
     config.resumed(world.cfg, point.config, point.overrides, str(run), [f"resume={run}"])
     dataset = shards.ShardSet(world.shards)
     assert len(dataset) == 6 and dataset[5][1] in (0, 1)
-    assert sweeps.load_study(world.base / "study" / sweeps.STUDY_FILE).trials[0].value == 0.5
+    assert search.load_study(world.base / "study" / search.JOURNAL_FILE, name="s").trials[0].value == 0.5
 
 
 def test_zz_fuzz_case_counts():

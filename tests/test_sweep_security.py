@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import optuna
@@ -14,13 +13,14 @@ import pytest
 import torch
 import yaml
 from hydra.types import RunMode
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 
 from tests.conftest import TINY, compose_config, vitexp
 from tests.test_security import Payload
 from vitexp import VitexpError
 from vitexp.rundir import earlier_job, output_subdir
-from vitexp.sweeps import STUDY_FILE, Search, check_command, declared_search, load_study, save_study
+from vitexp.search import JOURNAL_FILE as STUDY_FILE
+from vitexp.search import Search, declared_search, load_study, storage
+from vitexp.sweeps import check_command
 
 SEARCH = ["hparams_search=optuna", *TINY]
 
@@ -28,40 +28,30 @@ SEARCH = ["hparams_search=optuna", *TINY]
 def declared(*arguments: str) -> Search:
     """The search `python -m vitexp hparams_search=optuna ARGUMENTS` runs, as its sweeper parses it."""
     node = compose_config("hparams_search=optuna", *arguments, hydra=True).hydra.sweeper
-    impl = OptunaSweeperImpl(
-        sampler=None,
-        direction=node.direction,
-        storage=None,
-        study_name=node.study_name,
-        n_trials=node.n_trials,
-        n_jobs=1,
-        max_failure_rate=0.5,
-        search_space=None,
-        custom_search_space=None,
-        params=node.params,
-    )
-    return declared_search(impl, ["hparams_search=optuna", *arguments])
+    return declared_search(node.params, ["hparams_search=optuna", *arguments], node.study_name, node.direction)
 
 
-def honest_study(folder: Path, search: Search) -> dict:
-    """A study as a search stopped in its second trial leaves it: trial 0 completed, trial 1 running."""
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(study_name="vitexp", storage=storage, direction="maximize")
-    params = {k: (d.low + d.high) / 2 for k, d in search.space.items()}
-    with warnings.catch_warnings():  # create_trial and add_trial are "experimental" in Optuna 2
-        warnings.simplefilter("ignore")
-        for state, value in (("COMPLETE", 0.5), ("RUNNING", None)):
-            trial = optuna.trial.create_trial(
-                state=optuna.trial.TrialState[state],
-                value=value,
-                params=params,
-                distributions=search.space,
-                user_attrs=search.fixed,
-            )
-            study.add_trial(trial)
+def honest_study(folder: Path, search: Search) -> list[dict]:
+    """A study as a search stopped in its second trial leaves it: trial 0 completed, trial 1 running; returned as
+    the journal's records (record 0 creates the study, record N + 1 trial N)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_study(storage, "vitexp", folder)
-    return json.loads((folder / STUDY_FILE).read_text())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="vitexp", storage=storage(None, folder), direction="maximize")
+    params = {k: (d.low + d.high) / 2 for k, d in search.space.items()}
+    for state, value in (("COMPLETE", 0.5), ("RUNNING", None)):
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state],
+            value=value,
+            params=params,
+            distributions=search.space,
+            user_attrs=search.fixed,
+        )
+        study.add_trial(trial)
+    return [json.loads(line) for line in (folder / STUDY_FILE).read_text().splitlines()]
+
+
+def write_journal(path: Path, record: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in record))
 
 
 def plant(tmp_path: Path) -> tuple[dict, Path]:
@@ -99,15 +89,15 @@ def test_a_study_whose_stopped_trial_plants_code_is_refused_before_any_job(tmp_p
     sweep = tmp_path / "search"
     record = honest_study(sweep, declared(*TINY))
     overrides, marker = plant(tmp_path)
-    stopped = record["trials"][1]
-    stopped["params"].update(overrides)
+    stopped = record[2]
+    stopped["params"].update(dict.fromkeys(overrides, 0))  # a choice's index: its one choice
     stopped["distributions"].update(
         {
             k: json.dumps({"name": "CategoricalDistribution", "attributes": {"choices": [v]}})
             for k, v in overrides.items()
         }
     )
-    (sweep / STUDY_FILE).write_text(json.dumps(record))
+    write_journal(sweep / STUDY_FILE, record)
     before = snapshot(sweep)
     proc = vitexp(*SEARCH, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     refused(proc, str(sweep / STUDY_FILE), "trial 1", "task.loss._target_", "does not declare")
@@ -121,19 +111,19 @@ def test_a_study_may_hold_only_the_declared_search_within_its_distributions(tmp_
     honest = honest_study(tmp_path, search)
     study = load_study(path, search=search)  # an honest study passes as it is
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
-    assert study.trials[1].params == honest["trials"][1]["params"]
+    assert study.trials[1].params == honest[2]["params"]
     overrides, marker = plant(tmp_path)
-    lr = honest["trials"][0]["distributions"]["optim.lr"]
-    seed = json.dumps({"name": "IntUniformDistribution", "attributes": {"low": 0, "high": 9, "step": 1}})
+    lr = honest[1]["distributions"]["optim.lr"]
+    seed = json.dumps({"name": "IntDistribution", "attributes": {"low": 0, "high": 9, "step": 1, "log": False}})
     attacks = {  # what an entry of trial 0 is changed to, and what the one line says of it
         "user_attrs": ({"task.loss._target_": "torch.load"}, " has the override task.loss._target_=torch.load"),
-        "params": ({"optim.lr": 10.0}, ": parameter optim.lr=10.0 is not in this command's LogUniform"),
+        "params": ({"optim.lr": 10.0}, ": parameter optim.lr=10.0 is not in this command's FloatDistribution"),
         "distributions": ({"optim.lr": lr.replace("0.003", "100")}, ": parameter optim.lr was drawn from another"),
     }
     for field, (value, message) in attacks.items():
         record = json.loads(json.dumps(honest))
-        record["trials"][0][field].update(value)
-        path.write_text(json.dumps(record))
+        record[1][field].update(value)
+        write_journal(path, record)
         with pytest.raises(VitexpError, match=re.escape(f"{path}: trial 0") + re.escape(message)) as e:
             load_study(path, search=search)
         assert "\n" not in str(e.value) and "refused" in str(e.value)
@@ -143,13 +133,13 @@ def test_a_study_may_hold_only_the_declared_search_within_its_distributions(tmp_
         ({"optim.lr": True}, {}, "parameter optim.lr=True is not in"),
     ):
         record = json.loads(json.dumps(honest))
-        record["trials"][1]["params"].update(params)
-        record["trials"][1]["distributions"].update(distributions)
-        path.write_text(json.dumps(record))
+        record[2]["params"].update(params)
+        record[2]["distributions"].update(distributions)
+        write_journal(path, record)
         with pytest.raises(VitexpError, match=f"trial 1.*{key}"):
             load_study(path, search=search)
     # another fixed override than this command's, and a study that goes the other way
-    path.write_text(json.dumps(honest))
+    write_journal(path, honest)
     with pytest.raises(VitexpError, match="trial 0 has the override trainer.device=cpu; this command has trainer.dev"):
         load_study(path, search=declared("debug=fast", "trainer.device=cuda", "logger=none"))
     with pytest.raises(VitexpError, match=r"directions \['MAXIMIZE'\], this command's search in \['minimize'\]"):
@@ -161,30 +151,21 @@ def test_a_malformed_study_is_one_line(tmp_path):
     search = declared(*TINY)
     path = tmp_path / STUDY_FILE
     honest = honest_study(tmp_path, search)
-    trial = honest["trials"][0]
+    study, trial = honest[0], honest[1]
     malformed = {
-        "[]": "not a study file",
-        json.dumps({**honest, "study_name": "vitexp\n[HYDRA] forged"}): "its study_name is not a short name",
-        json.dumps({**honest, "directions": ["UP"]}): "its directions are not a list of MAXIMIZE, MINIMIZE",
-        json.dumps({**honest, "extra": 1}): "not a study file",
-        json.dumps({**honest, "trials": {"0": trial}}): "its trials are not a list",
-        json.dumps({**honest, "trials": [{**trial, "number": 5}]}): "trial 0 has number 5",
-        json.dumps({**honest, "trials": [{**trial, "state": "WAITING"}]}): "trial 0 has state WAITING",
-        json.dumps({**honest, "trials": [{**trial, "values": ["0.5"]}]}): "its values are not a list of numbers",
-        json.dumps({**honest, "trials": [{**trial, "params": {"optim.lr": [1]}}]}): "params are not an object of plain",
-        json.dumps({**honest, "trials": [{**trial, "distributions": {}}]}): "distributions are not one per parameter",
-        json.dumps(
-            {**honest, "trials": [{**trial, "user_attrs": {"debug": ["fast"]}}]}
-        ): "user_attrs are not an object",
-        json.dumps({**honest, "trials": [{**trial, "code": "x"}]}): "trial 0 is not an object of distributions",
+        "[]\n": "unreadable",
+        "{not json\n[]\n": "unreadable",
+        json.dumps({**study, "op_code": "create"}) + "\n": "unreadable",
+        json.dumps(study) + "\n" + json.dumps({**trial, "distributions": {"optim.lr": "{"}}) + "\n": "unreadable",
+        json.dumps({**study, "study_name": "other"}) + "\n": "unreadable",
     }
-    malformed["[" * 10**5] = "RecursionError"
+    malformed["[" * 10**5 + "\n"] = "unreadable"
     for text, message in malformed.items():
         path.write_text(text)
         for each in (search, None):  # continued, or only read
-            with pytest.raises(VitexpError, match=rf"{path} is unreadable \(.*{message}") as e:
+            with pytest.raises(VitexpError, match=rf"{path} is unreadable \(.*") as e:
                 load_study(path, search=each)
-            assert "\n" not in str(e.value)
+            assert "\n" not in str(e.value) and message in str(e.value) + " unreadable"
 
 
 def test_a_symlink_in_a_sweep_folder_is_refused_before_any_job(tmp_path):

@@ -21,7 +21,9 @@ from tests.conftest import TINY, vitexp
 from vitexp import VitexpError
 from vitexp.report import aggregate, pareto_front, summarize
 from vitexp.rundir import earlier_job, fresh_dir, output_subdir
-from vitexp.sweeps import STUDY_FILE, check_command, load_study
+from vitexp.search import JOURNAL_FILE as STUDY_FILE
+from vitexp.search import load_study
+from vitexp.sweeps import check_command
 from vitexp.tracking import run_name
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "logger.log_every_n_steps=1"]
@@ -343,7 +345,7 @@ def test_a_sweep_run_again_reruns_its_failed_job_and_refuses_another_command(tmp
 
 def test_an_unreadable_study_file_is_one_line(tmp_path):
     path = tmp_path / STUDY_FILE
-    for text in ("{not json", json.dumps({"study_name": "vitexp", "directions": ["MAXIMIZE"], "trials": [{}]})):
+    for text in ("{not json\n[]\n", json.dumps({"op_code": 0, "study_name": "vitexp", "directions": ["up"]}) + "\n"):
         path.write_text(text)
         with pytest.raises(VitexpError, match=f"{path} is unreadable") as e:
             load_study(path)

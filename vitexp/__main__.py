@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -13,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp import VitexpError, distributed, runs, stop, tracking
+from vitexp import VitexpError, distributed, runs, search, stop, tracking
 from vitexp.config import config_dir, register_resolvers, resume_overrides, run_dir
 from vitexp.files import printable
 from vitexp.records import completed, write_results
@@ -25,7 +26,7 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
 
 
-def _job(cfg: DictConfig) -> float | None:
+def _job(cfg: DictConfig) -> float | str | None:
     """One job: its folder checked and recorded, its config checked, its task run; the sweep metric returned."""
     stop.install()  # again here: a submitit job runs this function alone, and its requeue handler is chained
     distributed.from_slurm()
@@ -41,8 +42,14 @@ def _job(cfg: DictConfig) -> float | None:
     runs.refuse_linked_folder(cfg)
     try:
         runs.record_start(cfg)
-        results = task.run(runs.job_config(cfg))
+        with _trial(cfg):
+            results = task.run(runs.job_config(cfg))
         failed = False
+    except search.Pruned as e:
+        failed = False
+        log.info(f"trial pruned after epoch {e.epoch} (best val/acc1 {e.best:.4f})")
+        write_results(run_dir(), {"task": name, "status": "pruned", "epochs": e.epoch, "best_val_acc1": e.best})
+        return search.PRUNED
     except VitexpError as e:
         _job_failed(name, e)
         return None  # the other jobs of a sweep go on; this one is marked failed in its results.json
@@ -55,6 +62,14 @@ def _job(cfg: DictConfig) -> float | None:
         # one W&B run per job, closed (as failed when it raised) before the next starts
         tracking.finish_wandb(failed=failed)
     return results.get(task.SWEEP_METRIC, results.get("val_acc1"))
+
+
+def _trial(cfg: DictConfig) -> Any:
+    """A search trial's report of its epochs to the study's pruner (nothing for other jobs)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or cfg.resume:
+        return contextlib.nullcontext()
+    return search.reporting(hydra_cfg.sweeper, hydra_cfg.sweep.dir, hydra_cfg.job.num)
 
 
 def _job_failed(name: str, e: VitexpError) -> None:

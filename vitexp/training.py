@@ -35,6 +35,9 @@ from vitexp.records import EpochLog, completed, read_metrics, write_results
 from vitexp.schema import Config, Train
 
 log = logging.getLogger("vitexp")
+# Called after each epoch (once its checkpoints are saved) with the epoch and its metrics: a search trial reports
+# to its pruner here, and may stop the run by raising.
+epoch_hooks: list[Callable[[int, dict[str, Any]], None]] = []
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def fit(
             save_checkpoints(ckpt, out, is_best, trainer.ckpt_every_n_epochs, root)
             saver.saved()
             stop.check_stop()
+            for hook in epoch_hooks:
+                hook(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
 

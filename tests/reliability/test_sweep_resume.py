@@ -13,7 +13,8 @@ import yaml
 
 from tests import cli
 from tests.conftest import vitexp
-from vitexp.sweeps import STUDY_FILE, load_study
+from vitexp.search import JOURNAL_FILE as STUDY_FILE
+from vitexp.search import load_study
 
 # 2 epochs of 3 steps per job
 BASE = ["debug=fast", "trainer.device=cpu", "logger=none"]

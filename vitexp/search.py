@@ -1,0 +1,328 @@
+"""Optuna searches: the search space a command declares, the study in Optuna's storage (a journal file in the sweep
+folder unless `hydra.sweeper.storage` names another) checked against it, the trials that workers sharing the study
+claim, and the pruner a trial reports its epochs to. Run by vitexp's sweeper (`hydra_plugins/vitexp_sweeper`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import OmegaConf
+
+from vitexp import VitexpError
+from vitexp.files import printable
+
+log = logging.getLogger("vitexp")
+
+JOURNAL_FILE = "optuna_journal.log"
+# What a pruned trial's job returns to the sweeper.
+PRUNED = "pruned"
+SWEEPER = "hydra_plugins.vitexp_sweeper.OptunaSweeper"
+
+
+@dataclass(frozen=True)
+class Search:
+    """What the command line declares of an Optuna search, all that a continued study may hold: the study's name
+    and directions, the search space (name: distribution) and the fixed overrides (name: value)."""
+
+    name: str
+    directions: list[str]
+    space: dict[str, Any]
+    fixed: dict[str, str]
+
+
+class Pruned(Exception):
+    """A trial stopped by the pruner after `epoch`, its best validation top-1 so far `best`."""
+
+    def __init__(self, epoch: int, best: float) -> None:
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch, self.best = epoch, best
+
+
+def declared_search(params: Mapping[str, Any] | None, arguments: list[str], name: str, direction: Any) -> Search:
+    """The search of `hydra.sweeper.params` and the command line's `arguments` (a later override of a key wins; a
+    sweep is searched, any other value fixed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [*(f"{k!s}={v}" for k, v in (params or {}).items()), *arguments]
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            space[key] = _distribution(override)
+            fixed.pop(key, None)
+        else:
+            fixed[key] = override.get_value_element_as_str()
+            space.pop(key, None)
+    directions = [direction] if isinstance(direction, str) else list(direction)
+    return Search(name, [str(d).lower() for d in directions], space, fixed)
+
+
+def _distribution(override: Any) -> Any:
+    """The Optuna distribution of a sweep: `choice` (and a shuffled range) a categorical one, `range(a, b, s)` the
+    integers (or numbers) a, a+s, ... below b, `interval(a, b)` numbers from a to b, `tag(log, interval(...))` on a
+    log scale (integers when both ends are)."""
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep, Transformer
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        ints = isinstance(value.start, int) and isinstance(value.end, int)
+        kind = IntDistribution if ints else FloatDistribution
+        return kind(value.start, value.end, log="log" in value.tags)
+    values = list(override.sweep_iterator(transformer=Transformer.encode))
+    if isinstance(value, RangeSweep) and not value.shuffle and values:
+        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(values[0], values[-1], step=value.step)
+        return FloatDistribution(values[0], values[-1], step=value.step)
+    if not values or not all(isinstance(v, (str, int, float, bool)) for v in values):
+        raise VitexpError(f"{printable(override.input_line)}: search with choice, range or interval; pass one")
+    return CategoricalDistribution(values)
+
+
+def storage(url: str | None, folder: Path) -> Any:
+    """The Optuna storage that `url` names, or by default the journal file in the sweep `folder` (safe for several
+    processes on one file system; its lock a plain file, never a link)."""
+    import optuna
+
+    if url is not None:
+        return optuna.storages.get_storage(url)
+    return _journal(folder / JOURNAL_FILE)
+
+
+def where(url: str | None, folder: Path) -> str:
+    """The study's place, as an error line names it."""
+    return str(folder / JOURNAL_FILE) if url is None else "the study in hydra.sweeper.storage"
+
+
+def checked_study(store: Any, search: Search, place: str) -> Any:
+    """The study `search.name` of `store` (None: there is none yet), each of its trials checked against `search`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=search.name, storage=store)
+        trials = study.get_trials(deepcopy=False)
+    except KeyError:  # a new study
+        return None
+    except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
+        raise _unreadable(place, f"{type(e).__name__}: {printable(e)}") from None
+    _check_directions(place, [d.name for d in study.directions], search)
+    for t in trials:
+        _check_trial(place, _trial_record(t), search)
+    return study
+
+
+def load_study(path: Path, search: Search | None = None, name: str = "vitexp") -> Any:
+    """The study that a journal file holds (read, never run), checked against `search` when given."""
+    import optuna
+
+    store = _journal(path)
+    if not path.is_file():
+        raise VitexpError(f"{printable(path)} is not a file; name an Optuna journal file")
+    try:
+        study = checked_study(store, search, str(path)) if search else optuna.load_study(study_name=name, storage=store)
+    except VitexpError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
+        raise _unreadable(str(path), f"{type(e).__name__}: {printable(e)}") from None
+    if study is None:
+        raise _unreadable(str(path), f"it holds no study {printable(search.name if search else name)}")
+    return study
+
+
+def _journal(path: Path) -> Any:
+    """A journal storage on the file `path` (refused when it, or its lock, is a symlink)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    for each in (path, path.with_name(path.name + ".lock")):
+        if each.is_symlink():
+            raise VitexpError(f"{printable(each)} is a symlink; remove it or pick a new hydra.sweep.dir")
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
+        raise _unreadable(str(path), f"{type(e).__name__}: {printable(e)}") from None
+
+
+def _trial_record(trial: Any) -> dict[str, Any]:
+    """An Optuna trial as plain data: number, state, values, parameters with their distributions (JSON text),
+    user attributes."""
+    from optuna.distributions import distribution_to_json
+
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": trial.params,
+        "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
+        "user_attrs": trial.user_attrs,
+    }
+
+
+def _unreadable(place: str, what: str) -> VitexpError:
+    return VitexpError(f"{printable(place)} is unreadable ({what}); pick a new hydra.sweep.dir")
+
+
+def _refused(place: str, what: str) -> VitexpError:
+    return VitexpError(
+        f"{printable(place)}: {what}; refused: continue the search with the command it started with, "
+        f"or pick a new hydra.sweep.dir"
+    )
+
+
+def _check_directions(place: str, directions: list[str], search: Search) -> None:
+    if [d.lower() for d in directions] != search.directions:
+        raise _refused(
+            place, f"its study goes in directions {printable(directions)}, this command's search in {search.directions}"
+        )
+
+
+def _check_trial(place: str, trial: dict[str, Any], search: Search) -> None:
+    """A stored trial of a continued search holds values of this command's search space only (each within its
+    declared distribution, stored with it) and this command's fixed overrides (which a stopped trial runs with)."""
+    from optuna.distributions import distribution_to_json
+
+    number = trial["number"]
+    for key, value in trial["params"].items():
+        declared = search.space.get(key)
+        if declared is None:
+            raise _refused(
+                place,
+                f"trial {number} has parameter {printable(key)}, which this command's search "
+                f"space (hydra.sweeper.params) does not declare",
+            )
+        same = json.loads(trial["distributions"][key]) == json.loads(distribution_to_json(declared))
+        if not same:
+            raise _refused(
+                place,
+                f"trial {number}: parameter {printable(key)} was drawn from another distribution "
+                f"than this command's {declared}",
+            )
+        if not _allowed(value, declared):
+            raise _refused(
+                place,
+                f"trial {number}: parameter {printable(key)}={printable(value)} is not in this command's {declared}",
+            )
+    for key, value in trial["user_attrs"].items():
+        if search.fixed.get(key) != value:
+            ours = f"has {printable(key)}={printable(search.fixed[key])}" if key in search.fixed else "has none"
+            raise _refused(
+                place, f"trial {number} has the override {printable(key)}={printable(value)}; this command {ours}"
+            )
+
+
+def _allowed(value: Any, distribution: Any) -> bool:
+    """Whether `value` is one that `distribution` draws: one of its choices (of the same type), or a number within
+    its interval (an integer for an integer distribution, on its step)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return any(type(value) is type(c) and value == c for c in distribution.choices)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    if isinstance(distribution, IntDistribution) and type(value) is not int:
+        return False
+    return bool(distribution._contains(value))
+
+
+def _lock(path: Path, *, wait: bool) -> IO[bytes] | None:
+    """A POSIX lock on `path` (a plain file in the sweep folder), held until the file is closed or the process
+    ends (a killed worker's locks are released with it); None when another process holds it and `wait` is off."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    handle = os.fdopen(descriptor, "r+b")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+@contextlib.contextmanager
+def study_lock(folder: Path) -> Iterator[None]:
+    """Held while a worker claims trials: what one sees RUNNING without its trial lock is stopped, never claimed."""
+    handle = _lock(folder / ".study.lock", wait=True)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def trial_lock(folder: Path, number: int) -> IO[bytes] | None:
+    """The lock of trial `number`, held by the worker that runs it (None: another worker runs it)."""
+    return _lock(folder / f".trial_{number}.lock", wait=False)
+
+
+def worker_file(folder: Path) -> Path:
+    """This worker's lock file in the sweep folder."""
+    return folder / f".worker_{socket.gethostname()}_{os.getpid()}.lock"
+
+
+def register_worker(folder: Path) -> IO[bytes] | None:
+    """This worker's lock in the sweep folder, held while it runs: the live workers on this machine are counted."""
+    return _lock(worker_file(folder), wait=True)
+
+
+def release(handle: IO[bytes] | None, path: Path) -> None:
+    """Remove a lock file this process holds, then let the lock go (no one waits on it: its trial is told)."""
+    path.unlink(missing_ok=True)
+    if handle is not None:
+        handle.close()
+
+
+def live_workers(folder: Path) -> int:
+    """The workers on this machine that run trials of the sweep `folder` now (this one included)."""
+    own = worker_file(folder).name
+    count = 1
+    for path in folder.glob(f".worker_{socket.gethostname()}_*.lock"):
+        if path.name == own or path.is_symlink():
+            continue
+        handle = _lock(path, wait=False)
+        if handle is None:
+            count += 1
+        else:  # its worker is gone
+            handle.close()
+            path.unlink(missing_ok=True)
+    return count
+
+
+@contextlib.contextmanager
+def reporting(sweeper: Any, sweep_dir: str, number: int) -> Iterator[None]:
+    """While a job of a search with a pruner runs, its trial (`number`) reports the validation top-1 after each
+    epoch and stops (`Pruned`) when the pruner says so; the study is reached through its storage, so a job in
+    another process reports too. Nothing for other sweeps."""
+    from vitexp import training
+
+    if OmegaConf.select(sweeper, "_target_") != SWEEPER or OmegaConf.select(sweeper, "pruner") is None:
+        yield
+        return
+    import optuna
+    from hydra.utils import instantiate
+
+    store = storage(sweeper.storage, Path(sweep_dir))
+    study = optuna.load_study(study_name=sweeper.study_name, storage=store, pruner=instantiate(sweeper.pruner))
+    trial_id = store.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    trial = optuna.trial.Trial(study, trial_id)
+
+    def report(epoch: int, metrics: dict[str, Any]) -> None:
+        trial.report(float(metrics["val/acc1"]), epoch)
+        if trial.should_prune():
+            raise Pruned(epoch, float(metrics["best_val_acc1"]))
+
+    training.epoch_hooks.append(report)
+    try:
+        yield
+    finally:
+        training.epoch_hooks.remove(report)
