@@ -160,7 +160,7 @@ def _start_model(recipe: Recipe, last: dict[str, Any] | None) -> nn.Module:
     arch = recipe.arch if fresh else without_weights_source(recipe.arch)
     model = build_from_arch(arch, where=recipe.model_key).to(recipe.machine.device)
     if init and last is None:
-        checkpoint.load_weights(model, checkpoint.load(init)["model"], init)
+        checkpoint.load_weights(model, checkpoint.load(init)[checkpoint.MODEL], init)
     return model
 
 
@@ -428,7 +428,7 @@ def finish(
     write_results(out, results, prefix, root)
     best = out / "checkpoints" / "best.pt"
     if recipe.settings.logger.log_checkpoints and not prefix and distributed.is_main():
-        epoch = checkpoint.load(best)["epoch"]
+        epoch = checkpoint.load(best)[checkpoint.EPOCH]
         tracking.log_checkpoint(
             best, ["best", f"epoch-{epoch}"], {"epoch": epoch, "val_acc1": state.best_acc1, "arch": arch_of(model)}
         )

@@ -54,7 +54,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
-    log.info(f"teacher {printable(saved['arch']['name'])} ({teacher_path}): val/acc1 {teacher_acc:.4f}")
+    log.info(
+        f"teacher {printable(saved[checkpoint.ARCH][checkpoint.NAME])} ({teacher_path}): val/acc1 {teacher_acc:.4f}"
+    )
     student = replace(
         recipe,
         arch={**recipe.arch, "builder": "vit_distilled"} if token else recipe.arch,
@@ -63,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         views=lambda m: {"val/acc1_cls": TokenHead(m, "cls"), "val/acc1_dist": TokenHead(m, "dist")} if token else {},
     )
     figures = {
-        "teacher": saved["arch"]["name"],
+        "teacher": saved[checkpoint.ARCH][checkpoint.NAME],
         "teacher_ckpt": str(teacher_path),
         "teacher_val_acc1": teacher_acc,
         "teacher_params": count_params(teacher),
@@ -101,7 +103,7 @@ def _fits(teacher: nn.Module, where: str | Path, data: Data) -> int:
 def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation the teacher was trained with, from its checkpoint's config (plain numbers only)."""
     try:
-        data = saved["config"]["data"]
+        data = saved[checkpoint.CONFIG]["data"]
         return tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
     except (KeyError, TypeError, ValueError):
         raise VitexpError(

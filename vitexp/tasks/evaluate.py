@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not ckpt_path:
         raise VitexpError("task=evaluate needs a checkpoint: pass ckpt_path=<run>/checkpoints/best.pt")
     model, saved = checkpoint.load_model(ckpt_path)
-    check_resume_fields(saved, ckpt_path, ["epoch"])  # a number, reported as the checkpoint's epoch
+    check_resume_fields(saved, ckpt_path, [checkpoint.EPOCH])  # a number, reported as the checkpoint's epoch
     start_tracking(cfg, out)
     chans, size, _ = input_shape(model)
     if (chans, model.num_classes) != (data.in_chans, data.num_classes):
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         limit_batches=settings.trainer.limit_val_batches,
         progress=machine.progress,
     )
-    name = saved["arch"]["name"]
+    name = saved[checkpoint.ARCH][checkpoint.NAME]
     plots.confusion_matrix(
         confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}", root=out
     )
@@ -92,11 +92,11 @@ def _results(
     per_class = _per_class(confusion)
     return {
         "task": settings.task.name,
-        "model": saved["arch"]["name"],
+        "model": saved[checkpoint.ARCH][checkpoint.NAME],
         "data": settings.data.name,
         "split": split,
         "ckpt_path": str(settings.ckpt_path),
-        "ckpt_epoch": saved["epoch"],
+        "ckpt_epoch": saved[checkpoint.EPOCH],
         f"{split}_loss": metrics["loss"],
         f"{split}_acc1": metrics["acc1"],
         f"{split}_acc5": metrics["acc5"],
@@ -144,7 +144,7 @@ def _own_split(saved: dict[str, Any], seed: int, data: Data) -> tuple[int, int |
     trained = _trained_on(saved)
     if trained.get("name") != data.name:
         return seed, data.val_size, data.train_subset
-    values = saved["config"].get("seed"), trained.get("val_size"), trained.get("train_subset")
+    values = saved[checkpoint.CONFIG].get("seed"), trained.get("val_size"), trained.get("train_subset")
     seed_ok, subset_ok = isinstance(values[0], int), values[2] is None or isinstance(values[2], int)
     size_ok = isinstance(values[1], (int, float)) and not isinstance(values[1], bool)
     if not (seed_ok and size_ok and subset_ok):
