@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from tests.handed import no_hang
 from vitexp import VitexpError
 
 # Entry point -> cases run, and (entry point, how it ended) -> cases: printed by the last test for the suite's note.
@@ -55,6 +57,11 @@ NASTY_TEXT = [
     "1e999",
     "x" * 3000,
     "é漢🙂",
+    "=1+1",
+    "@SUM(A1)",
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "\tlead",
 ]
 # Ints a field may hold: small ones (a model that still builds), and ones no allocation can satisfy. Sizes between
 # (10**5..10**8) are left out on purpose: a model that large builds for minutes on a shared machine.
@@ -288,6 +295,15 @@ def plant_link(path: Path, target: Path) -> None:
         path.symlink_to(target)
 
 
+def plant_fifo(path: Path) -> None:
+    """Replace the file `path` (if there, and reached without a link) with a FIFO that no one writes to: a reader
+    that opens it blocking waits forever."""
+    if not inside_real(path) or not path.parent.is_dir() or (path.is_dir() and not path.is_symlink()):
+        return
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
 def snapshot(root: Path, owned: list[Path]) -> dict[str, str]:
     """Every entry under `root` but the `owned` folders (which the command may write), with its bytes' hash."""
     seen = {}
@@ -300,6 +316,8 @@ def snapshot(root: Path, owned: list[Path]) -> dict[str, str]:
             rel = str(path.relative_to(root))
             if path.is_symlink():
                 seen[rel] = f"link:{os.readlink(path)}"
+            elif stat.S_ISFIFO(os.lstat(path).st_mode):
+                seen[rel] = "fifo"
             elif path.is_file():
                 seen[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
@@ -377,7 +395,7 @@ def signature(name: str, e: BaseException) -> str:
 def _checked(name: str, p: Plant, owned: list[Path], entry: Callable[[], Any]) -> Any:
     before = snapshot(p.root, owned)
     result = None
-    with _quiet_process(p.cwd) as (out, log):
+    with no_hang(60), _quiet_process(p.cwd) as (out, log):  # a FIFO opened blocking fails the case, not the suite
         ended = "returned"
         try:
             result = entry()

@@ -9,7 +9,9 @@ import csv
 import io
 import itertools
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,30 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests import fuzz_inputs as fz
+from tests import handed
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp import checkpoint, config, models, report, rundir, search, shards, sweeps
+from vitexp import checkpoint, config, models, predict, report, rundir, search, shards, sweeps
 
 # (fast, slow) cases per entry point: the fast ones keep the default suite within its budget on two cores.
 PROFILES = {"fast": dict(max_examples=1, derandomize=True), "slow": dict(max_examples=1, derandomize=False)}
-FAST = {"load_model": 60, "resume_checkpoint": 50, "run_folder": 50, "report": 15, "sweep": 70, "shards": 80}
-SLOW = {"load_model": 2000, "resume_checkpoint": 1500, "run_folder": 1500, "report": 300, "sweep": 2000, "shards": 3000}
+FAST = {
+    "load_model": 60,
+    "resume_checkpoint": 50,
+    "run_folder": 50,
+    "report": 15,
+    "sweep": 70,
+    "shards": 80,
+    "predict": 25,
+}
+SLOW = {
+    "load_model": 2000,
+    "resume_checkpoint": 1500,
+    "run_folder": 1500,
+    "report": 300,
+    "sweep": 2000,
+    "shards": 3000,
+    "predict": 400,
+}
 RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", "results.json", "metrics.csv"]
 RUN_LINKS = [
     *RUN_FILES,
@@ -167,14 +186,18 @@ def _dump(path: Path, value: Any) -> None:
         path.write_text(yaml.safe_dump(value))
 
 
-def damage_files(data, p: fz.Plant, folder: Path, names: list[str], links: list[str]) -> None:
-    """One to three changes to the files `names` under `folder`: a mutated structure, damaged text, or one of
-    `links` made a symlink to the victim, the payload or nowhere."""
+def damage_files(data, p: fz.Plant, folder: Path, names: list[str], links: list[str], *, fifos: bool = False) -> None:
+    """One to three changes to the files `names` under `folder`: a mutated structure, damaged text, one of `links`
+    made a symlink to the victim, the payload, a device or nowhere, or (with `fifos`) a file made a FIFO."""
     for _ in range(data.draw(st.integers(1, 3), label="changes")):
-        how = data.draw(st.sampled_from(["mutate", "mutate", "text", "link"]), label="how")
+        how = data.draw(
+            st.sampled_from(["mutate", "mutate", "text", "link", *(["fifo"] if fifos else [])]), label="how"
+        )
         name = data.draw(st.sampled_from(links if how == "link" else names), label="file")
         path = folder / name
-        if how == "link":
+        if how == "fifo":
+            fz.plant_fifo(path)
+        elif how == "link":
             fz.plant_link(path, data.draw(st.sampled_from(fz.link_targets(p)), label="target"))
         elif not path.is_file() or path.is_symlink() or not fz.inside_real(path):
             continue
@@ -259,7 +282,7 @@ def _copy_run(world: World, folder: Path, *, checkpoints: bool) -> Path:
 def _run_folder(world: World, data) -> None:
     p = world.case()
     run = _copy_run(world, p.root / "run", checkpoints=data.draw(st.booleans(), label="checkpoints"))
-    damage_files(data, p, run, RUN_FILES, RUN_LINKS)
+    damage_files(data, p, run, RUN_FILES, RUN_LINKS, fifos=True)
     _resume(world, p, run)
 
 
@@ -276,6 +299,7 @@ def _report(world: World, data) -> None:
         sweep,
         [f"{job}/{f}" for f in RUN_FILES] + ["optimization_results.yaml"],
         [f"{job}/{f}" for f in RUN_LINKS] + ["report.csv", "report_val_acc.png", "optimization_results.yaml"],
+        fifos=True,
     )
     fz.call("report.main", p, [sweep], lambda: report.main([str(sweep)]))
 
@@ -336,7 +360,7 @@ def tar_damage(draw, blob: bytes) -> bytes:
     op = draw(st.sampled_from(["flip", "flip", "cut", "append"]))
     if op == "cut":
         return blob[: draw(st.integers(0, len(blob)))]
-    if op == "append":
+    if op == "append" or not blob:  # an empty shard (cut by an earlier change) has no byte to flip
         return blob + draw(st.binary(min_size=1, max_size=600))
     data = bytearray(blob)
     for _ in range(draw(st.integers(1, 4))):
@@ -360,15 +384,17 @@ def _shard_changes(data, p: fz.Plant, folder: Path, honest: Path) -> None:
     tars = [s["file"] for s in index["shards"]]
     for _ in range(data.draw(st.integers(1, 3), label="changes")):
         what = data.draw(
-            st.sampled_from(["index", "table", "table", "tar", "tar", "sidecar gone", "link"]), label="what"
+            st.sampled_from(["index", "table", "table", "tar", "tar", "sidecar gone", "link", "fifo"]), label="what"
         )
         tar = folder / data.draw(st.sampled_from(tars), label="shard")
         sidecar = tar.with_name(f"{tar.name}.idx.npy")
         if what == "index":
             index = data.draw(fz.mutated(index, p), label="index").value
-        elif what == "table":
+        elif what == "table" and not (sidecar.exists() and not sidecar.is_file()):
             _write_table(sidecar, data.draw(table_damage(np.load(honest / sidecar.name)), label="table"))
-        elif what == "tar" and not tar.is_symlink():  # a planted link stays a link: its target is the victim's
+        elif (
+            what == "tar" and tar.is_file() and not tar.is_symlink()
+        ):  # a planted link stays a link: its target is the victim's
             tar.write_bytes(data.draw(tar_damage(tar.read_bytes()), label="tar"))
             if data.draw(st.booleans(), label="index follows") and isinstance(index, dict):
                 for s in index.get("shards") if isinstance(index.get("shards"), list) else []:
@@ -376,10 +402,12 @@ def _shard_changes(data, p: fz.Plant, folder: Path, honest: Path) -> None:
                         s["bytes"] = tar.stat().st_size
         elif what == "sidecar gone":
             sidecar.unlink(missing_ok=True)
+        elif what == "fifo":
+            fz.plant_fifo(folder / data.draw(st.sampled_from([shards.INDEX, tar.name, sidecar.name]), label="fifo"))
         elif what == "link":
             name = data.draw(st.sampled_from([shards.INDEX, tar.name, sidecar.name]), label="link")
             fz.plant_link(folder / name, data.draw(st.sampled_from(fz.link_targets(p)), label="target"))
-    if not (folder / shards.INDEX).is_symlink():
+    if (folder / shards.INDEX).is_file() and not (folder / shards.INDEX).is_symlink():
         (folder / shards.INDEX).write_text(json.dumps(index, default=str))
 
 
@@ -400,6 +428,68 @@ def _shards(world: World, data) -> None:
             stream.close()
 
 
+# --- 5. exported folders (predict) -------------------------------------------------------------------------------
+
+
+def _predict_changes(data, p: fz.Plant, folder: Path, images: Path) -> str:
+    """One to three changes to an exported folder and the images folder: the card mutated, a graph vitexp never
+    exports (external data, other inputs or outputs, a huge constant), a FIFO or a link (to the victim or a device)
+    in place of a file, formula and control strings as class and file names; returns the `--out` to pass."""
+    out = str(p.root / "out" / "predictions.csv")
+    card = json.loads((folder / "model.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3), label="changes")):
+        what = data.draw(st.sampled_from(["card", "graph", "fifo", "link", "names", "out"]), label="what")
+        name = data.draw(st.sampled_from(["model.json", "model.onnx", "images/a.png"]), label="file")
+        path = folder / name if not name.startswith("images/") else images / "a.png"
+        if what == "card":
+            card = data.draw(fz.mutated(card, p), label="card").value
+        elif what == "graph" and not (folder / "model.onnx").is_symlink():
+            variant = data.draw(st.sampled_from(handed.VARIANTS), label="graph")
+            (folder / "model.onnx").unlink(missing_ok=True)
+            (folder / "model.onnx").write_bytes(handed.model(variant).SerializeToString())
+        elif what == "fifo":
+            fz.plant_fifo(path)
+        elif what == "link":
+            targets = [*fz.link_targets(p), Path("/dev/zero"), Path("/dev/null")]
+            fz.plant_link(path, data.draw(st.sampled_from(targets), label="target"))
+        elif what == "names" and isinstance(card, dict):
+            names = [t[:100] for t in fz.NASTY_TEXT if "/" not in t and "\x00" not in t]  # what a file name can be
+            nasty = st.sampled_from(names)
+            card["classes"] = [data.draw(nasty, label="class"), "dog"]
+            handed.images(images, [data.draw(nasty, label="image") + ".png"])
+        elif what == "out":
+            out = data.draw(st.sampled_from(["/dev/null", str(p.root / "fifo.csv"), str(images)]), label="out")
+            if out.endswith("fifo.csv") and not os.path.lexists(out):
+                os.mkfifo(out)
+    if (folder / "model.json").is_file() and not (folder / "model.json").is_symlink():
+        (folder / "model.json").write_text(json.dumps(card, default=str))
+    return out
+
+
+def _predict(world: World, data) -> None:
+    p = world.case()
+    (p.cwd / "secret.bin").write_bytes(b"SECRET" * 32)  # what external data would read from the working folder
+    folder, images = handed.export_folder(p.root / "export"), handed.images(p.root / "images", ["a.png", "b.png"])
+    out = _predict_changes(data, p, folder, images)
+    argv = [str(folder), str(images), "--out", out, "--topk", "2"]
+    fz.call("predict.main", p, [p.root / "out"], lambda: predict.main(argv))
+    written = p.root / "out" / "predictions.csv"
+    if written.is_file():
+        cells = [c for row in csv.reader(written.open(newline="")) for c in row]
+        assert not any(fz.CONTROL.search(c) or "\n" in c for c in cells), f"predict: a raw control character: {cells}"
+        assert not any(c[:1] in "=+-@" and not _number(c) for c in cells if c), f"predict: a formula cell: {cells}"
+        assert "SECRET" not in written.read_text(), "predict: external data read from the working folder"
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "predict: /dev/null replaced"
+
+
+def _number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 # --- the tests: each entry point in the fast profile (default suite) and the slow one (-m slow) --------------------
 
 CASES = {
@@ -409,6 +499,7 @@ CASES = {
     "report": _report,
     "sweep": _sweep,
     "shards": _shards,
+    "predict": _predict,
 }
 
 

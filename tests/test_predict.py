@@ -137,7 +137,9 @@ def test_bad_cards_and_engines_are_one_line_errors(trained, tmp_path):
     with pytest.raises(VitexpError, match="crop_pct not as vitexp writes it"):
         predict(folder, trained["test"], tmp_path / "p.csv")
     (folder / "model.json").write_text(json.dumps({**card, "input_size": [3, 64, 64]}))
-    with pytest.raises(VitexpError, match=r"takes \[3, 32, 32\] and predicts \[2\] classes, not what model.json says"):
+    with pytest.raises(
+        VitexpError, match=r"inputs are \[images \['N', 3, 32, 32\]\], not one float32 'images' \[N, 3, 64"
+    ):
         predict(folder, trained["test"], tmp_path / "p.csv")
     (folder / "model.json").unlink()
     (folder / "model.json").symlink_to(trained["onnx"] / "model.json")

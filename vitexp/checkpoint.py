@@ -135,7 +135,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise VitexpError(f"checkpoint not found: {path}; pass the path of a .pt file written by vitexp")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with files.open_regular(path, follow=True) as f:  # the one reader: a FIFO or device swapped in is refused
+            checkpoint = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VitexpError(

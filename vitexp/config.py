@@ -171,7 +171,8 @@ def resumed(
 
 def _refuse(source: str, key: str, why: str) -> VitexpError:
     return VitexpError(
-        f"refused to resume from {source}: {key} {why}; a run folder is data, never code. Start a new "
+        f"refused to resume from {printable(source)}: {printable(key, 120)} {printable(why, 120)}; a run folder is "
+        f"data, never code. Start a new "
         f"run (ckpt_path=<its best.pt> keeps the weights, which load as tensors only)"
     )
 

@@ -64,9 +64,14 @@ def data_config(saved: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     }
 
 
+# what timm's save_for_hf writes into the folder
+TIMM_FILES = ("config.json", "model.safetensors")
+
+
 def export(path: str | Path, out: str | Path) -> float:
     """Write checkpoint `path` as a timm model folder `out`; returns the largest absolute difference between the
     logits of the checkpoint's model and of the folder loaded back through timm, on a fixed random batch."""
+    files.check_output_folder(out, list(TIMM_FILES))  # before any work
     model, saved = checkpoint.load_model(path)
     module = timm_module(model, saved[checkpoint.ARCH]).eval()
     config = data_config(saved, module)
@@ -90,6 +95,7 @@ def write_folder(module: nn.Module, config: dict[str, Any], out: Path) -> None:
         tag = {"pretrained_cfg": {"tag": "vitexp"}}
         save_for_hf(module, str(staging), model_config=tag, safe_serialization=True, data_config=config)
         for written in sorted(staging.iterdir()):
+            files.check_output(out / written.name)  # never a folder, device or FIFO made there meanwhile
             os.replace(written, out / written.name)  # a rename replaces a link there, it never writes through it
     except OSError as e:
         raise VitexpError(f"cannot write {out} ({e.strerror}); pick a writable --out folder") from None

@@ -4,15 +4,17 @@ that stay inside their folder, folders refused when they hold symlinks, and stri
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import io
+import json
 import logging
 import os
 import re
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,8 +108,9 @@ def atomic(
 ) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success it is renamed over `path` (a rename replaces a
     symlink there, it never writes through it); on failure it is removed and `path` is unchanged. The folder is
-    created, and a symlinked folder from `root` (default: the folder itself) down is refused. `durable`: fsync first."""
-    path = Path(path)
+    created, and a symlinked folder from `root` (default: the folder itself) down is refused; a folder, device, FIFO or
+    socket at `path` is refused (`check_output`), before and again right before the rename. `durable`: fsync first."""
+    path = check_output(path)
     make_folder(path.parent, root if root is not None else path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -122,6 +125,7 @@ def atomic(
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        check_output(path)  # one made there while this was written: a rename would replace it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -162,43 +166,246 @@ def open_append(path: str | Path, root: str | Path | None = None) -> IO[str]:
     path = Path(path)
     make_folder(path.parent, root if root is not None else path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        # non-blocking: a FIFO with no reader would wait forever
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
         if path.is_symlink():
             raise _link_error(path, "vitexp") from None
+        if _kind(path) is not None:
+            raise _not_regular(path, _kind(path)) from None
         raise VitexpError(f"cannot write {printable(path)} ({e.strerror}); make its folder writable") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise VitexpError(f"{printable(path)} is not a regular file; move it away")
+        raise _not_regular(path, _KINDS.get(stat.S_IFMT(mode), "special file"))
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def read_text(path: str | Path, root: str | Path | None = None) -> str:
-    """A file's text, refused when it (or a folder from `root` down) is a symlink: it must stay inside its folder."""
-    return read_bytes(path, root).decode("utf-8", errors="replace")
+def read_text(
+    path: str | Path, root: str | Path | None = None, *, max_bytes: int | None = None, follow: bool = False
+) -> str:
+    """A file's text through `read_bytes` (the one reader): bytes that are not UTF-8 are replaced."""
+    return read_bytes(path, root, max_bytes=max_bytes, follow=follow).decode("utf-8", errors="replace")
 
 
-def read_bytes(path: str | Path, root: str | Path | None = None) -> bytes:
-    """A file's bytes, refused when it (or a folder from `root` down) is a symlink."""
+def read_bytes(
+    path: str | Path, root: str | Path | None = None, *, max_bytes: int | None = None, follow: bool = False
+) -> bytes:
+    """A file's bytes through `open_regular`, refused when it holds more than `max_bytes` or (unless `follow`) when it
+    or a folder from `root` (default: its own) down is a symlink."""
     path = Path(path)
-    check_inside(path, root if root is not None else path.parent)
-    with open_regular(path) as f:
-        return f.read()
+    if not follow:
+        check_inside(path, root if root is not None else path.parent)
+    with open_regular(path, follow=follow, max_bytes=max_bytes) as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after fstat
+        raise _too_large(path, max_bytes)
+    return data
 
 
-def open_regular(path: str | Path) -> IO[bytes]:
-    """`path` opened to read, never through a symlink (O_NOFOLLOW) and only when it is a regular file."""
+def open_regular(path: str | Path, *, follow: bool = False, max_bytes: int | None = None) -> IO[bytes]:
+    """`path` opened to read, the one way vitexp opens a file it did not write: opened without blocking (a FIFO with
+    no writer would wait forever) and kept only when fstat says it is a regular file (a FIFO, device, socket or folder
+    is refused at once), then made blocking again; a symlink there is refused unless `follow` (a path the user typed,
+    a data tree whose links the docs say are followed); more than `max_bytes` refused."""
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        if path.is_symlink():
+        fd = os.open(path, flags)
+    except OSError as e:
+        if not follow and path.is_symlink():
             raise _link_error(path, "vitexp") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        kind = _kind(path)
+        if kind is not None:  # a socket cannot be opened at all
+            raise _not_regular(path, kind) from None
+        raise e from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, _KINDS.get(stat.S_IFMT(info.st_mode), "special file"))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise _too_large(path, max_bytes)
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise VitexpError(f"{printable(path)} is not a regular file; refused")
+        raise
     return os.fdopen(fd, "rb")
+
+
+_KINDS = {
+    stat.S_IFDIR: "folder",
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def _kind(path: Path, *, follow: bool = False) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor (unless `follow`) a symlink; else None."""
+    try:
+        mode = (os.stat if follow else os.lstat)(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return None
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+class NotRegular(VitexpError):
+    """A FIFO, device, socket or folder where a regular file is read or written (`open_regular`, `check_output`)."""
+
+
+def _not_regular(path: Path, kind: str) -> VitexpError:
+    return NotRegular(
+        f"{printable(path)} is a {kind}, not a regular file; vitexp reads and writes only regular files: "
+        f"put the file itself there, or pick another path"
+    )
+
+
+def _too_large(path: Path, max_bytes: int) -> VitexpError:
+    return VitexpError(
+        f"{printable(path)} holds more than {max_bytes} bytes, more than such a file ever holds; refused"
+    )
+
+
+def check_output(path: str | Path) -> Path:
+    """`path` as a file to write, refused in one line when it exists and is not a regular file (a folder, device,
+    FIFO or socket, or a symlink to one): the one writer replaces files, never one of those. Commands call it on
+    their outputs before any work; `atomic` calls it again before its rename."""
+    path = Path(path)
+    kind = _kind(path) or _kind(path, follow=True)
+    if kind is not None:
+        raise _not_regular(path, kind)
+    return path
+
+
+def check_output_folder(folder: str | Path, names: list[str]) -> Path:
+    """`folder` as a folder to write the files `names` into: refused in one line when it exists and is not a folder,
+    or when one of those files is refused by `check_output`."""
+    folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        kind = _kind(folder) or _kind(folder, follow=True) or "file"
+        raise VitexpError(f"{printable(folder)} is a {kind}, not a folder; pick a folder for --out")
+    for name in names:
+        check_output(folder / name)
+    return folder
+
+
+# The most a JSON or YAML document from a handed-over folder may hold, and its deepest nesting: vitexp's own files
+# are a few kilobytes and a few levels deep.
+MAX_DOCUMENT_BYTES = 64 << 20
+MAX_DEPTH = 64
+
+
+def read_json(
+    path: str | Path,
+    root: str | Path | None = None,
+    *,
+    max_bytes: int = MAX_DOCUMENT_BYTES,
+    max_depth: int = MAX_DEPTH,
+    follow: bool = False,
+) -> Any:
+    """A JSON file through `read_bytes`, parsed as data: `VitexpError` (one line) when it is not JSON, is larger than
+    `max_bytes` or nested deeper than `max_depth`; OSError when it cannot be opened (FileNotFoundError: absent)."""
+    data = read_bytes(path, root, max_bytes=max_bytes, follow=follow)
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise _too_deep(Path(path), max_depth, "JSON") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise VitexpError(f"{printable(path)} is not JSON ({printable(e, 120)})") from None
+    return _bounded(value, Path(path), max_depth, "JSON")
+
+
+def read_yaml(
+    path: str | Path,
+    root: str | Path | None = None,
+    *,
+    max_bytes: int = MAX_DOCUMENT_BYTES,
+    max_depth: int = MAX_DEPTH,
+    follow: bool = False,
+) -> Any:
+    """A YAML file through `read_bytes`, parsed with the safe loader (no tags, no objects) as `read_json` parses
+    JSON."""
+    import yaml
+
+    text = read_text(path, root, max_bytes=max_bytes, follow=follow)
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise _too_deep(Path(path), max_depth, "plain YAML") from None
+    except (yaml.YAMLError, ValueError, TypeError):  # ValueError: a date such as 2001-13-45
+        raise VitexpError(
+            f"{printable(path)} is not plain YAML: a syntax error or a tag such as !!python/..."
+        ) from None
+    return _bounded(value, Path(path), max_depth, "plain YAML")
+
+
+def _bounded(value: Any, path: Path, max_depth: int, kind: str) -> Any:
+    """`value`, refused when its lists and mappings nest deeper than `max_depth` (walked without recursion; a YAML
+    alias met twice is walked once)."""
+    stack, seen = [(value, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        if depth >= max_depth:
+            raise _too_deep(path, max_depth, kind)
+        seen.add(id(node))
+        stack += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return value
+
+
+def _too_deep(path: Path, max_depth: int, kind: str) -> VitexpError:
+    return VitexpError(
+        f"{printable(path)} is not {kind} as vitexp writes it: lists or mappings nested deeper than {max_depth} levels"
+    )
+
+
+def reason(error: BaseException, path: str | Path) -> str:
+    """The reader's refusal of `path` without the path it starts with ("is a FIFO ...", "not JSON (...)"), for a
+    message that names the path itself."""
+    text = str(error)
+    for prefix in (f"{printable(path)} is ", f"{printable(path)} "):
+        text = text.removeprefix(prefix)
+    return text
+
+
+# Cells a spreadsheet reads as a formula (OWASP, "CSV injection"): a leading `'` makes them text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def csv_cell(value: Any, limit: int = 100_000) -> Any:
+    """`value` as a CSV cell that is data in any reader: a number (an int or float, or text that is a plain decimal
+    number such as `-0.5`) as it is; None empty; any other text with its control characters escaped
+    (`printable`) and, when it starts with `=`, `+`, `-`, `@`, tab or CR, a `'` in front."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    if _NUMBER.fullmatch(text):
+        return text
+    escaped = printable(text, limit)
+    return "'" + escaped if text.startswith(_FORMULA_START) else escaped
+
+
+def write_csv(
+    path: str | Path, header: list[str], rows: Iterable[Iterable[Any] | dict[str, Any]], root: str | Path | None = None
+) -> Path:
+    """The one CSV writer: `header`, then `rows` (lists, or dicts keyed by the header, missing keys empty), every cell
+    through `csv_cell`, written through `atomic`."""
+    with atomic(path, root, text=True) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([csv_cell(h) for h in header])
+        for row in rows:
+            cells = [row.get(h) for h in header] if isinstance(row, dict) else row
+            writer.writerow([csv_cell(c) for c in cells])
+    return Path(path)
 
 
 class SafeFormatter(logging.Formatter):

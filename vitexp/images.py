@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 from torchvision import datasets
 
-from vitexp import VitexpError
-from vitexp.files import printable
+from vitexp import VitexpError, files
+from vitexp.files import open_regular, printable
 
 log = logging.getLogger("vitexp")
 
@@ -22,6 +22,8 @@ log = logging.getLogger("vitexp")
 # limit (a quarter of a GiB of 24-bit RGB). A larger image (a decompression bomb: a few KB on disk that decode to
 # gigabytes) is refused before its pixels are decoded, and skipped like any other unreadable file.
 MAX_PIXELS = 89_478_485
+# The largest image file read (its pixels are bounded by MAX_PIXELS; this bounds what is read to find them out)
+MAX_IMAGE_BYTES = 1 << 30
 # What reading a bad or hostile image file raises (UnidentifiedImageError is an OSError).
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
@@ -52,10 +54,12 @@ def open_image(file: str | Path | IO[bytes]) -> Image.Image:
     return image
 
 
-def load_image(path: str, mode: str = "RGB") -> Image.Image:
-    """The image file at `path` in `mode`; a file that fails to decode (say, truncated after its header) is named."""
+def load_image(path: str, mode: str = "RGB", *, follow_links: bool = True) -> Image.Image:
+    """The image file at `path` in `mode`, opened by the one reader (`files.open_regular`: a FIFO or device is refused
+    at once; a symlink only with `follow_links`); a file that fails to decode (say, truncated after its header) is
+    named."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, follow=follow_links, max_bytes=MAX_IMAGE_BYTES) as f:
             image = open_image(f)
             image.load()  # decode now, while the file is open (and fail here if it is truncated)
         return to_mode(image, mode)
@@ -63,26 +67,31 @@ def load_image(path: str, mode: str = "RGB") -> Image.Image:
         raise VitexpError(f"cannot decode {printable(path)} ({printable(e)}); delete or replace the file") from None
 
 
-def image_folder(path: Path, mode: str, *, check: bool = True) -> datasets.ImageFolder:
+def image_folder(path: Path, mode: str, *, check: bool = True, follow_links: bool = True) -> datasets.ImageFolder:
     """The class folders under `path`, images read as `mode`; files that are not images (by extension or, with
-    `check`, by their header) are skipped and counted in the log, so one stray file does not stop a run hours in."""
+    `check`, by their header: a FIFO or device is not) are skipped and counted in the log, so one stray file does not
+    stop a run hours in. Without `follow_links`, a symlinked image or a file in a symlinked folder is skipped too."""
     skipped: list[str] = []
 
     def readable(file: str) -> bool:
         if not file.lower().endswith(datasets.folder.IMG_EXTENSIONS):
             skipped.append(f"{printable(file)} (not an image file name)")
             return False
+        if not follow_links and _linked(Path(file), path):
+            skipped.append(f"{printable(file)} (a symbolic link, or in a linked folder; data.follow_links=false)")
+            return False
         if not check:
             return True
         try:
-            with open_image(file):  # reads the header only
+            with open_regular(file, follow=follow_links) as f, open_image(f):  # reads the header only
                 return True
-        except UNREADABLE as e:
+        except (*UNREADABLE, VitexpError) as e:
             skipped.append(f"{printable(file)} ({type(e).__name__}: {printable(e)})")
             return False
 
     try:
-        folder = datasets.ImageFolder(path, loader=functools.partial(load_image, mode=mode), is_valid_file=readable)
+        loader = functools.partial(load_image, mode=mode, follow_links=follow_links)
+        folder = datasets.ImageFolder(path, loader=loader, is_valid_file=readable)
     except FileNotFoundError as e:
         if "for the classes" in str(e):
             empty = str(e).split("for the classes ", 1)[1].split(". ")[0]
@@ -100,3 +109,12 @@ def image_folder(path: Path, mode: str, *, check: bool = True) -> datasets.Image
             f"skipped {len(skipped)} files under {printable(path)} that are not readable images, e.g. {examples}"
         )
     return folder
+
+
+def _linked(file: Path, root: Path) -> bool:
+    """Whether `file` or a folder between `root` and it is a symlink."""
+    try:
+        files.check_inside(file, root)
+    except VitexpError:
+        return True
+    return False

@@ -58,6 +58,7 @@ class ExportReport:
 def export_onnx(path: str | Path, out: str | Path, *, data_root: str | Path | None = None) -> ExportReport:
     """Write checkpoint `path` as `out/model.onnx` and `out/model.json`, only after onnxruntime reproduced torch's
     logits on validation images at `BATCH_SIZES` within `TOLERANCE`; `data_root` overrides the checkpoint's."""
+    files.check_output_folder(out, [MODEL_FILE, CARD_FILE])  # before any work
     model, saved = checkpoint.load_model(path)
     model.eval()
     card = model_card(saved)

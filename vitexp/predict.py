@@ -5,14 +5,12 @@ their probabilities for every image under a folder, in onnxruntime or torch. An 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import io
-import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from vitexp import VitexpError
-from vitexp.files import open_regular, printable, read_bytes, write_text
-from vitexp.images import UNREADABLE, open_image, to_mode
+from vitexp.files import check_output, open_regular, printable, read_bytes, read_json, write_csv
+from vitexp.images import MAX_IMAGE_BYTES, UNREADABLE, open_image, to_mode
 
 # The exported folder's files and the names of the ONNX model's input and output (vitexp.onnx_export writes them)
 MODEL_FILE = "model.onnx"
@@ -35,15 +33,24 @@ INTERPOLATIONS = {
     "bicubic": transforms.InterpolationMode.BICUBIC,
     "nearest": transforms.InterpolationMode.NEAREST,
 }
+# An exported folder's bounds: the card's size, the model's (protobuf's own limit for one file), the image sides
+# (input and the resize before the crop: 2048 is four times the largest input timm's ViTs take), the classes, and the
+# elements any one tensor of the graph may hold (1 GiB of float32; a vitexp model's largest weight is a few million)
+MAX_CARD_BYTES = 16 << 20
+MAX_MODEL_BYTES = 2 << 30
+MAX_SIDE = 2048
+MAX_CLASSES = 1_000_000
+MAX_ELEMENTS = 1 << 28
 # What an engine is: a float32 batch (N, C, H, W) in, logits (N, classes) out
 Engine = Callable[[np.ndarray], np.ndarray]
 
 
 def read_card(folder: Path) -> dict[str, Any]:
-    """`model.json` of an exported folder, parsed as data and checked field by field (never through a symlink)."""
+    """`model.json` of an exported folder, parsed as data (`files.read_json`: a regular file, not a symlink, size and
+    nesting bounded) and checked field by field."""
     try:
-        card = json.loads(read_bytes(folder / CARD_FILE, root=folder))
-    except (OSError, ValueError) as e:
+        card = read_json(folder / CARD_FILE, root=folder, max_bytes=MAX_CARD_BYTES)
+    except (OSError, VitexpError) as e:
         raise VitexpError(
             f"cannot read {printable(folder / CARD_FILE)} ({printable(e)}); export the folder with "
             f"python -m vitexp.export <checkpoint> --format onnx --out {printable(folder)}"
@@ -60,15 +67,22 @@ def check_card(card: dict[str, Any], where: str) -> None:
     number = (int, float)
     problems = {
         "image_mode": card.get("image_mode") in ("L", "RGB"),
-        "input_size": isinstance(size, list) and len(size) == 3 and all(type(s) is int and 0 < s for s in size),
+        "input_size": isinstance(size, list)
+        and len(size) == 3
+        and all(type(s) is int and 0 < s for s in size)
+        and max(size) <= MAX_SIDE,
         "mean": isinstance(mean, list) and all(isinstance(m, number) and not isinstance(m, bool) for m in mean),
         "std": isinstance(std, list) and all(isinstance(s, number) and not isinstance(s, bool) and s > 0 for s in std),
-        "interpolation": card.get("interpolation") in INTERPOLATIONS,
+        "interpolation": isinstance(card.get("interpolation"), str) and card["interpolation"] in INTERPOLATIONS,
         # at least 1/16: the resize before the crop stays within 16x the input size
         "crop_pct": isinstance(card.get("crop_pct"), number) and 1 / 16 <= card["crop_pct"] <= 1,
-        "classes": isinstance(classes, list) and len(classes) > 0 and all(isinstance(c, str) for c in classes),
+        "classes": isinstance(classes, list)
+        and 0 < len(classes) <= MAX_CLASSES
+        and all(isinstance(c, str) for c in classes),
     }
     bad = [key for key, ok in problems.items() if not ok]
+    if not bad and math.floor(size[1] / card["crop_pct"]) > MAX_SIDE:
+        bad = ["input_size / crop_pct (the resize before the crop)"]
     if not bad and not (len(mean) == len(std) == size[0] == {"L": 1, "RGB": 3}[card["image_mode"]]):
         bad = ["mean, std and input_size channels"]
     if bad:
@@ -100,23 +114,107 @@ def require(module: str) -> Any:
 
 
 def onnx_engine(model_bytes: bytes, card: dict[str, Any] | None = None) -> Engine:
-    """An onnxruntime CPU session for a serialised ONNX model vitexp exported, as an engine; with a `card`, the
-    model's input and output shapes must be the card's."""
+    """An onnxruntime CPU session for a serialised ONNX model vitexp exported, as an engine; with a `card` (a handed-over
+    folder), the model is checked first (`check_model`). Every batch's logits are checked to be (N, classes) floats,
+    and a batch onnxruntime fails on is one line."""
     onnxruntime = require("onnxruntime")
-
+    if card is not None:
+        check_model(model_bytes, card)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: not its notes on the graph optimisations it applies
     try:
         runner = onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types; the first line says what it could not load
         raise VitexpError(f"onnxruntime cannot load the model ({printable(e, 160)}); export it again") from None
-    shapes = [list(runner.get_inputs()[0].shape[1:]), list(runner.get_outputs()[0].shape[1:])]
-    if card is not None and shapes != [card["input_size"], [len(card["classes"])]]:
+    classes = len(card["classes"]) if card is not None else runner.get_outputs()[0].shape[1]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            logits = runner.run([OUTPUT], {INPUT: x})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise VitexpError(f"onnxruntime failed on a batch ({printable(e, 160)}); export the model again") from None
+        if not isinstance(logits, np.ndarray) or logits.dtype != np.float32 or logits.shape != (len(x), classes):
+            raise VitexpError(
+                f"{MODEL_FILE} returned {printable(getattr(logits, 'shape', type(logits)))} logits for {len(x)} "
+                f"images, not ({len(x)}, {classes}) float32; export the folder again"
+            )
+        return logits
+
+    return run
+
+
+def check_model(model_bytes: bytes, card: dict[str, Any]) -> None:
+    """Refuse, in one line and before onnxruntime sees it, a model that is not one vitexp exports for `card`: tensors
+    stored outside the file (external data, which onnxruntime would read from the working folder), other than one
+    float32 input `images` (N, C, H, W) and one float32 output `logits` (N, classes) as the card says, or a tensor
+    whose inferred shape holds more than `MAX_ELEMENTS` (a graph that allocates without bound)."""
+    onnx = require("onnx")
+    try:
+        proto = onnx.ModelProto.FromString(model_bytes)
+    except Exception as e:  # protobuf's DecodeError
+        raise VitexpError(f"{MODEL_FILE} is not an ONNX model ({printable(e, 120)}); export the folder again") from None
+    external = [t.name for t in _tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data]
+    if external:
         raise VitexpError(
-            f"{MODEL_FILE} takes {shapes[0]} and predicts {shapes[1]} classes, not what {CARD_FILE} says; "
-            f"export the folder again"
+            f"{MODEL_FILE} keeps tensor {printable(external[0], 80)} in an external file (ONNX external data); "
+            f"predict reads a model from its own bytes only: export the folder again with python -m vitexp.export"
         )
-    return lambda x: runner.run([OUTPUT], {INPUT: x})[0]
+    expected = {INPUT: [card["input_size"]], OUTPUT: [[len(card["classes"])]]}
+    for role, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        name = INPUT if role == "input" else OUTPUT
+        shapes = [_shape(v, onnx) for v in values]
+        if [v.name for v in values] != [name] or shapes[0] is None or shapes[0][1:] != expected[name][0]:
+            found = ", ".join(
+                f"{printable(v.name, 40)} {shape if shape is not None else '(not float32)'}"
+                for v, shape in zip(values, shapes)
+            )
+            raise VitexpError(
+                f"{MODEL_FILE}'s {role}s are [{found}], not one float32 {name!r} [N, "
+                f"{', '.join(map(str, expected[name][0]))}] as {CARD_FILE} says; export the folder again"
+            )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # onnx's InferenceError and ValidationError: a graph onnx itself cannot follow
+        raise VitexpError(
+            f"{MODEL_FILE}: onnx cannot infer its shapes ({printable(e, 120)}); export it again"
+        ) from None
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if math.prod(d.dim_value for d in dims if d.HasField("dim_value")) > MAX_ELEMENTS:
+            raise VitexpError(
+                f"{MODEL_FILE}: tensor {printable(value.name, 80)} would hold more than {MAX_ELEMENTS} elements; "
+                f"refused (a model vitexp exports never does)"
+            )
+
+
+def _shape(value: Any, onnx: Any) -> list[int | str] | None:
+    """A graph input's or output's dims (a dynamic one by its name, `?` when it has none), None when it is not a
+    float32 tensor."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor.elem_type != onnx.TensorProto.FLOAT:
+        return None
+    return [d.dim_value if d.HasField("dim_value") else printable(d.dim_param or "?", 20) for d in tensor.shape.dim]
+
+
+def _tensors(proto: Any) -> Iterator[Any]:
+    """Every tensor a model holds: initializers, sparse ones, and node attributes, in its graph, every subgraph and
+    every local function."""
+    stack = [proto.graph, *proto.functions]
+    while stack:
+        graph = stack.pop()
+        yield from getattr(graph, "initializer", [])
+        for sparse in getattr(graph, "sparse_initializer", []):
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            for attribute in node.attribute:
+                yield from [attribute.t] if attribute.HasField("t") else []
+                yield from attribute.tensors
+                for sparse in [*([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else [])]:
+                    yield from (sparse.values, sparse.indices)
+                for sparse in attribute.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+                stack += [attribute.g] if attribute.HasField("g") else []
+                stack += list(attribute.graphs)
 
 
 def load_engine(source: Path, engine: str | None, data_root: Path | None) -> tuple[Engine, dict[str, Any], str]:
@@ -128,7 +226,11 @@ def load_engine(source: Path, engine: str | None, data_root: Path | None) -> tup
         if engine == "torch":
             raise VitexpError(f"{printable(source)} is an ONNX export; pass its checkpoint for --engine torch")
         card = read_card(source)
-        return onnx_engine(read_bytes(source / MODEL_FILE, root=source), card), card, "onnxruntime"
+        try:
+            model_bytes = read_bytes(source / MODEL_FILE, root=source, max_bytes=MAX_MODEL_BYTES)
+        except OSError as e:
+            raise VitexpError(f"cannot read {printable(source / MODEL_FILE)} ({e.strerror}); export it again") from None
+        return onnx_engine(model_bytes, card), card, "onnxruntime"
     from vitexp.onnx_export import checkpoint_engine  # the checkpoint path needs torch and vitexp's models
 
     return checkpoint_engine(source, engine or "torch", data_root)
@@ -153,7 +255,7 @@ def image_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 def read_image(path: Path, mode: str) -> Image.Image:
     """The image at `path` as 8-bit `mode`, opened without following a symlink; `UNREADABLE` when it fails."""
-    with open_regular(path) as f:
+    with open_regular(path, max_bytes=MAX_IMAGE_BYTES) as f:
         image = open_image(io.BytesIO(f.read()))
         image.load()
     return to_mode(image, mode)
@@ -181,9 +283,10 @@ def predict(
     of rows and the files skipped (unreadable or links), each with why."""
     if topk < 1 or batch_size < 1:
         raise VitexpError(f"--topk {topk} and --batch-size {batch_size} must be at least 1")
-    run, card, _ = load_engine(Path(source), engine, Path(data_root) if data_root is not None else None)
-    k, folder = min(topk, len(card["classes"])), Path(images)
+    out, folder = check_output(out), Path(images)  # before any work: a device, FIFO or folder is never replaced
     paths, skipped = image_files(folder)
+    run, card, _ = load_engine(Path(source), engine, Path(data_root) if data_root is not None else None)
+    k = min(topk, len(card["classes"]))
     transform, rows = preprocess(card), []
     for start in _progress(range(0, len(paths), batch_size), len(paths), batch_size):
         batch, names = [], []
@@ -197,20 +300,13 @@ def predict(
         if batch:
             order, probs = top_k(run(np.stack(batch).astype(np.float32)), k)
             rows += [_row(name, o, p, card["classes"]) for name, o, p in zip(names, order, probs)]
-    write_text(Path(out), _csv(rows, k))
+    header = ["path", "label", "prob", *(f for i in range(2, k + 1) for f in (f"label_{i}", f"prob_{i}"))]
+    write_csv(out, header, rows)
     return len(rows), skipped
 
 
 def _row(name: str, order: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[str]:
     return [name, *(f for i, p in zip(order, probs) for f in (classes[int(i)], f"{p:.6f}"))]
-
-
-def _csv(rows: list[list[str]], k: int) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "prob", *(f for i in range(2, k + 1) for f in (f"label_{i}", f"prob_{i}"))])
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _progress(starts: range, total: int, batch_size: int) -> Any:

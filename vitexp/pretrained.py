@@ -3,6 +3,7 @@ a timm model folder, or timm's tag from the local Hugging Face cache."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from timm.models import load_pretrained
 from torch import nn
 
-from vitexp import VitexpError
+from vitexp import VitexpError, files
 from vitexp.files import printable
 
 # Files timm reads as a state dict (`.npz`: timm/big_vision JAX weights, read by the model's own `load_pretrained`).
@@ -24,6 +25,9 @@ def folder_config(folder: str | Path, *, where: str = "model") -> tuple[str, dic
     of the types timm and vitexp read; `where`: the config node whose `pretrained` named the folder."""
     from timm.models._hub import load_model_config_from_path
 
+    for name in ("config.json", "model.safetensors"):  # timm opens them blocking: a FIFO there is refused first
+        if os.path.lexists(Path(folder) / name):
+            files.open_regular(Path(folder) / name, follow=True).close()
     try:
         pretrained_cfg, architecture, model_args = load_model_config_from_path(folder)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

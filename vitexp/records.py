@@ -42,8 +42,8 @@ def _fmt(value: Any) -> str:
 def completed(run_dir: Path) -> bool:
     """Whether the run in `run_dir` finished (its results.json, a real file in it, says so)."""
     try:
-        results = json.loads(files.read_text(Path(run_dir) / "results.json", root=run_dir))
-    except (OSError, ValueError, VitexpError):
+        results = files.read_json(Path(run_dir) / "results.json", root=run_dir)
+    except (OSError, VitexpError):
         return False
     return isinstance(results, dict) and results.get("status") == "completed"
 
@@ -100,11 +100,9 @@ class EpochLog:
         tracking.define_axes(prefix, EPOCH_FIELDS[1:])
 
     def _write_csv(self) -> None:
-        with files.atomic(self.csv_path, self.root, text=True) as f:
-            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            # a row read back holds floats: its epoch is written as the integer it was, the others as they were
-            writer.writerows({**row, "epoch": int(row["epoch"])} for row in self.rows)
+        # a row read back holds floats: its epoch is written as the integer it was, the others as they were
+        rows = ({**row, "epoch": int(row["epoch"])} for row in self.rows)
+        files.write_csv(self.csv_path, EPOCH_FIELDS, rows, self.root)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Per-step figures (train loss, lr, grad norm over the last log interval), W&B only."""

@@ -10,8 +10,6 @@ writes there is left out with a warning, and names from the files are printed an
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import re
@@ -20,8 +18,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from vitexp import VitexpError, files
 from vitexp.files import plot_text, printable
@@ -47,6 +43,8 @@ FIGURES = ["best_val_acc1", "epochs", "params", "macs", "train_img_per_s", "infe
 # what the report reads from results.json: figures (numbers, or null) and names (strings)
 NUMBERS = {*FIGURES, "test_acc1", "pruned_val_acc1", "pruned_params", "pruned_macs", "pruned_infer_img_per_s"}
 NAMES = {"task", "model", "status", "error"}
+# what the report writes into its output folder
+OUTPUTS = ["report.csv", "report_val_acc.png", "report_acc_vs_macs.png"]
 # a cell of the table or of report.csv is cut only when absurdly long: these are the runs' own records
 CELL_LIMIT = 100_000
 
@@ -71,18 +69,24 @@ def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _read(path: Path, root: Path) -> str | None:
-    """The text of `path` (None when there is none): a regular file reached from `root` without a symlink."""
+def _parsed(path: Path, root: Path, kind: str) -> Any:
+    """`path` parsed by the one reader (`files.read_json` or `read_yaml`: a regular file reached from `root` without a
+    symlink, size and nesting bounded); `Unreadable` naming why when it is not, None when there is no file."""
     if not _present(path):
         return None
     if path.is_symlink():
         raise Unreadable(f"{printable(path)} (a symlink)")
     try:
-        return files.read_text(path, root)
-    except VitexpError:
-        raise Unreadable(f"{printable(path)} (behind a symlink, or not a regular file)") from None
+        return (files.read_json if kind == "json" else files.read_yaml)(path, root)
+    except VitexpError as e:
+        raise _unreadable(path, e) from None
     except OSError as e:
         raise Unreadable(f"{printable(path)} ({e.strerror})") from None
+
+
+def _unreadable(path: Path, error: VitexpError) -> Unreadable:
+    """The reader's refusal of `path` as a reason to leave the run out."""
+    return Unreadable(f"{printable(path)} ({files.reason(error, path)})")
 
 
 def _number(value: Any, path: Path, key: str) -> int | float | None:
@@ -99,13 +103,9 @@ def _number(value: Any, path: Path, key: str) -> int | float | None:
 
 def _results(path: Path, root: Path) -> dict[str, Any]:
     """results.json as one flat object whose figures are numbers and names strings ({} when there is none)."""
-    text = _read(path, root)
-    if text is None:
+    results = _parsed(path, root, "json")
+    if results is None:
         return {}
-    try:
-        results = json.loads(text)
-    except (ValueError, RecursionError):
-        raise Unreadable(f"{printable(path)} (not JSON)") from None
     if not isinstance(results, dict):
         raise Unreadable(f"{printable(path)} (not a JSON object)")
     for key in NUMBERS & results.keys():
@@ -124,6 +124,8 @@ def _metrics(path: Path, root: Path) -> list[dict[str, float]]:
         raise Unreadable(f"{printable(path)} (a symlink)")
     try:
         rows = read_metrics(path, root=root)
+    except files.NotRegular as e:
+        raise _unreadable(path, e) from None
     except (VitexpError, OSError):
         rows = None
     if rows is None or not all(math.isfinite(r.get("epoch", math.nan)) for r in rows):
@@ -133,13 +135,7 @@ def _metrics(path: Path, root: Path) -> list[dict[str, float]]:
 
 def _yaml(path: Path, root: Path, kind: type) -> Any:
     """A YAML file read with the safe loader and checked to be a `kind` (None when there is none, or it is empty)."""
-    text = _read(path, root)
-    if text is None:
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # ValueError: a date such as 2001-13-45
-        raise Unreadable(f"{printable(path)} (not plain YAML: a syntax error or a tag such as !!python/...)") from None
+    value = _parsed(path, root, "yaml")
     if value is not None and not isinstance(value, kind):
         raise Unreadable(f"{printable(path)} (not a {'mapping' if kind is dict else 'list'})")
     return value
@@ -314,6 +310,21 @@ def _label(row: dict[str, Any]) -> str:
     return plot_text(f"{row['run']}: {row['task']} {row['overrides'] or row['model']}", limit=70)
 
 
+# what a plot's axis shows: accuracies are fractions; MACs and epochs beyond this are not a model's (matplotlib cannot
+# place ticks between -1e308 and 1e308): such a row is in the table and report.csv, not in the plots
+MAX_AXIS = 1e18
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and 0 <= value <= 1
+
+
+def _plottable(row: dict[str, Any]) -> bool:
+    """Whether `row` has a point on the accuracy-vs-MACs plot: an accuracy in [0, 1] and MACs in (0, MAX_AXIS)."""
+    macs = row["macs"]
+    return _fraction(row["best_val_acc1"]) and isinstance(macs, (int, float)) and 0 < macs < MAX_AXIS
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """val accuracy vs epoch for every row, and accuracy vs MACs with the Pareto front; a row of several runs shows
     its mean with a band (curves) or error bar (MACs) of one standard deviation."""
@@ -325,8 +336,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        if r["curve"]:
-            epochs, means, stds = zip(*r["curve"])
+        curve = [(e, m, s if _fraction(s) else None) for e, m, s in r["curve"] if _fraction(m) and abs(e) < MAX_AXIS]
+        if curve:
+            epochs, means, stds = zip(*curve)
             (line,) = ax.plot(epochs, means, marker=".", label=_label(r))
             if any(stds):  # the spread of a row of several runs: mean ± one standard deviation
                 low, high = zip(*[(m - (s or 0), m + (s or 0)) for m, s in zip(means, stds)])
@@ -341,10 +353,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     written.append(files.save_figure(fig, out / "report_val_acc.png", out))
     plt.close(fig)
 
-    scored = [r for r in rows if r["macs"] and r["best_val_acc1"] is not None]
+    scored = [r for r in rows if _plottable(r)]
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, r in enumerate(sorted(scored, key=lambda r: (r["macs"], r["best_val_acc1"]))):
-        ax.errorbar(r["macs"] / 1e6, r["best_val_acc1"], yerr=r["best_val_acc1_std"], fmt="o", markersize=5, capsize=4)
+        std = r["best_val_acc1_std"] if _fraction(r["best_val_acc1_std"]) else None
+        ax.errorbar(r["macs"] / 1e6, r["best_val_acc1"], yerr=std, fmt="o", markersize=5, capsize=4)
         # alternate above/below so that runs at the same MACs stay readable
         at, name = (r["macs"] / 1e6, r["best_val_acc1"]), plot_text(f"{r['run']}: {r['model']}", limit=70)
         ax.annotate(name, at, fontsize=7, textcoords="offset points", xytext=(6, 4 if i % 2 else -10))
@@ -392,14 +405,10 @@ def _best_trial(root: Path) -> str:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path, out: Path) -> Path:
-    """report.csv through the one writer, names and messages from the run folders with their control characters
-    escaped."""
+    """report.csv through the one CSV writer (`files.write_csv`): names and messages from the run folders as text
+    that no spreadsheet runs."""
     spread = [f"{figure}_{what}" for figure in FIGURES for what in ("std", "n")]
-    with files.atomic(path, out, text=True) as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *spread, "error"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: printable(v, CELL_LIMIT) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
-    return path
+    return files.write_csv(path, [*COLUMNS, *spread, "error"], rows, out)
 
 
 def report(paths: list[Path], out: Path | None = None, by: tuple[str, ...] = ("seed",)) -> tuple[str, list[Path]]:
@@ -407,6 +416,8 @@ def report(paths: list[Path], out: Path | None = None, by: tuple[str, ...] = ("s
     (returned), report.csv and PNGs in `out`; runs with unreadable files are left out, with a warning on stderr."""
     paths = [Path(p).resolve() for p in paths]
     root, where = Path(os.path.commonpath(paths)), " ".join(printable(p) for p in paths)
+    for name in OUTPUTS:  # before any work: a folder, device or FIFO there is never replaced
+        files.check_output((out or root) / name)
     runs = find_runs(paths)
     if not runs:
         raise VitexpError(

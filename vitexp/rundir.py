@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from vitexp import VitexpError, checkpoint, files
 from vitexp.files import printable
@@ -104,8 +102,8 @@ def earlier_job(folder: Path, overrides: list[str], *, metric: str | None = None
     if not (path.is_file() or path.is_symlink()):
         return None
     try:
-        results = json.loads(files.read_text(path, root=folder))
-    except (OSError, ValueError, RecursionError):  # garbage or half-written: that start did not complete
+        results = files.read_json(path, root=folder)
+    except (OSError, VitexpError):  # garbage or half-written: that start did not complete
         return None
     if not isinstance(results, dict) or results.get("status") != "completed":
         return None
@@ -118,9 +116,11 @@ def earlier_job(folder: Path, overrides: list[str], *, metric: str | None = None
 def _read_yaml(path: Path, what: str) -> Any:
     """A YAML file as plain data (safe loader: no tags, no objects)."""
     try:
-        return yaml.safe_load(files.read_text(path))
-    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
-        raise VitexpError(f"{printable(path)} is unreadable ({type(e).__name__}); {what}") from None
+        return files.read_yaml(path)
+    except OSError as e:
+        raise VitexpError(f"{printable(path)} is unreadable ({printable(e.strerror)}); {what}") from None
+    except VitexpError as e:
+        raise VitexpError(f"{e}; {what}") from None
 
 
 @dataclass
@@ -137,7 +137,7 @@ class ResumePoint:
 
 def first_start(folder: Path) -> tuple[list[str], dict[str, Any]]:
     """A run's first-start overrides, or, in a folder without them, its saved config (both untrusted data)."""
-    if (folder / ".hydra" / "overrides.yaml").is_file():
+    if os.path.lexists(folder / ".hydra" / "overrides.yaml"):
         return _first_overrides(folder), {}
     point = resume_point(folder)
     return point.overrides, point.config
@@ -146,14 +146,16 @@ def first_start(folder: Path) -> tuple[list[str], dict[str, Any]]:
 def _first_overrides(folder: Path) -> list[str]:
     """The overrides of the run's first start (none in a folder without .hydra/), checked to be a list of strings."""
     path = folder / ".hydra" / "overrides.yaml"
-    if not (path.is_file() or path.is_symlink()):
+    if not (path.exists() or path.is_symlink()):  # a FIFO or folder there is refused by the reader, not skipped
         return []
     try:
-        value = yaml.safe_load(files.read_text(path, root=folder))
-    except (OSError, yaml.YAMLError, RecursionError) as e:
+        value = files.read_yaml(path, root=folder)
+    except OSError as e:
         raise VitexpError(
-            f"{printable(path)} is unreadable ({type(e).__name__}); start the run again instead"
+            f"{printable(path)} is unreadable ({printable(e.strerror)}); start the run again instead"
         ) from None
+    except VitexpError as e:
+        raise VitexpError(f"{e}; start the run again instead") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise VitexpError(
             f"resume={printable(folder)}: its .hydra/overrides.yaml is not a list of overrides; start the run again"

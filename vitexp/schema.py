@@ -153,6 +153,7 @@ class ImageSplits(Splits):
     download: bool = MISSING
     in_chans: int = MISSING
     check_images: bool = MISSING
+    follow_links: bool = MISSING
 
 
 @dataclass
@@ -206,6 +207,7 @@ class ImageData(Data):
     root: str = MISSING
     download: bool = MISSING
     check_images: bool = MISSING
+    follow_links: bool = MISSING
     splits: Splits = field(default_factory=ImageSplits)
 
 

@@ -77,7 +77,7 @@ def read_index(folder: Path) -> tuple[list[str], list[Shard]]:
 def _load_index(folder: Path) -> Any:
     path = folder / INDEX
     try:
-        return json.loads(files.read_text(path, folder))
+        return files.read_json(path, folder)
     except FileNotFoundError:
         raise VitexpError(
             f"no {INDEX} in {printable(folder)}: write the shards with python -m vitexp.shards "
@@ -85,8 +85,10 @@ def _load_index(folder: Path) -> Any:
         ) from None
     except OSError as e:
         raise VitexpError(f"cannot read {printable(path)} ({e.strerror}); make it readable") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise VitexpError(f"{printable(path)} is not a shard index ({printable(e)}); write the shards again") from None
+    except VitexpError as e:
+        raise VitexpError(
+            f"{printable(path)} is not a shard index ({files.reason(e, path)}); write the shards again"
+        ) from None
 
 
 def _index_fields(index: Any, path: Path) -> tuple[list[str], list[Shard]]:
@@ -300,7 +302,7 @@ def _write_shard(path: Path, first: int, samples: Sequence[tuple[str, int]], roo
             tar.write(
                 {
                     "__key__": f"{n:09d}",
-                    suffix: Path(file).read_bytes(),
+                    suffix: files.read_bytes(file, follow=True),  # the docs: links in the source tree are followed
                     "cls": str(label),
                     "txt": os.path.relpath(file, root),
                 }

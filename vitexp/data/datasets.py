@@ -101,13 +101,14 @@ def image_splits(
     eval_transform: Callable,
     in_chans: int = 3,
     check_images: bool = True,
+    follow_links: bool = True,
 ) -> Splits:
     """The images under `root`: shards (`python -m vitexp.shards`), an ImageFolder tree (train/, optional val/ and
     test/), or torchvision's files for `source`; val is a seeded split of train unless the data has its own."""
     path, mode = Path(root).expanduser(), {1: "L", 3: "RGB"}.get(in_chans)
     if mode is None:
         raise VitexpError(f"data.in_chans={in_chans}: image files are read as grey (1) or RGB (3) channels")
-    bases = _image_bases(source, path, mode, download=download, check_images=check_images)
+    bases = _image_bases(source, path, mode, download=download, check_images=check_images, follow_links=follow_links)
     classes = list(bases["train"].classes)
     for split, base in bases.items():
         if list(base.classes) != classes:
@@ -128,7 +129,9 @@ def image_splits(
     )
 
 
-def _image_bases(source: str, path: Path, mode: str, *, download: bool, check_images: bool) -> dict[str, Dataset]:
+def _image_bases(
+    source: str, path: Path, mode: str, *, download: bool, check_images: bool, follow_links: bool
+) -> dict[str, Dataset]:
     """The splits found under `path`, by name (train, and val and test where the data has them)."""
     if (path / "train" / INDEX).is_file():
         return {s: ShardSet(path / s, mode) for s in ("train", "val", "test") if (path / s / INDEX).is_file()}
@@ -138,7 +141,9 @@ def _image_bases(source: str, path: Path, mode: str, *, download: bool, check_im
         )
     if (path / "train").is_dir():
         return {
-            s: image_folder(path / s, mode, check=check_images) for s in ("train", "val", "test") if (path / s).is_dir()
+            s: image_folder(path / s, mode, check=check_images, follow_links=follow_links)
+            for s in ("train", "val", "test")
+            if (path / s).is_dir()
         }
     if source in TORCHVISION_SETS:
         if not download and not path.is_dir():

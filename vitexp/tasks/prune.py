@@ -151,9 +151,11 @@ def read_prune_json(out: Path) -> tuple[dict[str, Any], list[tuple[str, dict[str
     be what `prune_checkpoint` writes: plain data, a source checkpoint's path, points of a label and figures."""
     path = out / "prune.json"
     try:
-        figures = json.loads(files.read_text(path, out))
-    except (OSError, ValueError) as e:
-        raise VitexpError(f"{printable(path)} is unreadable ({type(e).__name__}); start the run again") from None
+        figures = files.read_json(path, out)
+    except OSError as e:
+        raise VitexpError(f"{printable(path)} is unreadable ({printable(e.strerror)}); start the run again") from None
+    except VitexpError as e:
+        raise VitexpError(f"{e}; start the run again") from None
     points = figures.pop("points", []) if isinstance(figures, dict) else None
     valid = isinstance(figures, dict) and isinstance(figures.get("source_ckpt"), str) and isinstance(points, list)
     if not (valid and all(_is_point(p) for p in points)):
