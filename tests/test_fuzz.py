@@ -536,3 +536,9 @@ def test_zz_fuzz_case_counts():
     """Print how many cases each entry point ran (`-s` shows it), for the suite's note."""
     print("\nfuzz cases:", dict(sorted(fz.COUNTS.items())), "total", sum(fz.COUNTS.values()))
     print("how they ended:", {f"{name} {ended}": n for (name, ended), n in sorted(fz.OUTCOMES.items())})
+
+
+@pytest.mark.slow
+def test_zz_fuzz_case_counts_long():
+    """The same counts at the end of the slow profile (`-m slow` deselects the one above)."""
+    test_zz_fuzz_case_counts()

@@ -1,5 +1,7 @@
-"""Files in folders someone may hand over: the one writer (a temporary file in the real folder, then a rename), reads
-that stay inside their folder, folders refused when they hold symlinks, and strings from files printed as data."""
+"""Files in folders someone may hand over, checked where the data flows out: the one reader (regular files only,
+opened without blocking, no symlink followed inside a folder, sizes and JSON/YAML nesting bounded), the one writer (a
+temporary file in the real folder, then a rename; never over a folder, device or FIFO), the one CSV writer (control
+characters escaped, formula cells neutralised), folders refused when they hold symlinks, strings printed as data."""
 
 from __future__ import annotations
 

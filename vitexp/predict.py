@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from vitexp import VitexpError
-from vitexp.files import check_output, open_regular, printable, read_bytes, read_json, write_csv
+from vitexp.files import check_output, open_regular, printable, read_bytes, read_json, reason, write_csv
 from vitexp.images import MAX_IMAGE_BYTES, UNREADABLE, open_image, to_mode
 
 # The exported folder's files and the names of the ONNX model's input and output (vitexp.onnx_export writes them)
@@ -51,8 +51,9 @@ def read_card(folder: Path) -> dict[str, Any]:
     try:
         card = read_json(folder / CARD_FILE, root=folder, max_bytes=MAX_CARD_BYTES)
     except (OSError, VitexpError) as e:
+        why = reason(e, folder / CARD_FILE) if isinstance(e, VitexpError) else printable(e)
         raise VitexpError(
-            f"cannot read {printable(folder / CARD_FILE)} ({printable(e)}); export the folder with "
+            f"cannot read {printable(folder / CARD_FILE)} ({why}); export the folder with "
             f"python -m vitexp.export <checkpoint> --format onnx --out {printable(folder)}"
         ) from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
@@ -209,9 +210,8 @@ def _tensors(proto: Any) -> Iterator[Any]:
             for attribute in node.attribute:
                 yield from [attribute.t] if attribute.HasField("t") else []
                 yield from attribute.tensors
-                for sparse in [*([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else [])]:
-                    yield from (sparse.values, sparse.indices)
-                for sparse in attribute.sparse_tensors:
+                single = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+                for sparse in [*single, *attribute.sparse_tensors]:
                     yield from (sparse.values, sparse.indices)
                 stack += [attribute.g] if attribute.HasField("g") else []
                 stack += list(attribute.graphs)
