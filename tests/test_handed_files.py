@@ -143,7 +143,7 @@ def test_a_fifo_in_an_exported_folder_is_refused_not_waited_on(tmp_path, capsys,
     os.mkfifo(folder / name)
     imgs = handed.images(tmp_path / "imgs", ["a.png"])
     code, printed = _predict_main(capsys, str(folder), str(imgs), "--out", str(tmp_path / "p.csv"))
-    _one_line_exit_2(code, printed, "is a FIFO (named pipe)")
+    _one_line_exit_2(code, printed, "FIFO (named pipe), not a regular file")
 
 
 def test_a_fifo_among_images_is_skipped_in_predict_and_training(tmp_path, capsys):

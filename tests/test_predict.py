@@ -138,7 +138,7 @@ def test_bad_cards_and_engines_are_one_line_errors(trained, tmp_path):
         predict(folder, trained["test"], tmp_path / "p.csv")
     (folder / "model.json").write_text(json.dumps({**card, "input_size": [3, 64, 64]}))
     with pytest.raises(
-        VitexpError, match=r"inputs are \[images \['N', 3, 32, 32\]\], not one float32 'images' \[N, 3, 64"
+        VitexpError, match=r"inputs are \[images \['batch', 3, 32, 32\]\], not one float32 'images' \[N, 3, 64"
     ):
         predict(folder, trained["test"], tmp_path / "p.csv")
     (folder / "model.json").unlink()

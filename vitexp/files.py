@@ -256,6 +256,10 @@ def _kind(path: Path, *, follow: bool = False) -> str | None:
     return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
+class Malformed(VitexpError):
+    """A JSON or YAML file that does not parse as plain data, or nests too deep (`read_json`, `read_yaml`)."""
+
+
 class NotRegular(VitexpError):
     """A FIFO, device, socket or folder where a regular file is read or written (`open_regular`, `check_output`)."""
 
@@ -318,7 +322,7 @@ def read_json(
     except RecursionError:
         raise _too_deep(Path(path), max_depth, "JSON") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise VitexpError(f"{printable(path)} is not JSON ({printable(e, 120)})") from None
+        raise Malformed(f"{printable(path)} is not JSON ({printable(e, 120)})") from None
     return _bounded(value, Path(path), max_depth, "JSON")
 
 
@@ -340,9 +344,7 @@ def read_yaml(
     except RecursionError:
         raise _too_deep(Path(path), max_depth, "plain YAML") from None
     except (yaml.YAMLError, ValueError, TypeError):  # ValueError: a date such as 2001-13-45
-        raise VitexpError(
-            f"{printable(path)} is not plain YAML: a syntax error or a tag such as !!python/..."
-        ) from None
+        raise Malformed(f"{printable(path)} is not plain YAML: a syntax error or a tag such as !!python/...") from None
     return _bounded(value, Path(path), max_depth, "plain YAML")
 
 
@@ -362,7 +364,7 @@ def _bounded(value: Any, path: Path, max_depth: int, kind: str) -> Any:
 
 
 def _too_deep(path: Path, max_depth: int, kind: str) -> VitexpError:
-    return VitexpError(
+    return Malformed(
         f"{printable(path)} is not {kind} as vitexp writes it: lists or mappings nested deeper than {max_depth} levels"
     )
 

@@ -85,7 +85,7 @@ def _load_index(folder: Path) -> Any:
         ) from None
     except OSError as e:
         raise VitexpError(f"cannot read {printable(path)} ({e.strerror}); make it readable") from None
-    except VitexpError as e:
+    except files.Malformed as e:
         raise VitexpError(
             f"{printable(path)} is not a shard index ({files.reason(e, path)}); write the shards again"
         ) from None
