@@ -187,10 +187,11 @@ def read_bytes(path: str | Path, root: str | Path | None = None) -> bytes:
 
 
 def open_regular(path: str | Path) -> IO[bytes]:
-    """`path` opened to read, never through a symlink (O_NOFOLLOW) and only when it is a regular file."""
+    """`path` opened to read, never through a symlink (O_NOFOLLOW) and only when it is a regular file (opened
+    non-blocking, so that a FIFO is refused at once instead of waiting for a writer)."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         if path.is_symlink():
             raise _link_error(path, "vitexp") from None
@@ -198,6 +199,7 @@ def open_regular(path: str | Path) -> IO[bytes]:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise VitexpError(f"{printable(path)} is not a regular file; refused")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 

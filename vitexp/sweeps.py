@@ -49,7 +49,7 @@ def check_command(argv: list[str]) -> None:
         return
     files.refuse_links(folder)  # before Hydra or a job writes there: a link would take the write elsewhere
     record = folder / "multirun.yaml"
-    if not record.is_file():
+    if not record.exists():  # a new sweep; a folder, FIFO or device in its place is refused by the read, never skipped
         return
     try:
         started = yaml.safe_load(files.read_text(record, root=folder))["hydra"]["overrides"]["task"]
