@@ -70,8 +70,8 @@ class OptunaSweeper(Sweeper):
         if self.storage_url is None and os.path.lexists(folder / search.JOURNAL_FILE):
             search.checked_study(search.storage(None, folder), wanted, place)
         files.make_folder(folder, folder)
-        store = search.storage(self.storage_url, folder)
         with search.study_lock(folder):
+            store = search.storage(self.storage_url, folder)
             search.checked_study(store, wanted, place)
             study = optuna.create_study(
                 study_name=wanted.name, storage=store, directions=wanted.directions, load_if_exists=True
