@@ -3,12 +3,10 @@ command line declares, a job's results.json is only read, and a symlink in the f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 from pathlib import Path
 
 import optuna
@@ -17,6 +15,7 @@ import torch
 import yaml
 from hydra.types import RunMode
 
+from tests import fuzz_inputs as fz
 from tests.conftest import TINY, compose_config, vitexp
 from tests.test_security import Payload
 from vitexp import VitexpError
@@ -290,22 +289,6 @@ def search_here(sweep: Path, *arguments: str, launcher: Recorder, capsys=None) -
     return code, errors[0] if errors else ""
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    """Fail, instead of hanging the suite, when the block takes longer than `seconds` (a FIFO opened and waited on)."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def launched(launcher: Recorder, key: str) -> list[str]:
     """The values of `key` that the jobs were launched with."""
     return [o.split("=", 1)[1] for job in launcher.jobs.values() for o in job if o.startswith(f"{key}=")]
@@ -450,7 +433,7 @@ def test_lock_files_and_study_files_that_are_not_regular_files_are_refused_at_on
             extra = [f"hydra.sweeper.storage=sqlite:///{sweep / name}"] if name.endswith(".db") else []
             launcher = Recorder()
             before = snapshot(sweep)
-            with no_hang():
+            with fz.no_hang():
                 code, line = search_here(sweep, "hydra.sweeper.n_trials=2", *extra, launcher=launcher, capsys=capsys)
             assert code == 2 and str(sweep / name) in line and "Traceback" not in line, (name, kind, line)
             after = snapshot(sweep)  # all as it was; the study's own lock file may be new
@@ -458,7 +441,7 @@ def test_lock_files_and_study_files_that_are_not_regular_files_are_refused_at_on
             made = {STUDY_FILE, "multirun.yaml"} if name == ".trial_0.lock" else set()  # a trial lock: after them
             assert set(after) - set(before) <= {".study.lock", *made}, (name, kind)
     os.mkfifo(tmp_path / "study.log")
-    with no_hang(), pytest.raises(VitexpError, match="study.log is not a regular file"):
+    with fz.no_hang(), pytest.raises(VitexpError, match="study.log is not a regular file"):
         load_study(tmp_path / "study.log")  # as the report and optuna-dashboard's helper read a study
 
 
@@ -482,7 +465,10 @@ def test_a_multirun_yaml_that_is_not_a_regular_file_refuses_the_continued_sweep(
     argv = ["-m", "optim.lr=1e6", *TINY, f"hydra.sweep.dir={sweep}"]
     for make in (os.mkfifo, os.mkdir):
         make(sweep / "multirun.yaml")
-        with no_hang(), pytest.raises(VitexpError, match=f"{sweep / 'multirun.yaml'} is not a regular file; refused"):
+        with (
+            fz.no_hang(),
+            pytest.raises(VitexpError, match=f"{sweep / 'multirun.yaml'} is not a regular file; refused"),
+        ):
             check_command(argv)
         os.rmdir(sweep / "multirun.yaml") if make is os.mkdir else (sweep / "multirun.yaml").unlink()
     os.mkfifo(sweep / "multirun.yaml")
