@@ -342,6 +342,20 @@ def test_a_trial_enqueued_while_the_search_runs_is_checked_before_it_is_launched
     assert code == 2 and f"{sweep / STUDY_FILE}: trial 1: parameter optim.lr=1000000.0 is not in" in line
     assert list(launcher.jobs) == [0] and launched(launcher, "optim.lr") != ["1000000.0"]
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "WAITING"]
+    # a stopped trial written into the journal meanwhile: claimed as stopped, refused by the check at the launch
+    sweep = tmp_path / "stopped"
+    journal = sweep / STUDY_FILE
+    record = honest_study(sweep, declared(*TINY))[2]
+    record["params"]["optim.lr"] = 1e6
+
+    def plant_stopped() -> None:
+        with journal.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    launcher = Recorder(during=plant_stopped)
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=4", launcher=launcher, capsys=capsys)
+    assert code == 2 and f"{journal}: trial 2: parameter optim.lr=1000000.0 is not in" in line, line
+    assert list(launcher.jobs) == [1] and not launched(launcher, "optim.lr") == ["1000000.0"]
 
 
 def test_the_launch_check_takes_values_of_the_space_and_the_commands_fixed_overrides_only():
