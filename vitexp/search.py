@@ -215,10 +215,12 @@ def _journal(path: Path) -> Any:
             raise VitexpError(f"{printable(each)} is a symlink; remove it or pick a new hydra.sweep.dir")
         try:
             _regular_or_absent(each)
-        except (VitexpError, OSError):
+        except VitexpError:
             raise VitexpError(
                 f"{printable(each)} is not a regular file; move it away or pick a new hydra.sweep.dir"
             ) from None
+        except OSError as e:
+            raise _unreadable(str(each), printable(e.strerror)) from None
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything

@@ -41,9 +41,9 @@ def task_overrides(argv: list[str]) -> list[str]:
 
 
 def check_command(argv: list[str]) -> None:
-    """Refuse to continue a sweep folder (`hydra.sweep.dir=<folder>`) that holds a symlink, or with other overrides
-    than it was started with: job N goes back into folder N, so the jobs must be the same, in the same order.
-    Hydra's own settings (`hydra.sweeper.n_trials`, the launcher's) may change."""
+    """Refuse to continue a sweep folder (`hydra.sweep.dir=<folder>`) that holds a symlink, a `multirun.yaml` that is
+    not a regular file, or with other overrides than it was started with: job N goes back into folder N, so the jobs
+    must be the same, in the same order. Hydra's own settings (`hydra.sweeper.n_trials`, the launcher's) may change."""
     folder = sweep_dir(argv)
     if folder is None or not folder.is_dir():
         return
