@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -476,24 +476,33 @@ def _search_changes(data, p: fz.Plant, sweep: Path, kind: str, cfg: Any) -> None
             journal = sweep / search.JOURNAL_FILE
             text = journal.read_text(errors="replace")
             if what == "value":
-                line = text.splitlines()[1].replace('"value":0.5', f'"value":{json.dumps(data.draw(fz.scalars(p)))}')
-                journal.write_text(text + line + "\n")
+                value = json.dumps(data.draw(fz.scalars(p), label="value"))
+                told = next((line for line in text.splitlines() if '"value":0.5' in line), None)  # trial 0's
+                if told is not None:
+                    journal.write_text(text + told.replace('"value":0.5', f'"value":{value}') + "\n")
             else:
                 journal.write_text(data.draw(fz.text_damage(text), label="journal"))
             continue
         try:
-            study = optuna.load_study(study_name="vitexp", storage=search.storage(url, sweep))
+            _optuna_change(data, what, optuna.load_study(study_name="vitexp", storage=search.storage(url, sweep)))
         except Exception:  # noqa: BLE001 - damaged by an earlier change: Optuna's own API cannot write to it
             continue
-        if what == "enqueue":
-            fixed = data.draw(fz.fixed_params(dict(study.trials[0].distributions)), label="fixed")
-            study.enqueue_trial(fixed, skip_if_exists=False)
-        elif what == "stopped":
-            trial = study.trials[1]
-            for _ in range(data.draw(st.integers(1, 5), label="stopped")):
-                study.add_trial(
-                    optuna.trial.create_trial(state=trial.state, params=trial.params, distributions=trial.distributions)
-                )
+
+
+def _optuna_change(data, what: str, study: Any) -> None:
+    """A waiting trial that fixes values, or stopped trials, added with Optuna's own API."""
+    import optuna
+
+    if what == "enqueue":
+        fixed = data.draw(fz.fixed_params(dict(study.trials[0].distributions)), label="fixed")
+        study.enqueue_trial(fixed, skip_if_exists=False)
+    elif what == "stopped":
+        trial = study.trials[1]
+        for _ in range(data.draw(st.integers(1, 5), label="stopped")):
+            stopped = optuna.trial.create_trial(
+                state=trial.state, params=trial.params, distributions=trial.distributions
+            )
+            study.add_trial(stopped)
 
 
 def _launched_within(launcher: RecordingLauncher, cfg: Any) -> None:
@@ -549,6 +558,7 @@ def _search_test(profile: str):
         database=None,
         print_blob=True,
         suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
     )
     @given(data=st.data())
     def test(world, search_world, data):

@@ -187,6 +187,30 @@ def launch_check(place: str, number: int, values: Any, search: Search, *, comple
     return [f"{k}={v}" for k, v in {**values, **search.fixed}.items()]
 
 
+@contextlib.contextmanager
+def study_errors(place: str) -> Iterator[None]:
+    """Optuna's reads and writes of the study in `place`: a storage damaged meanwhile (Optuna replays it on every
+    call, and that may raise anything) is one line."""
+    try:
+        yield
+    except VitexpError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
+        raise _unreadable(place, f"{type(e).__name__}: {printable(e)}") from None
+
+
+def refuse_cut_journal(path: Path) -> None:
+    """Refuse a journal whose last record is cut short (no newline at its end): Optuna would append the next record
+    to it, and the study could not be read again."""
+    if not os.path.lexists(path):
+        return
+    with files.open_regular(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        last = f.seek(size - 1) >= 0 and f.read(1) if size else b"\n"
+    if last != b"\n":
+        raise _unreadable(str(path), "its last record is cut short")
+
+
 def load_study(path: Path, search: Search | None = None, name: str = "vitexp") -> Any:
     """The study that a journal file holds (read, never run), checked against `search` when given."""
     import optuna

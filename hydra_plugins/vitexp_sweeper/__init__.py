@@ -70,14 +70,16 @@ class OptunaSweeper(Sweeper):
         if self.storage_url is None and os.path.lexists(folder / search.JOURNAL_FILE):
             search.checked_study(search.storage(None, folder), wanted, place)
         files.make_folder(folder, folder)
-        with search.study_lock(folder):
+        with search.study_lock(folder), search.study_errors(place):
             store = search.storage(self.storage_url, folder)
             search.checked_study(store, wanted, place)
+            if self.storage_url is None:
+                search.refuse_cut_journal(folder / search.JOURNAL_FILE)
             study = optuna.create_study(
                 study_name=wanted.name, storage=store, directions=wanted.directions, load_if_exists=True
             )
             files.write_text(folder / "multirun.yaml", OmegaConf.to_yaml(self.config), root=folder)
-        done = len(study.trials)
+            done = len(study.trials)
         log.info(f"Optuna study {wanted.name} in {place}: {done} trials, {max(self.n_trials - done, 0)} to go")
         worker = search.register_worker(folder)
         try:
@@ -112,7 +114,7 @@ class OptunaSweeper(Sweeper):
         from vitexp import search
 
         batch = []
-        with search.study_lock(folder):
+        with search.study_lock(folder), search.study_errors(self.place):
             for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
                 fixed = waiting.system_attrs.get("fixed_params", {})
                 search.launch_check(self.place, waiting.number, fixed, wanted, complete=False)
@@ -168,7 +170,8 @@ class OptunaSweeper(Sweeper):
         failed = 0
         for group, jobs in zip(groups, launches):
             for trial, ret in zip(group, self.launcher.launch(jobs, initial_job_idx=group[0].number)):
-                failed += _tell(study, trial, ret)
+                with search.study_errors(self.place):  # a job's results.json stays: a run again picks it up
+                    failed += _tell(study, trial, ret)
         return failed
 
     def _finish(self, study: Any, wanted: Any, folder: Path) -> None:
@@ -180,8 +183,9 @@ class OptunaSweeper(Sweeper):
         from vitexp import VitexpError, files, search
         from vitexp.files import printable
 
-        trials = study.get_trials(deepcopy=False)
-        search.check_trials(self.place, trials, wanted)
+        with search.study_errors(self.place):
+            trials = study.get_trials(deepcopy=False)
+            search.check_trials(self.place, trials, wanted)
         if not any(t.state == TrialState.COMPLETE for t in trials):
             if not trials:
                 raise VitexpError(f"study {printable(study.study_name)} has no trials; raise hydra.sweeper.n_trials")
@@ -190,9 +194,11 @@ class OptunaSweeper(Sweeper):
                 f"{printable(folder / str(trials[-1].number) / 'results.json')}"
             )
         if len(study.directions) == 1:
-            best = {"name": "optuna", "best_params": study.best_params, "best_value": study.best_value}
+            with search.study_errors(self.place):
+                best_trial = study.best_trial
+            best = {"name": "optuna", "best_params": best_trial.params, "best_value": best_trial.value}
             files.write_text(folder / "optimization_results.yaml", yaml.safe_dump(best), root=folder)
-            log.info(f"best trial {study.best_trial.number}: {study.best_value} with {study.best_params}")
+            log.info(f"best trial {best_trial.number}: {best_trial.value} with {best_trial.params}")
 
 
 def _tell(study: Any, trial: Any, ret: Any) -> int:
