@@ -311,7 +311,8 @@ def test_a_waiting_trial_out_of_the_search_space_is_refused_before_any_job(tmp_p
     in the sqlite storage that hydra.sweeper.storage names."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = ["+hydra.sweeper.params.seed='range(0,4)'", "hydra.sweeper.n_trials=3"]
-    for n, (fixed, message) in enumerate(OUT_OF_SPACE):
+    cases = OUT_OF_SPACE if kind == "journal" else [OUT_OF_SPACE[i] for i in (0, 3, 5)]  # a new database: 2 s
+    for n, (fixed, message) in enumerate(cases):
         sweep = tmp_path / f"{kind}{n}"
         sweep.mkdir()
         url = f"sqlite:///{sweep / 'search.db'}" if kind == "sqlite" else None
@@ -489,3 +490,15 @@ def test_a_multirun_yaml_that_is_not_a_regular_file_refuses_the_continued_sweep(
     proc = vitexp(*argv, cwd=tmp_path, check=False, timeout=120)
     refused(proc, f"{sweep / 'multirun.yaml'} is not a regular file")
     assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"], "a job ran"
+
+
+def test_a_journal_whose_last_record_is_cut_short_is_refused_before_it_is_written_to(tmp_path, capsys):
+    sweep = tmp_path / "search"
+    honest_study(sweep, declared(*TINY))
+    journal = sweep / STUDY_FILE
+    cut = journal.read_bytes()[:-40]  # a worker killed in the middle of a record
+    journal.write_bytes(cut)
+    launcher = Recorder()
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=3", launcher=launcher, capsys=capsys)
+    assert code == 2 and f"error: {journal} is unreadable (its last record is cut short)" in line, line
+    assert launcher.jobs == {} and journal.read_bytes() == cut
