@@ -411,3 +411,32 @@ def _checked(name: str, p: Plant, owned: list[Path], entry: Callable[[], Any]) -
     printed = out.getvalue() + "\n".join(log.lines)
     assert not CONTROL.search(printed), f"{name}: printed a control character from a file: {printed[-300:]!r}"
     return result
+
+
+# --- Optuna studies and sweep folders: what a stored or enqueued trial may fix, and files that are no files --------
+
+# Cells a spreadsheet would run, and text a terminal would obey.
+FORMULAS = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", '=HYPERLINK("http://x")', "\x1b]0;t\x07"]
+SPECIAL = ["fifo", "folder"]
+
+
+def fixed_params(space: dict[str, Any]) -> st.SearchStrategy:
+    """What `study.enqueue_trial` may fix: values of the declared keys inside or far outside their interval, of
+    another type, not finite, formulas; or keys the search does not declare (code keys, odd names, formulas)."""
+    value = st.one_of(
+        st.sampled_from(NASTY_FLOATS + NASTY_INTS + FORMULAS + ["1e-3", "0.001"]),
+        st.floats(-1e3, 1e3),
+        st.booleans(),
+        st.none(),
+    )
+    key = st.one_of(st.sampled_from(sorted(space)), st.sampled_from(sorted(space)), keys(), st.sampled_from(FORMULAS))
+    return st.dictionaries(key, value, min_size=1, max_size=3)
+
+
+def plant_special(path: Path, kind: str) -> None:
+    """Replace `path` (if there) with a FIFO or an empty folder: a read of a FIFO waits for a writer forever."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()

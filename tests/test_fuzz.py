@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -488,6 +488,178 @@ def _number(cell: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- 6. Optuna searches: a study in its journal or a sqlite file, continued in its sweep folder --------------------
+
+SEARCH_CASES = {"fast": 30, "slow": 600}
+SEARCH_ARGS = ["hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=3"]
+SEARCH_FILES = [search.JOURNAL_FILE, f"{search.JOURNAL_FILE}.lock", ".study.lock", ".trial_2.lock", "multirun.yaml"]
+
+
+@dataclass(repr=False)
+class SearchWorld:
+    """A search's config composed once per storage (journal, sqlite) for the case folder, and its honest study's
+    bytes: trial 0 completed, trial 1 stopped while running."""
+
+    configs: dict[str, Any]
+    honest: dict[str, bytes]
+    sweep: Path
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text("search world")
+
+
+class RecordingLauncher:
+    """The sweeper's launcher in a case: records each job's overrides (trial N: job N), returns a best val/acc1."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, list[str]] = {}
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.jobs.update(enumerate(map(list, job_overrides), initial_job_idx))
+        return [JobReturn(overrides=o, status=JobStatus.COMPLETED, _return_value=0.25) for o in job_overrides]
+
+
+@pytest.fixture(scope="module")
+def search_world(world) -> SearchWorld:
+    import optuna
+
+    sweep, made = world.base / "case" / "sweep", world.base / "honest_search"
+    configs, honest = {}, {}
+    for kind, extra in (("journal", []), ("sqlite", [f"hydra.sweeper.storage=sqlite:///{sweep / 'search.db'}"])):
+        cfg = compose_config(*SEARCH_ARGS, *extra, f"hydra.sweep.dir={sweep}", hydra=True)
+        configs[kind] = cfg
+        folder = made / kind
+        folder.mkdir(parents=True)
+        url = f"sqlite:///{folder / 'search.db'}" if kind == "sqlite" else None
+        node = cfg.hydra.sweeper
+        wanted = search.declared_search(node.params, SEARCH_ARGS[:-1], node.study_name, node.direction)
+        study = optuna.create_study(study_name="vitexp", storage=search.storage(url, folder), direction="maximize")
+        params = {k: (d.low + d.high) / 2 for k, d in wanted.space.items()}
+        for state, value in (("COMPLETE", 0.5), ("RUNNING", None)):
+            state = optuna.trial.TrialState[state]
+            trial = optuna.trial.create_trial(
+                state=state, value=value, params=params, distributions=wanted.space, user_attrs=wanted.fixed
+            )
+            study.add_trial(trial)
+        name = "search.db" if kind == "sqlite" else search.JOURNAL_FILE
+        honest[kind] = (folder / name).read_bytes()
+    return SearchWorld(configs, honest, sweep)
+
+
+def _search_changes(data, p: fz.Plant, sweep: Path, kind: str, cfg: Any) -> None:
+    """One to three changes: a waiting trial that fixes values (enqueued with Optuna's own API), stopped trials
+    beyond n_trials, a damaged journal, a completed trial with a text value, a FIFO or folder for a sweep file."""
+    import optuna
+
+    url = cfg.hydra.sweeper.storage
+    for _ in range(data.draw(st.integers(1, 3), label="changes")):
+        what = data.draw(st.sampled_from(["enqueue", "enqueue", "stopped", "text", "value", "special"]), label="what")
+        if what == "special":
+            name = data.draw(st.sampled_from([*SEARCH_FILES, "search.db" if url else "0"]), label="file")
+            fz.plant_special(sweep / name, data.draw(st.sampled_from(fz.SPECIAL), label="kind"))
+            return  # Optuna cannot write into the study after this
+        if what in ("text", "value") and kind == "journal":
+            journal = sweep / search.JOURNAL_FILE
+            text = journal.read_text(errors="replace")
+            if what == "value":
+                value = json.dumps(data.draw(fz.scalars(p), label="value"))
+                told = next((line for line in text.splitlines() if '"value":0.5' in line), None)  # trial 0's
+                if told is not None:
+                    journal.write_text(text + told.replace('"value":0.5', f'"value":{value}') + "\n")
+            else:
+                journal.write_text(data.draw(fz.text_damage(text), label="journal"))
+            continue
+        try:
+            _optuna_change(data, what, optuna.load_study(study_name="vitexp", storage=search.storage(url, sweep)))
+        except Exception:  # noqa: BLE001 - damaged by an earlier change: Optuna's own API cannot write to it
+            continue
+
+
+def _optuna_change(data, what: str, study: Any) -> None:
+    """A waiting trial that fixes values, or stopped trials, added with Optuna's own API."""
+    import optuna
+
+    if what == "enqueue":
+        fixed = data.draw(fz.fixed_params(dict(study.trials[0].distributions)), label="fixed")
+        study.enqueue_trial(fixed, skip_if_exists=False)
+    elif what == "stopped":
+        trial = study.trials[1]
+        for _ in range(data.draw(st.integers(1, 5), label="stopped")):
+            stopped = optuna.trial.create_trial(
+                state=trial.state, params=trial.params, distributions=trial.distributions
+            )
+            study.add_trial(stopped)
+
+
+def _launched_within(launcher: RecordingLauncher, cfg: Any) -> None:
+    """An oracle of its own: every job launched holds a value of each declared interval inside it (Hydra's parse of
+    the search space, compared as numbers), the command's fixed overrides as typed, and no other key; at most
+    n_trials trials, numbered below n_trials."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    intervals = {k: parser.parse_override(f"{k}={v}").value() for k, v in cfg.hydra.sweeper.params.items()}
+    for number, overrides in launcher.jobs.items():
+        assert number < cfg.hydra.sweeper.n_trials, f"trial {number} launched beyond n_trials"
+        job = dict(o.split("=", 1) for o in overrides)
+        assert set(job) == set(intervals) | {o.split("=", 1)[0] for o in SEARCH_ARGS[:-1]}, job
+        assert all(job[o.split("=", 1)[0]] == o.split("=", 1)[1] for o in SEARCH_ARGS[:-1]), job
+        for key, interval in intervals.items():
+            assert interval.start <= float(job[key]) <= interval.end, f"{key}={job[key]} launched"
+
+
+def _optuna_search(world: World, search_world: SearchWorld, data) -> None:
+    from hydra.utils import instantiate
+
+    p = world.case()
+    kind = data.draw(st.sampled_from(["journal", "sqlite"]), label="storage")
+    cfg, sweep = search_world.configs[kind], search_world.sweep
+    sweep.mkdir()
+    (sweep / ("search.db" if kind == "sqlite" else search.JOURNAL_FILE)).write_bytes(search_world.honest[kind])
+    task = ["hparams_search=optuna", *TINY]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    _search_changes(data, p, sweep, kind, cfg)
+    argv = [*SEARCH_ARGS, f"hydra.sweep.dir={sweep}"]
+    launcher = RecordingLauncher()
+
+    def command() -> None:  # what `python -m vitexp` does with the command line: its check, then the sweeper
+        sweeps.check_command(argv)
+        sweeper = instantiate(cfg.hydra.sweeper)
+        sweeper.config, sweeper.launcher, sweeper.own_threads = cfg, launcher, True
+        sweeper.sweep(task)
+
+    with fz.no_hang():
+        fz.call("optuna search", p, [sweep], command)
+        if kind == "journal":
+            journal = sweep / search.JOURNAL_FILE
+            fz.call("search.load_study", p, [sweep], lambda: search.load_study(journal, name="vitexp"))
+    _launched_within(launcher, cfg)
+
+
+def _search_test(profile: str):
+    @settings(
+        max_examples=SEARCH_CASES[profile],
+        derandomize=profile == "fast",
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
+    )
+    @given(data=st.data())
+    def test(world, search_world, data):
+        _optuna_search(world, search_world, data)
+
+    test.__name__ = "test_fuzz_optuna_search" + ("_long" if profile == "slow" else "")
+    return test if profile == "fast" else pytest.mark.slow(test)
+
+
+test_fuzz_optuna_search = _search_test("fast")
+test_fuzz_optuna_search_long = _search_test("slow")
 
 
 # --- the tests: each entry point in the fast profile (default suite) and the slow one (-m slow) --------------------

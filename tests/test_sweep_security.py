@@ -4,6 +4,7 @@ command line declares, a job's results.json is only read, and a symlink in the f
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -14,12 +15,13 @@ import torch
 import yaml
 from hydra.types import RunMode
 
+from tests import fuzz_inputs as fz
 from tests.conftest import TINY, compose_config, vitexp
 from tests.test_security import Payload
 from vitexp import VitexpError
 from vitexp.rundir import earlier_job, output_subdir
 from vitexp.search import JOURNAL_FILE as STUDY_FILE
-from vitexp.search import Search, declared_search, load_study, storage
+from vitexp.search import Search, declared_search, launch_check, load_study, storage
 from vitexp.sweeps import check_command
 
 SEARCH = ["hparams_search=optuna", *TINY]
@@ -245,3 +247,258 @@ def test_a_search_whose_trials_all_failed_ends_with_one_line(tmp_path):
     refused(proc, f"all 1 trials of study vitexp failed; see {sweep / '0' / 'results.json'}")
     assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "failed"
     assert [t.state.name for t in load_study(sweep / STUDY_FILE).trials] == ["FAIL"]
+
+
+# --- the launch check: whatever a study holds, a job runs only with this command's search ------------------------
+
+
+class Recorder:
+    """A launcher that records the overrides of each job it is handed (trial N: job N) and returns a best val/acc1
+    for each; `during` runs while the jobs run (another worker, or someone else, writing to the shared study)."""
+
+    def __init__(self, during=None) -> None:
+        self.jobs: dict[int, list[str]] = {}
+        self.during = during
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        for number, overrides in enumerate(job_overrides, initial_job_idx):
+            self.jobs[number] = list(overrides)
+        if self.during is not None:
+            self.during()
+        return [JobReturn(overrides=o, status=JobStatus.COMPLETED, _return_value=0.5) for o in job_overrides]
+
+
+def search_here(sweep: Path, *arguments: str, launcher: Recorder, capsys=None) -> tuple[int, str]:
+    """vitexp's sweeper as `python -m vitexp hparams_search=optuna ARGUMENTS hydra.sweep.dir=SWEEP` runs it, in this
+    process with `launcher`: its exit status and its one error line ('' when none)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config("hparams_search=optuna", *TINY, *arguments, f"hydra.sweep.dir={sweep}", hydra=True)
+    sweeper = instantiate(cfg.hydra.sweeper)
+    sweeper.config, sweeper.launcher = cfg, launcher
+    sweeper.own_threads = True  # the test process keeps its threads
+    try:
+        sweeper.sweep(list(cfg.hydra.overrides.task))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")] if capsys else []
+    assert len(errors) == (code != 0), errors
+    return code, errors[0] if errors else ""
+
+
+def launched(launcher: Recorder, key: str) -> list[str]:
+    """The values of `key` that the jobs were launched with."""
+    return [o.split("=", 1)[1] for job in launcher.jobs.values() for o in job if o.startswith(f"{key}=")]
+
+
+OUT_OF_SPACE = [  # what a waiting trial fixes, and the key the one line names
+    ({"optim.lr": 1e6}, "optim.lr=1000000.0 is not in"),
+    ({"optim.weight_decay": 77}, "optim.weight_decay=77 is not in"),
+    ({"seed": 10**30}, "seed=1000000000000000000000000000000 is not in"),  # an int of the space, unbounded
+    ({"optim.lr": float("nan")}, "optim.lr=nan is not in"),
+    ({"optim.lr": "1e-3"}, "optim.lr=1e-3 is not in"),
+    ({"trainer.max_epochs": 1000}, "has parameter trainer.max_epochs, which this command's search"),
+    ({"task.loss._target_": "torch.load"}, "has parameter task.loss._target_, which"),
+]
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_waiting_trial_out_of_the_search_space_is_refused_before_any_job(tmp_path, kind, capsys):
+    """What Optuna's own `study.enqueue_trial` writes (the values in system_attrs["fixed_params"]), in the journal or
+    in the sqlite storage that hydra.sweeper.storage names."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = ["+hydra.sweeper.params.seed='range(0,4)'", "hydra.sweeper.n_trials=3"]
+    cases = OUT_OF_SPACE if kind == "journal" else [OUT_OF_SPACE[i] for i in (0, 3, 5)]  # a new database: 2 s
+    for n, (fixed, message) in enumerate(cases):
+        sweep = tmp_path / f"{kind}{n}"
+        sweep.mkdir()
+        url = f"sqlite:///{sweep / 'search.db'}" if kind == "sqlite" else None
+        place = f"{sweep / 'search.db'} (hydra.sweeper.storage)" if url else str(sweep / STUDY_FILE)
+        extra = [f"hydra.sweeper.storage={url}"] if url else []
+        study = optuna.create_study(study_name="vitexp", storage=storage(url, sweep), direction="maximize")
+        study.enqueue_trial({"optim.lr": 1e-3}, skip_if_exists=False)  # an honest one first: it runs
+        study.enqueue_trial(fixed, skip_if_exists=False)
+        launcher = Recorder()
+        code, line = search_here(sweep, *space, *extra, launcher=launcher, capsys=capsys)
+        assert code == 2 and line.startswith(f"error: {place}: trial 1") and message in line, line
+        assert launcher.jobs == {}, "a job ran"
+        assert [t.state.name for t in study.get_trials()] == ["WAITING", "WAITING"]  # none left RUNNING
+        assert not [p for p in sweep.iterdir() if p.is_dir()], "a job folder was made"
+
+
+def test_a_trial_enqueued_while_the_search_runs_is_checked_before_it_is_launched(tmp_path, capsys):
+    """Another process writes to the shared study after this worker checked it: the launch check still stops it."""
+    sweep = tmp_path / "search"
+    sweep.mkdir()
+    study = optuna.create_study(study_name="vitexp", storage=storage(None, sweep), direction="maximize")
+
+    def tamper() -> None:
+        study.enqueue_trial({"optim.lr": 1e6, "optim.weight_decay": 77}, skip_if_exists=False)
+
+    launcher = Recorder(during=tamper)
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=4", launcher=launcher, capsys=capsys)
+    assert code == 2 and f"{sweep / STUDY_FILE}: trial 1: parameter optim.lr=1000000.0 is not in" in line
+    assert list(launcher.jobs) == [0] and launched(launcher, "optim.lr") != ["1000000.0"]
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "WAITING"]
+    # a stopped trial written into the journal meanwhile: claimed as stopped, refused by the check at the launch
+    sweep = tmp_path / "stopped"
+    journal = sweep / STUDY_FILE
+    record = honest_study(sweep, declared(*TINY))[2]
+    record["params"]["optim.lr"] = 1e6
+
+    def plant_stopped() -> None:
+        with journal.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    launcher = Recorder(during=plant_stopped)
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=4", launcher=launcher, capsys=capsys)
+    assert code == 2 and f"{journal}: trial 2: parameter optim.lr=1000000.0 is not in" in line, line
+    assert list(launcher.jobs) == [1] and not launched(launcher, "optim.lr") == ["1000000.0"]
+
+
+def test_the_launch_check_takes_values_of_the_space_and_the_commands_fixed_overrides_only():
+    node = compose_config("hparams_search=optuna", *TINY, hydra=True).hydra.sweeper
+    sweeps = ["seed=range(0,10,3)", "data.transform=choice(cifar,imagenet)"]
+    search = declared_search(node.params, [*TINY, *sweeps], "vitexp", "maximize")
+    honest = {"optim.lr": 1e-3, "optim.weight_decay": 0.0, "model.drop_path_rate": 0.2, "seed": 9}
+    overrides = launch_check("the study", 4, {**honest, "data.transform": "cifar"}, search)
+    assert overrides[:5] == [
+        "optim.lr=0.001",
+        "optim.weight_decay=0.0",
+        "model.drop_path_rate=0.2",
+        "seed=9",
+        "data.transform=cifar",
+    ]
+    assert overrides[5:] == [f"{k}={v}" for k, v in search.fixed.items()] and "trainer.device=cpu" in overrides
+    for change, message in (
+        ({"seed": 4}, "seed=4 is not in"),  # off the range's step
+        ({"seed": 12}, "seed=12 is not in"),
+        ({"seed": 3.0}, "seed=3.0 is not in"),
+        ({"seed": True}, "seed=True is not in"),
+        ({"optim.lr": math.inf}, "optim.lr=inf is not in"),
+        ({"model.drop_path_rate": 0.2000001}, "model.drop_path_rate=0.2000001 is not in"),
+        ({"data.transform": "cifar,imagenet"}, "data.transform=cifar,imagenet is not in"),
+        ({"trainer.device": "cuda"}, "has parameter trainer.device, which this command's search space"),
+        ({"x\x1b[2J": 1}, r"has parameter x\x1b[2J, which"),
+    ):
+        with pytest.raises(VitexpError, match=re.escape("the study: trial 4") + ".*" + re.escape(message)):
+            launch_check("the study", 4, {**honest, "data.transform": "cifar", **change}, search)
+    with pytest.raises(VitexpError, match="the study: trial 4 has no value of parameter data.transform; refused"):
+        launch_check("the study", 4, honest, search)
+    with pytest.raises(VitexpError, match="trial 4: its parameters are list, not names"):
+        launch_check("the study", 4, [1e6], search)
+
+
+def test_a_continued_search_launches_at_most_n_trials_in_all(tmp_path, capsys):
+    """A journal holding six stopped trials: a search of 3 trials finishes the first three and launches no more."""
+    sweep = tmp_path / "search"
+    search = declared(*TINY)
+    sweep.mkdir()
+    study = optuna.create_study(study_name="vitexp", storage=storage(None, sweep), direction="maximize")
+    params = {k: (d.low + d.high) / 2 for k, d in search.space.items()}
+    for _ in range(6):
+        stopped = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=params, distributions=search.space, user_attrs=search.fixed
+        )
+        study.add_trial(stopped)
+    launcher = Recorder()
+    assert search_here(sweep, "hydra.sweeper.n_trials=3", launcher=launcher, capsys=capsys) == (0, "")
+    assert list(launcher.jobs) == [0, 1, 2]
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 3 + ["RUNNING"] * 3
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == 0.5
+
+
+def test_a_completed_trial_whose_value_is_not_a_number_is_one_line(tmp_path, capsys):
+    """In the study before the search starts (refused before any job), or written into it while a trial runs (the
+    search ends with one line; the trials told so far stay)."""
+    sweep = tmp_path / "search"
+    honest_study(sweep, declared(*TINY))
+    journal = sweep / STUDY_FILE
+    honest = journal.read_text()
+    for value in ('["0.9; rm -rf ~"]', "[[0.5]]", '["high"]', "[NaN]", "[0.5,0.7]", "null"):
+        journal.write_text(honest.replace('"value":0.5,"values":null', f'"value":null,"values":{value}'))
+        launcher = Recorder()
+        code, line = search_here(sweep, "hydra.sweeper.n_trials=3", launcher=launcher, capsys=capsys)
+        assert code == 2 and f"{journal} is unreadable (trial 0 is completed with the value" in line, line
+        assert launcher.jobs == {} and not (sweep / "1").exists()
+    journal.write_text(honest)
+
+    def tamper() -> None:  # a completed trial with a text value added to the journal by hand while trial 1 runs
+        with journal.open("a") as f:
+            f.write(honest.splitlines()[1].replace('"value":0.5', '"value":"text"') + "\n")
+
+    launcher = Recorder(during=tamper)
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=3", launcher=launcher, capsys=capsys)
+    assert code == 2 and "trial 2 is completed with the value ['text']" in line, line
+    assert list(launcher.jobs) == [1] and not (sweep / "optimization_results.yaml").exists()
+    assert [t.state.name for t in load_study(journal, name="vitexp").trials][:2] == ["COMPLETE", "COMPLETE"]
+
+
+def test_lock_files_and_study_files_that_are_not_regular_files_are_refused_at_once(tmp_path, capsys):
+    """A folder, or a FIFO (a read of it would wait for a writer forever), where a lock, the journal or the sqlite
+    file goes: one line and exit 2 within seconds, nothing launched, nothing in the folder changed."""
+    for n, name in enumerate([".study.lock", f"{STUDY_FILE}.lock", STUDY_FILE, "search.db", ".trial_0.lock"]):
+        for kind in ("folder", "fifo"):
+            sweep = tmp_path / f"{n}{kind}"
+            sweep.mkdir()
+            os.mkfifo(sweep / name) if kind == "fifo" else (sweep / name).mkdir()
+            extra = [f"hydra.sweeper.storage=sqlite:///{sweep / name}"] if name.endswith(".db") else []
+            launcher = Recorder()
+            before = snapshot(sweep)
+            with fz.no_hang():
+                code, line = search_here(sweep, "hydra.sweeper.n_trials=2", *extra, launcher=launcher, capsys=capsys)
+            assert code == 2 and str(sweep / name) in line and "Traceback" not in line, (name, kind, line)
+            after = snapshot(sweep)  # all as it was; the study's own lock file may be new
+            assert launcher.jobs == {} and {k: after.get(k) for k in before} == before, (name, kind)
+            made = {STUDY_FILE, "multirun.yaml"} if name == ".trial_0.lock" else set()  # a trial lock: after them
+            assert set(after) - set(before) <= {".study.lock", *made}, (name, kind)
+    os.mkfifo(tmp_path / "study.log")
+    with fz.no_hang(), pytest.raises(VitexpError, match="study.log is not a regular file"):
+        load_study(tmp_path / "study.log")  # as the report and optuna-dashboard's helper read a study
+
+
+def test_a_sqlite_storage_that_is_not_a_database_is_one_line(tmp_path, capsys):
+    database = tmp_path / "search.db"
+    for content in (b"not a database\n" * 100, b"SQLite format 3\x00" + b"\xff" * 500):
+        database.write_bytes(content)
+        launcher = Recorder()
+        code, line = search_here(
+            tmp_path / "sweep", f"hydra.sweeper.storage=sqlite:///{database}", launcher=launcher, capsys=capsys
+        )
+        assert code == 2 and f"error: {database} (hydra.sweeper.storage) is unreadable (" in line, line
+        assert launcher.jobs == {} and database.read_bytes() == content
+
+
+def test_a_multirun_yaml_that_is_not_a_regular_file_refuses_the_continued_sweep(tmp_path):
+    """A folder or a FIFO in place of the command record: refused at once (never skipped, so a changed override
+    cannot run in the old sweep's job folders)."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    argv = ["-m", "optim.lr=1e6", *TINY, f"hydra.sweep.dir={sweep}"]
+    for make in (os.mkfifo, os.mkdir):
+        make(sweep / "multirun.yaml")
+        with (
+            fz.no_hang(),
+            pytest.raises(VitexpError, match=f"{sweep / 'multirun.yaml'} is not a regular file; refused"),
+        ):
+            check_command(argv)
+        os.rmdir(sweep / "multirun.yaml") if make is os.mkdir else (sweep / "multirun.yaml").unlink()
+    os.mkfifo(sweep / "multirun.yaml")
+    proc = vitexp(*argv, cwd=tmp_path, check=False, timeout=120)
+    refused(proc, f"{sweep / 'multirun.yaml'} is not a regular file")
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"], "a job ran"
+
+
+def test_a_journal_whose_last_record_is_cut_short_is_refused_before_it_is_written_to(tmp_path, capsys):
+    sweep = tmp_path / "search"
+    honest_study(sweep, declared(*TINY))
+    journal = sweep / STUDY_FILE
+    cut = journal.read_bytes()[:-40]  # a worker killed in the middle of a record
+    journal.write_bytes(cut)
+    launcher = Recorder()
+    code, line = search_here(sweep, "hydra.sweeper.n_trials=3", launcher=launcher, capsys=capsys)
+    assert code == 2 and f"error: {journal} is unreadable (its last record is cut short)" in line, line
+    assert launcher.jobs == {} and journal.read_bytes() == cut

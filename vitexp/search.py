@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from omegaconf import OmegaConf
 
-from vitexp import VitexpError
+from vitexp import VitexpError, files
 from vitexp.files import printable
 
 log = logging.getLogger("vitexp")
@@ -92,17 +93,48 @@ def _distribution(override: Any) -> Any:
 
 def storage(url: str | None, folder: Path) -> Any:
     """The Optuna storage that `url` names, or by default the journal file in the sweep `folder` (safe for several
-    processes on one file system; its lock a plain file, never a link)."""
+    processes on one file system; its lock a plain file, never a link); a sqlite file must be a regular file."""
     import optuna
 
-    if url is not None:
+    if url is None:
+        return _journal(folder / JOURNAL_FILE)
+    database = _sqlite_file(url)
+    if database is not None:
+        _regular_or_absent(database)
+    try:
         return optuna.storages.get_storage(url)
-    return _journal(folder / JOURNAL_FILE)
+    except Exception as e:  # noqa: BLE001 - not a database, or one of another schema: the driver may raise anything
+        raise _unreadable(where(url, folder), f"{type(e).__name__}: {printable(e)}") from None
 
 
 def where(url: str | None, folder: Path) -> str:
-    """The study's place, as an error line names it."""
-    return str(folder / JOURNAL_FILE) if url is None else "the study in hydra.sweeper.storage"
+    """The study's place, as an error line names it (a sqlite file by its path; another URL not at all, since it may
+    hold a password)."""
+    if url is None:
+        return str(folder / JOURNAL_FILE)
+    database = _sqlite_file(url)
+    return f"{database} (hydra.sweeper.storage)" if database is not None else "the study in hydra.sweeper.storage"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a `sqlite:///<path>` storage URL (None for another database or an in-memory one)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _regular_or_absent(path: Path) -> None:
+    """Refuse a study's file (or its lock) that exists and is not a regular file: a FIFO would hang Optuna's read, a
+    folder or a device is no study."""
+    if os.path.lexists(path):
+        files.open_regular(path).close()  # non-blocking open, fstat: refused at once, a link too
 
 
 def checked_study(store: Any, search: Search, place: str) -> Any:
@@ -118,9 +150,65 @@ def checked_study(store: Any, search: Search, place: str) -> Any:
     except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
         raise _unreadable(place, f"{type(e).__name__}: {printable(e)}") from None
     _check_directions(place, [d.name for d in study.directions], search)
+    check_trials(place, trials, search)
+    return study
+
+
+def check_trials(place: str, trials: list[Any], search: Search) -> None:
+    """Refuse a study whose trials hold anything but values of `search` (parameters, the fixed parameters of a
+    waiting trial, fixed overrides) and, when completed, one number per direction."""
     for t in trials:
         _check_trial(place, _trial_record(t), search)
-    return study
+
+
+def launch_check(place: str, number: int, values: Any, search: Search, *, complete: bool = True) -> list[str]:
+    """The overrides of the job of trial `number` of the study in `place`: `values` (name: value) of this command's
+    search space only, each one that its declared distribution draws, then this command's fixed overrides; anything
+    else refused in one line. `complete`: every parameter of the space must have its value (a job about to be
+    launched), else only those given are checked (the fixed parameters of a waiting trial)."""
+    if not isinstance(values, Mapping):
+        raise _refused(place, f"trial {number}: its parameters are {printable(type(values).__name__)}, not names")
+    for key, value in values.items():
+        declared = search.space.get(key)
+        if declared is None:
+            raise _refused(
+                place,
+                f"trial {number} has parameter {printable(key)}, which this command's search "
+                f"space (hydra.sweeper.params) does not declare",
+            )
+        if not _allowed(value, declared):
+            raise _refused(
+                place,
+                f"trial {number}: parameter {printable(key)}={printable(value)} is not in this command's {declared}",
+            )
+    missing = [key for key in search.space if key not in values]
+    if complete and missing:
+        raise _refused(place, f"trial {number} has no value of parameter {printable(missing[0])}")
+    return [f"{k}={v}" for k, v in {**values, **search.fixed}.items()]
+
+
+@contextlib.contextmanager
+def study_errors(place: str) -> Iterator[None]:
+    """Optuna's reads and writes of the study in `place`: a storage damaged meanwhile (Optuna replays it on every
+    call, and that may raise anything) is one line."""
+    try:
+        yield
+    except VitexpError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
+        raise _unreadable(place, f"{type(e).__name__}: {printable(e)}") from None
+
+
+def refuse_cut_journal(path: Path) -> None:
+    """Refuse a journal whose last record is cut short (no newline at its end): Optuna would append the next record
+    to it, and the study could not be read again."""
+    if not os.path.lexists(path):
+        return
+    with files.open_regular(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        last = f.seek(size - 1) >= 0 and f.read(1) if size else b"\n"
+    if last != b"\n":
+        raise _unreadable(str(path), "its last record is cut short")
 
 
 def load_study(path: Path, search: Search | None = None, name: str = "vitexp") -> Any:
@@ -149,6 +237,14 @@ def _journal(path: Path) -> Any:
     for each in (path, path.with_name(path.name + ".lock")):
         if each.is_symlink():
             raise VitexpError(f"{printable(each)} is a symlink; remove it or pick a new hydra.sweep.dir")
+        try:
+            _regular_or_absent(each)
+        except VitexpError:
+            raise VitexpError(
+                f"{printable(each)} is not a regular file; move it away or pick a new hydra.sweep.dir"
+            ) from None
+        except OSError as e:
+            raise _unreadable(str(each), printable(e.strerror)) from None
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     except Exception as e:  # noqa: BLE001 - a damaged file: Optuna's replay of it may raise anything
@@ -157,7 +253,7 @@ def _journal(path: Path) -> Any:
 
 def _trial_record(trial: Any) -> dict[str, Any]:
     """An Optuna trial as plain data: number, state, values, parameters with their distributions (JSON text),
-    user attributes."""
+    user attributes, and the fixed parameters that `study.enqueue_trial` gave it (empty when none)."""
     from optuna.distributions import distribution_to_json
 
     return {
@@ -167,6 +263,7 @@ def _trial_record(trial: Any) -> dict[str, Any]:
         "params": trial.params,
         "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
         "user_attrs": trial.user_attrs,
+        "fixed_params": trial.system_attrs.get("fixed_params", {}),
     }
 
 
@@ -190,30 +287,25 @@ def _check_directions(place: str, directions: list[str], search: Search) -> None
 
 def _check_trial(place: str, trial: dict[str, Any], search: Search) -> None:
     """A stored trial of a continued search holds values of this command's search space only (each within its
-    declared distribution, stored with it) and this command's fixed overrides (which a stopped trial runs with)."""
+    declared distribution, stored with it; a waiting trial's fixed parameters too), this command's fixed overrides
+    (which a stopped trial runs with) and, when completed, one number per direction."""
     from optuna.distributions import distribution_to_json
 
     number = trial["number"]
-    for key, value in trial["params"].items():
-        declared = search.space.get(key)
-        if declared is None:
-            raise _refused(
-                place,
-                f"trial {number} has parameter {printable(key)}, which this command's search "
-                f"space (hydra.sweeper.params) does not declare",
-            )
-        same = json.loads(trial["distributions"][key]) == json.loads(distribution_to_json(declared))
+    launch_check(place, number, trial["fixed_params"], search, complete=False)
+    launch_check(place, number, trial["params"], search, complete=False)
+    for key in trial["params"]:
+        same = json.loads(trial["distributions"][key]) == json.loads(distribution_to_json(search.space[key]))
         if not same:
             raise _refused(
                 place,
                 f"trial {number}: parameter {printable(key)} was drawn from another distribution "
-                f"than this command's {declared}",
+                f"than this command's {search.space[key]}",
             )
-        if not _allowed(value, declared):
-            raise _refused(
-                place,
-                f"trial {number}: parameter {printable(key)}={printable(value)} is not in this command's {declared}",
-            )
+    values = trial["values"]
+    numbers = isinstance(values, list) and all(_number(v) and not math.isnan(v) for v in values)
+    if trial["state"] == "COMPLETE" and not (numbers and len(values) == len(search.directions)):
+        raise _unreadable(place, f"trial {number} is completed with the value {printable(values)}, not numbers")
     for key, value in trial["user_attrs"].items():
         if search.fixed.get(key) != value:
             ours = f"has {printable(key)}={printable(search.fixed[key])}" if key in search.fixed else "has none"
@@ -229,17 +321,39 @@ def _allowed(value: Any, distribution: Any) -> bool:
 
     if isinstance(distribution, CategoricalDistribution):
         return any(type(value) is type(c) and value == c for c in distribution.choices)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not _number(value) or not math.isfinite(value):
         return False
-    if isinstance(distribution, IntDistribution) and type(value) is not int:
-        return False
-    return bool(distribution._contains(value))
+    if isinstance(distribution, IntDistribution):
+        return type(value) is int and distribution.low <= value <= distribution.high and _on_step(value, distribution)
+    return distribution.low <= value <= distribution.high and _on_step(value, distribution)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _on_step(value: float, distribution: Any) -> bool:
+    """Whether `value` is low + k * step for a whole k (any value when the distribution has no step); Optuna's own
+    tolerance for floats."""
+    if distribution.step is None:
+        return True
+    k = (value - distribution.low) / distribution.step
+    return abs(k - round(k)) < 1e-8
 
 
 def _lock(path: Path, *, wait: bool) -> IO[bytes] | None:
     """A POSIX lock on `path` (a plain file in the sweep folder), held until the file is closed or the process
     ends (a killed worker's locks are released with it); None when another process holds it and `wait` is off."""
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise VitexpError(
+            f"{printable(path)} cannot be a lock file ({e.strerror}); move it away or pick a new hydra.sweep.dir"
+        ) from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise VitexpError(f"{printable(path)} is not a regular file; move it away or pick a new hydra.sweep.dir")
+    os.set_blocking(descriptor, True)
     handle = os.fdopen(descriptor, "r+b")
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -313,7 +427,7 @@ def reporting(sweeper: Any, sweep_dir: str, number: int) -> Iterator[None]:
 
     store = storage(sweeper.storage, Path(sweep_dir))
     study = optuna.load_study(study_name=sweeper.study_name, storage=store, pruner=instantiate(sweeper.pruner))
-    trial_id = store.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(sweeper.study_name), number)
     trial = optuna.trial.Trial(study, trial_id)
 
     def report(epoch: int, metrics: dict[str, Any]) -> None:

@@ -41,15 +41,15 @@ def task_overrides(argv: list[str]) -> list[str]:
 
 
 def check_command(argv: list[str]) -> None:
-    """Refuse to continue a sweep folder (`hydra.sweep.dir=<folder>`) that holds a symlink, or with other overrides
-    than it was started with: job N goes back into folder N, so the jobs must be the same, in the same order.
-    Hydra's own settings (`hydra.sweeper.n_trials`, the launcher's) may change."""
+    """Refuse to continue a sweep folder (`hydra.sweep.dir=<folder>`) that holds a symlink, a `multirun.yaml` that is
+    not a regular file, or with other overrides than it was started with: job N goes back into folder N, so the jobs
+    must be the same, in the same order. Hydra's own settings (`hydra.sweeper.n_trials`, the launcher's) may change."""
     folder = sweep_dir(argv)
     if folder is None or not folder.is_dir():
         return
     files.refuse_links(folder)  # before Hydra or a job writes there: a link would take the write elsewhere
     record = folder / "multirun.yaml"
-    if not record.is_file():
+    if not record.exists():  # a new sweep; a folder, FIFO or device in its place is refused by the read, never skipped
         return
     try:
         started = yaml.safe_load(files.read_text(record, root=folder))["hydra"]["overrides"]["task"]

@@ -66,25 +66,27 @@ class OptunaSweeper(Sweeper):
 
         folder = Path(self.config.hydra.sweep.dir)
         wanted = search.declared_search(self.params, arguments, self.study_name, self.direction)
-        if self.storage_url is None and (folder / search.JOURNAL_FILE).exists():
-            search.checked_study(search.storage(None, folder), wanted, search.where(None, folder))
+        self.place = place = search.where(self.storage_url, folder)
+        if self.storage_url is None and os.path.lexists(folder / search.JOURNAL_FILE):
+            search.checked_study(search.storage(None, folder), wanted, place)
         files.make_folder(folder, folder)
-        store = search.storage(self.storage_url, folder)
-        place = search.where(self.storage_url, folder)
-        with search.study_lock(folder):
+        with search.study_lock(folder), search.study_errors(place):
+            store = search.storage(self.storage_url, folder)
             search.checked_study(store, wanted, place)
+            if self.storage_url is None:
+                search.refuse_cut_journal(folder / search.JOURNAL_FILE)
             study = optuna.create_study(
                 study_name=wanted.name, storage=store, directions=wanted.directions, load_if_exists=True
             )
             files.write_text(folder / "multirun.yaml", OmegaConf.to_yaml(self.config), root=folder)
-        done = len(study.trials)
+            done = len(study.trials)
         log.info(f"Optuna study {wanted.name} in {place}: {done} trials, {max(self.n_trials - done, 0)} to go")
         worker = search.register_worker(folder)
         try:
             self._run_trials(study, wanted, folder)
         finally:
             search.release(worker, search.worker_file(folder))
-        self._finish(study, folder)
+        self._finish(study, wanted, folder)
 
     def _run_trials(self, study: Any, wanted: Any, folder: Path) -> None:
         """Claim a batch of trials, run it, tell the study each result; until no trial is left to claim."""
@@ -104,16 +106,21 @@ class OptunaSweeper(Sweeper):
                 return
 
     def _claim(self, study: Any, wanted: Any, folder: Path) -> list[tuple[Any, Any]]:
-        """Up to `n_jobs` trials for this worker: those an earlier start left running (no worker holds them), then
-        new ones while the study holds fewer than `n_trials`; each with its trial lock."""
+        """Up to `n_jobs` trials for this worker: those of the first `n_trials` that an earlier start left running (no
+        worker holds them), then new ones while the study holds fewer than `n_trials`; each with its trial lock. A
+        waiting trial (`study.enqueue_trial`) is checked before `study.ask` takes it up."""
         from optuna.trial import TrialState
 
         from vitexp import search
 
         batch = []
-        with search.study_lock(folder):
+        with search.study_lock(folder), search.study_errors(self.place):
+            for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                fixed = waiting.system_attrs.get("fixed_params", {})
+                search.launch_check(self.place, waiting.number, fixed, wanted, complete=False)
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                handle = search.trial_lock(folder, trial.number) if len(batch) < self.n_jobs else None
+                room = len(batch) < self.n_jobs and trial.number < self.n_trials  # n_trials in all, stopped ones too
+                handle = search.trial_lock(folder, trial.number) if room else None
                 if handle is not None:
                     log.info(f"finishing trial {trial.number}, stopped by an earlier start")
                     batch.append((trial, handle))
@@ -149,29 +156,36 @@ class OptunaSweeper(Sweeper):
 
     def _launch(self, study: Any, wanted: Any, batch: list[tuple[Any, Any]]) -> int:
         """Run a batch's jobs (trial N in job folder N; trials of consecutive numbers in one launch, side by side
-        with a launcher that runs jobs at once), tell the study each result; the number that failed."""
+        with a launcher that runs jobs at once), tell the study each result; the number that failed. Every job's
+        overrides pass the launch check before the first starts."""
+        from vitexp import search
+
         groups: list[list[Any]] = []
         for trial, _ in batch:
             if groups and groups[-1][-1].number + 1 == trial.number:
                 groups[-1].append(trial)
             else:
                 groups.append([trial])
+        launches = [[search.launch_check(self.place, t.number, t.params, wanted) for t in group] for group in groups]
         failed = 0
-        for group in groups:
-            jobs = [[f"{k}={v}" for k, v in {**t.params, **wanted.fixed}.items()] for t in group]
+        for group, jobs in zip(groups, launches):
             for trial, ret in zip(group, self.launcher.launch(jobs, initial_job_idx=group[0].number)):
-                failed += _tell(study, trial, ret)
+                with search.study_errors(self.place):  # a job's results.json stays: a run again picks it up
+                    failed += _tell(study, trial, ret)
         return failed
 
-    def _finish(self, study: Any, folder: Path) -> None:
-        """Write the best trial to optimization_results.yaml, or refuse with one line when none completed."""
+    def _finish(self, study: Any, wanted: Any, folder: Path) -> None:
+        """Write the best trial to optimization_results.yaml, or refuse with one line when none completed (or a
+        trial written into the study meanwhile is not one of this search's)."""
         import yaml
         from optuna.trial import TrialState
 
-        from vitexp import VitexpError, files
+        from vitexp import VitexpError, files, search
         from vitexp.files import printable
 
-        trials = study.get_trials(deepcopy=False)
+        with search.study_errors(self.place):
+            trials = study.get_trials(deepcopy=False)
+            search.check_trials(self.place, trials, wanted)
         if not any(t.state == TrialState.COMPLETE for t in trials):
             if not trials:
                 raise VitexpError(f"study {printable(study.study_name)} has no trials; raise hydra.sweeper.n_trials")
@@ -180,9 +194,11 @@ class OptunaSweeper(Sweeper):
                 f"{printable(folder / str(trials[-1].number) / 'results.json')}"
             )
         if len(study.directions) == 1:
-            best = {"name": "optuna", "best_params": study.best_params, "best_value": study.best_value}
+            with search.study_errors(self.place):
+                best_trial = study.best_trial
+            best = {"name": "optuna", "best_params": best_trial.params, "best_value": best_trial.value}
             files.write_text(folder / "optimization_results.yaml", yaml.safe_dump(best), root=folder)
-            log.info(f"best trial {study.best_trial.number}: {study.best_value} with {study.best_params}")
+            log.info(f"best trial {best_trial.number}: {best_trial.value} with {best_trial.params}")
 
 
 def _tell(study: Any, trial: Any, ret: Any) -> int:
