@@ -268,6 +268,14 @@ def test_outputs_that_are_not_regular_files_are_refused_before_any_work(tmp_path
     assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.csv").st_mode) and (tmp_path / "dir.csv").is_dir()
     with handed.no_hang(), pytest.raises(VitexpError, match="is a FIFO"):
         files.write_text(tmp_path / "pipe.csv", "x")
+    from vitexp.export import export
+    from vitexp.onnx_export import export_onnx
+
+    with pytest.raises(VitexpError, match="pipe.csv is a FIFO .*not a folder"):  # no checkpoint needed: it comes first
+        export_onnx(tmp_path / "absent.pt", tmp_path / "pipe.csv")
+    (tmp_path / "timm" / "config.json").mkdir(parents=True)
+    with pytest.raises(VitexpError, match="config.json is a folder"):
+        export(tmp_path / "absent.pt", tmp_path / "timm")
     sweep = _run(tmp_path / "sweep" / "0", "a").parent
     (sweep / "report.csv").mkdir()
     with pytest.raises(SystemExit) as ended:

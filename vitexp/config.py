@@ -49,7 +49,9 @@ def build(node: Any, *args: Any, **kwargs: Any) -> Any:
         cause = e.__cause__
         if isinstance(cause, VitexpError):
             raise cause from None
-        raise VitexpError(f"cannot build {key or 'config node'}: {type(cause).__name__}: {cause}") from None
+        raise VitexpError(
+            f"cannot build {printable(key or 'config node')}: {type(cause).__name__}: {printable(cause)}"
+        ) from None
     except MissingMandatoryValue as e:
         raise VitexpError(f"{e.full_key} must be set: pass {e.full_key}=...") from None
 
@@ -162,9 +164,12 @@ def resumed(
         OmegaConf.resolve(merged)
         schema.check(typed(merged))
     except OmegaConfBaseException as e:
-        raise VitexpError(f"cannot resume from {source}: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
+        first = str(e.msg).splitlines()[0] if str(e.msg).strip() else type(e).__name__
+        raise VitexpError(
+            f"cannot resume from {printable(source)}: {printable(e.full_key)}: {printable(first)}"
+        ) from None
     except VitexpError as e:
-        raise VitexpError(f"cannot resume from {source}: {e}") from None
+        raise VitexpError(f"cannot resume from {printable(source)}: {printable(e, 1000)}") from None
     OmegaConf.set_struct(merged, True)
     return merged
 
@@ -216,7 +221,8 @@ def _overlay(ours: dict, theirs: dict, path: str, changed: list[str], source: st
             _check_data(value, where, source)
             if mine is _ABSENT:
                 raise VitexpError(
-                    f"cannot resume from {source}: {where} is not a setting of this vitexp's config; the run was "
+                    f"cannot resume from {printable(source)}: {printable(where)} is not a setting of this vitexp's "
+                    f"config; the run was "
                     f"written by another version, start a new run (ckpt_path=<its best.pt> keeps the weights)"
                 )
             ours[key] = value
