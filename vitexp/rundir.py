@@ -103,7 +103,7 @@ def earlier_job(folder: Path, overrides: list[str], *, metric: str | None = None
         return None
     try:
         results = files.read_json(path, root=folder)
-    except (OSError, VitexpError):  # garbage or half-written: that start did not complete
+    except (OSError, files.Malformed):  # garbage or half-written: that start did not complete (a link is refused)
         return None
     if not isinstance(results, dict) or results.get("status") != "completed":
         return None
