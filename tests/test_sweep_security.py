@@ -456,7 +456,7 @@ def test_lock_files_and_study_files_that_are_not_regular_files_are_refused_at_on
             made = {STUDY_FILE, "multirun.yaml"} if name == ".trial_0.lock" else set()  # a trial lock: after them
             assert set(after) - set(before) <= {".study.lock", *made}, (name, kind)
     os.mkfifo(tmp_path / "study.log")
-    with fz.no_hang(), pytest.raises(VitexpError, match=r"study.log is a FIFO \(named pipe\), not a regular file"):
+    with fz.no_hang(), pytest.raises(VitexpError, match="study.log is not a regular file"):
         load_study(tmp_path / "study.log")  # as the report and optuna-dashboard's helper read a study
 
 
