@@ -212,8 +212,8 @@ def test_device_augment_needs_the_device_path(tmp_path):
     proc = vitexp(
         *TINY,
         "data.on_device=true",
-        "data.splits.train_transform.rotate=0",
-        "data.splits.train_transform.auto_augment=rand-m9-n2",
+        "data.augment.rotate=0",
+        "data.augment.auto_augment=rand-m9-n2",
         cwd=tmp_path,
         check=False,
     )
@@ -224,7 +224,7 @@ def test_digits_train_with_the_device_policy(tmp_path):
     vitexp(
         *TINY,
         "data.on_device=true",
-        "data.splits.train_transform.rotate=0",
+        "data.augment.rotate=0",
         "data.device_augment.policy=rand",
         "data.device_augment.erase_prob=0.25",
         "trainer.max_epochs=1",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from vitexp import VitexpError
+from vitexp.schema import Data
 
 Tensor = torch.Tensor
 
@@ -317,3 +318,20 @@ def erase(x: Tensor, u: Tensor, prob: float) -> Tensor:
     mask = inside_r[:, :, None] & inside_c[:, None, :] & (u[:, 0] < prob)[:, None, None]
     colour = (u[:, 5 : 5 + c] * 256).floor().clamp(max=255)
     return torch.where(mask[:, None], colour[:, :, None, None], x)
+
+
+def device_augment(data: Data, *, compile: bool) -> DeviceAugment | None:
+    """`data.device_augment`'s policy (None when off), filling with `data.mean`; torch.compiled with `compile`."""
+    settings = data.device_augment
+    if settings.policy is None:
+        return None
+    return DeviceAugment(
+        policy=settings.policy,
+        num_ops=settings.num_ops,
+        magnitude=settings.magnitude,
+        magnitude_std=settings.magnitude_std,
+        op_prob=settings.op_prob,
+        erase_prob=settings.erase_prob,
+        fill=data.mean,
+        compile=compile,
+    )

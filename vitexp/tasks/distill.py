@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     given = _teacher(task.teacher_ckpt, data) if task.teacher_ckpt else None  # a bad teacher fails first
     if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
-        given = _built_teacher(arch_from_config(task.teacher), data)
+        given = _built_teacher(arch_from_config(asdict(task.teacher)), data)
     recipe = read_recipe(run.cfg)
     if given:
-        teacher_path = (
-            task.teacher_ckpt or f"{task.teacher['model_name']} ({task.teacher['pretrained'] or 'random init'})"
-        )
+        teacher_path = task.teacher_ckpt or f"{task.teacher.name} ({task.teacher.pretrained or 'random init'})"
     else:
-        arch = arch_from_config(task.teacher)
+        arch = arch_from_config(asdict(task.teacher))
         teacher_path = train_in(recipe, run.out / "teacher", arch, task.teacher_epochs, model_key="task.teacher")
     teacher, saved, statistics, size = given or _teacher(teacher_path, data)
     teacher = teacher.to(recipe.machine.device)

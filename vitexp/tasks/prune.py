@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from vitexp.models import count_macs, count_params, inference_img_per_s, input_s
 from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
 from vitexp.runs import open_run
+from vitexp.schema import Prune
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, evaluate_on, fit, train_in
 
@@ -31,20 +32,6 @@ log = logging.getLogger("vitexp")
 
 SWEEP_METRIC = "best_val_acc1"
 Measure = Callable[[nn.Module, str], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Pruning:
-    """What to remove: `ratio` of the heads and MLP channels, ranked by `importance`, in `rounds`, from every block
-    alike or across blocks (`allocation`), MLP widths multiples of `round_to`."""
-
-    ratio: float
-    importance: str
-    rounds: int
-    prune_embed: bool
-    calibration_batches: int  # train batches whose gradients Taylor importance reads
-    allocation: str
-    round_to: int
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -58,16 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if run.last is None:
         seed_everything(settings.seed)
         source = settings.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
-        pruning = Pruning(
-            task.ratio,
-            task.importance,
-            task.rounds,
-            task.prune_embed,
-            task.calibration_batches,
-            task.allocation,
-            task.round_to,
-        )
-        figures, points = prune_checkpoint(recipe, source, pruning, measure, run.out)
+        figures, points = prune_checkpoint(recipe, source, task, measure, run.out)
         if task.finetune_epochs == 0:
             results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
             write_results(run.out, results)
@@ -92,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def prune_checkpoint(
-    recipe: Recipe, source: str | Path, pruning: Pruning, measure: Measure, out: Path
+    recipe: Recipe, source: str | Path, pruning: Prune, measure: Measure, out: Path
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     """Prune the ViT in `source`, measuring it before and after each round; writes checkpoints/pruned.pt,
     prune.json and the accuracy-vs-MACs plot. Returns the figures for results.json and the plot's points."""
@@ -123,7 +101,7 @@ def prune_checkpoint(
     return figures, points
 
 
-def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Pruning, measure: Measure) -> list[dict[str, Any]]:
+def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Prune, measure: Measure) -> list[dict[str, Any]]:
     """Prune `model` in place over `pruning.rounds` rounds; the figures measured after each."""
     device = recipe.machine.device
     calibration = None
@@ -131,17 +109,9 @@ def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Pruning, measure: M
         train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, train=True)
         calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))]
     rounds: list[dict[str, Any]] = []
+    example = torch.zeros(1, *input_shape(model), device=device)
     prune(
-        model,
-        pruning.ratio,
-        pruning.importance,
-        torch.zeros(1, *input_shape(model), device=device),
-        pruning.rounds,
-        calibration,
-        prune_embed=pruning.prune_embed,
-        after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")),
-        allocation=pruning.allocation,
-        round_to=pruning.round_to,
+        model, pruning, example, calibration, after_round=lambda r: rounds.append(measure(model, f"pruning round {r}"))
     )
     return rounds
 
