@@ -72,7 +72,9 @@ def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip()
 
 def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
     n = 100
-    data = TransformSubset(Gradient(n), range(n), eval_transform(data_of(f"data.img_size={SIZE}", "data.mean=[0.5]", "data.std=[0.25]")))
+    data = TransformSubset(
+        Gradient(n), range(n), eval_transform(data_of(f"data.img_size={SIZE}", "data.mean=[0.5]", "data.std=[0.25]"))
+    )
     cpu = make_loader(data, 16, 0, train=True)
     device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, train=True, mean=[0.5], std=[0.25])
     for epoch in (1, 2):
