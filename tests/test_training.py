@@ -145,7 +145,13 @@ def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessi
     out, results = trained
     teacher, _ = checkpoint.load_model(out / "checkpoints" / "best.pt")
     distiller = Distiller(
-        nn.Identity(), teacher, recipe.data.mean, recipe.data.std, recipe.data.mean, recipe.data.std, 16
+        nn.Identity(),
+        teacher,
+        recipe.settings.data.mean,
+        recipe.settings.data.std,
+        recipe.settings.data.mean,
+        recipe.settings.data.std,
+        16,
     )
     # the same statistics on both sides: the teacher sees exactly what it was trained on, so its score is best.pt's
     assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])

@@ -32,7 +32,7 @@ from vitexp.models import (
     without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
-from vitexp.schema import Config, Data, Train, Trainer
+from vitexp.schema import Config, Train, Trainer
 
 log = logging.getLogger("vitexp")
 # Called after each epoch (once its checkpoints are saved) with the epoch and its metrics: a search trial reports
@@ -49,7 +49,6 @@ class Recipe:
     settings: Config  # the loop reads its settings here; checkpoints keep them as plain data (`config`)
     machine: Machine  # the `auto` choices of settings.trainer made for this machine
     arch: dict[str, Any]  # the model to build (vitexp.models.BUILDERS)
-    data: Data  # settings.data
     splits: Splits | None  # None: a benchmark of the step alone
     loaders: tuple[Iterable | None, Iterable | None]  # train, val, built once from `splits` and `data`
     optimizer: Callable[..., torch.optim.Optimizer]  # (param groups) -> optimizer
@@ -316,7 +315,7 @@ def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
         f"{recipe.arch['name']}: {count_params(model) / 1e6:.2f}M params, {count_macs(model) / 1e6:.1f}M MACs/img | "
         f"{recipe.settings.data.name}: {len(splits.train)} train, {len(splits.val)} val | {machine.device}, "
         f"{precision_name(machine.amp)}{', compiled' if machine.compile else ''}"
-        f"{', data on device' if recipe.data.on_device else ''} | {out}"
+        f"{', data on device' if recipe.settings.data.on_device else ''} | {out}"
     )
 
 
@@ -416,7 +415,7 @@ def finish(
         "processes": distributed.world_size(),
         "params": count_params(model),
         "macs": count_macs(model),
-        "infer_img_per_s": inference_img_per_s(model, recipe.data.eval_batch_size, recipe.machine.amp),
+        "infer_img_per_s": inference_img_per_s(model, recipe.settings.data.eval_batch_size, recipe.machine.amp),
         "train_img_per_s": last_row.get("throughput/img_s"),
         "device": str(recipe.machine.device),
         "precision": precision_name(recipe.machine.amp),

@@ -52,7 +52,9 @@ def compare(
     """Run every arm for every budget in `out`; returns one row per (method, allocation, budget), dense first."""
     task, source = cfg.task, cfg.ckpt_path
     recipe = read_recipe(cfg)
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    val = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     measure = functools.partial(measure_stage, recipe, val)
     shapes, rows = {}, []
     for allocation in allocations:

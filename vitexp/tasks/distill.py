@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher = teacher.to(recipe.machine.device)
 
     def with_teacher(student: nn.Module) -> Distiller:
-        return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
+        return Distiller(student, teacher, recipe.settings.data.mean, recipe.settings.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
     log.info(
@@ -111,5 +111,7 @@ def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:
     """The teacher's top-1 accuracy on this run's validation split, through the student's preprocessing."""
-    loader = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    loader = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     return evaluate_on(recipe, scorer, loader)[0]["acc1"]

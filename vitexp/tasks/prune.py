@@ -39,7 +39,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run = open_run(cfg)
     recipe = read_recipe(run.cfg)
     settings, task = recipe.settings, recipe.settings.task
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    val = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     measure = functools.partial(measure_stage, recipe, val)
     pruned_path = run.out / "checkpoints" / "pruned.pt"
     if run.last is None:
@@ -106,7 +108,9 @@ def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Prune, measure: Mea
     device = recipe.machine.device
     calibration = None
     if pruning.importance == "taylor":  # first-order importance needs a few real batches
-        train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, train=True)
+        train = make_loader(
+            recipe.splits.train, recipe.settings.data.batch_size, recipe.settings.data.num_workers, train=True
+        )
         calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))]
     rounds: list[dict[str, Any]] = []
     example = torch.zeros(1, *input_shape(model), device=device)
@@ -166,17 +170,17 @@ def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
     """The fine-tuning recipe with the unpruned model as a frozen teacher (hard distillation, weight `alpha`)."""
     teacher, _ = checkpoint.load_model(source)
     teacher.to(tune.machine.device)
-    mean, std = tune.data.mean, tune.data.std
+    mean, std = tune.settings.data.mean, tune.settings.data.std
     return replace(
         tune,
-        wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.data.img_size),
+        wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.settings.data.img_size),
         loss=DistillationLoss(tune.loss, "hard", alpha, 1.0),
     )
 
 
 def measure_stage(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
     """Val top-1, size, MACs, throughput at the eval batch size and latency at batch 1, logged as one line."""
-    machine, batch = recipe.machine, recipe.data.eval_batch_size
+    machine, batch = recipe.machine, recipe.settings.data.eval_batch_size
     metrics, _ = evaluate_on(recipe, model, val)
     figures = {
         "val_acc1": metrics["acc1"],

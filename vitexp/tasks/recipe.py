@@ -49,7 +49,6 @@ def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
         settings=settings,
         machine=machine,
         arch=arch_from_config(plain(cfg.model)),
-        data=data,
         splits=splits,
         loaders=loaders(data, splits, machine.device, augment) if splits is not None else (None, None),
         optimizer=functools.partial(build(cfg.optim.optimizer), **fused),
