@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vitexp import VitexpError
 from vitexp.schema import Data
 
 Tensor = torch.Tensor
@@ -104,13 +103,6 @@ class DeviceAugment:
         *,
         compile: bool = False,
     ) -> None:
-        if policy not in POLICIES:
-            raise VitexpError(f"data.device_augment.policy={policy} is not one of {sorted(POLICIES)} (or null: off)")
-        if not 0 <= magnitude <= 10 or num_ops < 0 or not 0 <= magnitude_std < math.inf:
-            raise VitexpError(
-                f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0 "
-                f"and magnitude_std={magnitude_std} finite and >= 0"
-            )
         self.policy, self.ops = policy, POLICIES[policy]
         self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
         self.op_prob, self.erase_prob = op_prob, erase_prob

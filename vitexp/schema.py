@@ -123,12 +123,12 @@ class Augment:
 
 @dataclass
 class DeviceAugment:
-    policy: str | None = MISSING
-    num_ops: int = MISSING
-    magnitude: float = MISSING
-    magnitude_std: float = MISSING
-    op_prob: float = MISSING
-    erase_prob: float = MISSING
+    policy: str | None = choice(None, "trivial", "rand")
+    num_ops: int = _non_negative_count()
+    magnitude: float = must("a number in [0, 10]", lambda v: _number(v) and 0 <= v <= 10)
+    magnitude_std: float = _non_negative()
+    op_prob: float = _weight()
+    erase_prob: float = _weight()
 
 
 @dataclass
@@ -356,5 +356,5 @@ def _check_field(f: Any, value: Any, key: str) -> None:
         raise VitexpError(f"{key}={value!r} is not valid: it must be {f.metadata['must']}")
     allowed = f.metadata.get("choices")
     if allowed is not None and value not in allowed and str(value) not in map(str, allowed):
-        spelled = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+        spelled = ("null" if a is None else str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
         raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(spelled)}")
