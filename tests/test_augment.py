@@ -13,9 +13,10 @@ from timm.data.auto_augment import AugmentOp
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as tv_autoaugment
 
-from tests.conftest import TINY, vitexp
+from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError
 from vitexp.augment import LAYER_DRAWS, RAND_INCREASING, TRIVIAL_WIDE, DeviceAugment
+from vitexp.config import validate
 from vitexp.data import DeviceLoader, set_epoch
 
 FILL = [0.49, 0.48, 0.45]
@@ -191,10 +192,14 @@ def test_device_loader_augments_deterministically_for_a_seed():
 
 
 def test_settings_outside_the_ranges_are_one_line_errors():
-    with pytest.raises(VitexpError, match="policy=auto is not one of"):
-        DeviceAugment("auto", 2, 9, 0.5, 0.5, 0.0, FILL)
-    with pytest.raises(VitexpError, match="magnitude=12"):
-        DeviceAugment("rand", 2, 12, 0.5, 0.5, 0.0, FILL)
+    with pytest.raises(
+        VitexpError, match="^data.device_augment.policy='auto' is not valid: choose one of null, trivial"
+    ):
+        validate(compose_config("data.device_augment.policy=auto"))
+    with pytest.raises(
+        VitexpError, match=r"^data.device_augment.magnitude=12.0 is not valid: it must be a number in \[0, 10\]"
+    ):
+        validate(compose_config("data.device_augment.magnitude=12"))
 
 
 @pytest.mark.slow
@@ -212,8 +217,8 @@ def test_device_augment_needs_the_device_path(tmp_path):
     proc = vitexp(
         *TINY,
         "data.on_device=true",
-        "data.splits.train_transform.rotate=0",
-        "data.splits.train_transform.auto_augment=rand-m9-n2",
+        "data.augment.rotate=0",
+        "data.augment.auto_augment=rand-m9-n2",
         cwd=tmp_path,
         check=False,
     )
@@ -224,7 +229,7 @@ def test_digits_train_with_the_device_policy(tmp_path):
     vitexp(
         *TINY,
         "data.on_device=true",
-        "data.splits.train_transform.rotate=0",
+        "data.augment.rotate=0",
         "data.device_augment.policy=rand",
         "data.device_augment.erase_prob=0.25",
         "trainer.max_epochs=1",

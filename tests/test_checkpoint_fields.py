@@ -198,7 +198,7 @@ def test_a_teachers_weights_errors_name_task_teacher_pretrained(folder, tmp_path
     from vitexp.tasks.distill import _built_teacher
 
     sizes = "task.teacher.kwargs={" + ",".join(f"{k}:{v}" for k, v in SIZES.items()) + "}"
-    deit = ["task.teacher.model_name=deit_tiny_patch16_224", "task.teacher.small_input=false", sizes]
+    deit = ["task.teacher.name=deit_tiny_patch16_224", "task.teacher.small_input=false", sizes]
 
     def teacher(source: str) -> str:
         cfg = compose_config(*TINY, "task=distill", "task.teacher_epochs=0", *deit, f"task.teacher.pretrained={source}")

@@ -183,7 +183,7 @@ def _fails_with_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> 
         (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
         (["trainer.max_epochs=2.5"], ["trainer.max_epochs=2.5", "whole number"]),
         (["task=prune", "task.ratio=1.0"], ["task.ratio=1.0", "[0, 1)"]),
-        (["trainer.precision=8"], ["trainer.precision=8", "auto, 32, bf16, 16"]),
+        (["trainer.precision=8"], ["trainer.precision='8'", "auto, 32, bf16, 16"]),
         (["data.val_size=0"], ["data.val_size=0", "count >= 1"]),
         (["optim.lr=[1e-3"], ["optim.lr=[1e-3"]),
         (["data=imagefolder"], ["data.root must be set"]),

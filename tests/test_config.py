@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,15 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torchvision.transforms import Normalize
 
 from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError
-from vitexp.config import config_dir, plain, resumed, validate
+from vitexp.augment import device_augment
+from vitexp.config import config_dir, plain, resumed, typed, validate
+from vitexp.data import eval_transform, train_transform
+from vitexp.tasks.recipe import mixup
 
 CONF = Path(config_dir())
 GROUPS = {
@@ -49,11 +54,12 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     scheduler.step_update(1)
     if "loss" in cfg.task:  # the tasks that train
         instantiate(cfg.task.loss)(model(x), torch.tensor([0, 1]))
-    instantiate(cfg.data.splits.train_transform)
-    instantiate(cfg.data.splits.eval_transform)
-    instantiate(cfg.data.mixup)
-    if cfg.data.device_augment.policy:  # as the recipe builds it: only when switched on
-        aug = instantiate(cfg.data.device_augment)
+    settings = typed(cfg)
+    data = settings.data
+    train_transform(data), eval_transform(data)
+    if "loss" in cfg.task:
+        mixup(data, settings.task.loss)
+    if aug := device_augment(data, compile=False):  # as the recipe builds it: only when switched on
         images = torch.randint(0, 256, (2, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size), dtype=torch.uint8)
         assert aug(images, torch.rand(2, aug.n_draws)).shape == images.shape
     # and as a user asks for it: `python -m vitexp --cfg job <option>` prints the same config and writes nothing
@@ -61,6 +67,25 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     assert printed.model.name == cfg.model.name and printed.data.name == cfg.data.name
     assert printed.task.name == cfg.task.name and printed.optim.lr == cfg.optim.lr
     assert not (tmp_path / "outputs").exists()
+
+
+DATA_OPTIONS = [*GROUPS["data"], "experiment=cifar10_baseline", "data=imagefolder data.mean=[0.1,0.2,0.3]"]
+
+
+@pytest.mark.parametrize("option", DATA_OPTIONS)
+def test_every_transform_normalises_with_the_statistics_the_checkpoint_records(option, tmp_path):
+    """The worker path's transforms (training, evaluate, a teacher's) and the device path's fill use `data.mean` and
+    `data.std`, which checkpoints, model.json and predict record."""
+    overrides = option.split() if "=" in option else [f"data={option}"]
+    cfg = compose_config(*overrides, *([] if option == "digits" else [f"data.root={tmp_path}"]))
+    recorded = plain(cfg.data)  # as a checkpoint's config records it
+    data = typed(cfg).data
+    for transform in (train_transform(data), eval_transform(data)):
+        (normalize,) = [t for t in transform.transforms if isinstance(t, Normalize)]
+        assert list(normalize.mean) == pytest.approx(recorded["mean"]), option
+        assert list(normalize.std) == pytest.approx(recorded["std"]), option
+    policy = replace(data, device_augment=replace(data.device_augment, policy="rand"))
+    assert device_augment(policy, compile=False).fill == pytest.approx([255 * m for m in recorded["mean"]])
 
 
 def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
@@ -94,7 +119,17 @@ def test_optuna_search_space_composes_into_the_sweeper():
     ("override", "message"),
     [
         ("optim.lr=-1", "optim.lr=-1.0 is not valid: it must be a number > 0"),
-        ("trainer.precision=64", "trainer.precision=64 is not valid: choose one of auto, 32, bf16, 16"),
+        ("trainer.precision=64", "trainer.precision='64' is not valid: choose one of auto, 32, bf16, 16"),
+        (
+            "data.crop_pct=1.5",
+            "data.crop_pct=1.5 is not valid: it must be a number in (0, 1] (timm's ImageNet value is 0.875)",
+        ),
+        (
+            "data.interpolation=cubic",
+            "data.interpolation='cubic' is not valid: choose one of bilinear, bicubic, nearest",
+        ),
+        ("data.augment.hflip=2", "data.augment.hflip=2.0 is not valid: it must be a number in [0, 1]"),
+        ("task.loss.label_smoothing=1", "task.loss.label_smoothing=1.0 is not valid: it must be a number in [0, 1)"),
         ("data.val_size=0", "data.val_size=0 is not valid: it must be a count >= 1 or a fraction in (0, 1)"),
         ("task=prune", "task.ratio=1.0 is not valid: it must be a number in [0, 1)"),
     ],

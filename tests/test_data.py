@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.builders import splits_of
 from tests.conftest import compose_config
 from vitexp import VitexpError
-from vitexp.config import build
 from vitexp.data import make_loader, set_epoch, split_indices
 
 
@@ -26,7 +26,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_digits_splits_and_shapes():
     cfg = compose_config("data.img_size=16")
-    splits = build(cfg.data.splits)
+    splits = splits_of(cfg)
     assert (len(splits.train), len(splits.val), splits.test) == (1437, 360, None)
     image, label = splits.train[0]
     assert image.shape == (1, 16, 16) and 0 <= label < 10
@@ -35,7 +35,7 @@ def test_digits_splits_and_shapes():
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():
-    splits = build(compose_config().data.splits)
+    splits = splits_of(compose_config())
     loader = make_loader(splits.train, 64, 0, train=True)
 
     def first_labels(epoch):
@@ -59,7 +59,7 @@ def _write_tree(root, splits=("train",), per_class=6, classes=("cat", "dog", "fo
 def test_imagefolder_with_val_and_test(tmp_path):
     _write_tree(tmp_path, ("train", "val", "test"))
     cfg = compose_config("data=imagefolder", f"data.root={tmp_path}", "data.img_size=16", "data.num_classes=3")
-    splits = build(cfg.data.splits)
+    splits = splits_of(cfg)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 18, 18)
     assert splits.classes == ["cat", "dog", "fox"]
     assert splits.train[0][0].shape == (3, 16, 16)
@@ -68,7 +68,7 @@ def test_imagefolder_with_val_and_test(tmp_path):
 def test_imagefolder_without_val_splits_train(tmp_path):
     _write_tree(tmp_path, per_class=10)
     cfg = compose_config("data=imagefolder", f"data.root={tmp_path}", "data.val_size=0.2", "data.num_classes=3")
-    splits = build(cfg.data.splits)
+    splits = splits_of(cfg)
     assert (len(splits.train), len(splits.val), splits.test) == (24, 6, None)
 
 
@@ -81,18 +81,18 @@ def test_bad_data_folders_are_clear_errors(tmp_path, layout):
         (root / "train" / "cat").mkdir(parents=True)
     cfg = compose_config("data=imagefolder", f"data.root={root}")
     with pytest.raises(VitexpError, match=str(root)):
-        build(cfg.data.splits)
+        splits_of(cfg)
 
 
 def test_cifar_offline_without_files_says_where_to_put_them(tmp_path):
     cfg = compose_config("data=cifar10", f"data.root={tmp_path / 'nothing'}", "data.download=false")
     with pytest.raises(VitexpError, match="data.root"):
-        build(cfg.data.splits)
+        splits_of(cfg)
 
 
 def test_real_cifar10_images_in_imagefolder_layout(cifar_small):
     cfg = compose_config("data=cifar10", f"data.root={cifar_small}", "data.val_size=100")
-    splits = build(cfg.data.splits)
+    splits = splits_of(cfg)
     assert splits.classes[:3] == ["airplane", "automobile", "bird"]
     assert (len(splits.train), len(splits.val)) == (500, 100)
     image, label = splits.train[0]

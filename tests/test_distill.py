@@ -112,7 +112,7 @@ def pipeline(tmp_path_factory):
         *TINY,
         "task=distill",
         "task.distill_type=token",
-        "task.teacher.model_name=resnet10t",
+        "task.teacher.name=resnet10t",
         "trainer.precision=32",
         cwd=cwd,
     )

@@ -23,8 +23,8 @@ SAME = [
     "optim.fused=false",
     "trainer.limit_train_batches=null",
     "trainer.limit_val_batches=null",
-    "data.splits.train_transform.crop_padding=0",
-    "data.splits.train_transform.rotate=0",
+    "data.augment.crop_padding=0",
+    "data.augment.rotate=0",
 ]
 
 
@@ -191,7 +191,7 @@ def test_distill_and_prune_run_under_torchrun(task, tmp_path):
 
 
 # Mid-epoch: 20 global batches an epoch, stopped by a signal in step 27 (epoch 2, batch 7), random crops on.
-MID = [*SAME, "trainer.max_epochs=2", "trainer.limit_train_batches=20", "data.splits.train_transform.crop_padding=2"]
+MID = [*SAME, "trainer.max_epochs=2", "trainer.limit_train_batches=20", "data.augment.crop_padding=2"]
 INJECT = str(Path(__file__).parent / "reliability" / "inject.py")
 
 

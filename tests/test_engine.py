@@ -17,7 +17,14 @@ def _data(n=32, seed=0):
     return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-CPU = engine.StepSettings(torch.device("cpu"))
+CPU = engine.StepSettings(
+    device=torch.device("cpu"),
+    autocast_dtype=None,
+    accumulate_grad_batches=1,
+    gradient_clip_val=None,
+    skip_nonfinite=False,
+    reduce=None,
+)
 
 
 def _opt(optimizer, scheduler):

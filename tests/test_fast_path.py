@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from tests.builders import data_of
 from tests.conftest import TINY, vitexp
 from vitexp.bench.run_summary import summary
 from vitexp.data import DeviceLoader, TransformSubset, eval_transform, make_loader, set_epoch, to_device
@@ -71,7 +72,9 @@ def test_device_augmentation_has_the_distribution_of_torchvision_crop_and_flip()
 
 def test_device_loader_gives_the_cpu_loaders_batches_without_augmentation():
     n = 100
-    data = TransformSubset(Gradient(n), range(n), eval_transform(SIZE, [0.5], [0.25], 1.0, "bilinear"))
+    data = TransformSubset(
+        Gradient(n), range(n), eval_transform(data_of(f"data.img_size={SIZE}", "data.mean=[0.5]", "data.std=[0.25]"))
+    )
     cpu = make_loader(data, 16, 0, train=True)
     device = DeviceLoader(*to_device(data, SIZE, torch.device("cpu"), 0), 16, train=True, mean=[0.5], std=[0.25])
     for epoch in (1, 2):
@@ -89,8 +92,8 @@ def _losses(tmp_path, *args):
         "trainer.precision=32",
         "trainer.max_epochs=3",
         "trainer.limit_train_batches=10",
-        "data.splits.train_transform.crop_padding=0",
-        "data.splits.train_transform.rotate=0",
+        "data.augment.crop_padding=0",
+        "data.augment.rotate=0",
         *args,
         cwd=tmp_path,
     )
@@ -111,14 +114,14 @@ def test_fast_and_plain_paths_give_the_same_losses(tmp_path):
 def test_on_device_data_refuses_augmentations_it_cannot_run(tmp_path):
     proc = vitexp(*TINY, "data.on_device=true", cwd=tmp_path, check=False)  # digits rotate by default
     assert proc.returncode == 2
-    assert "data.splits.train_transform.rotate=0" in proc.stderr and proc.stderr.count("\n") == 1
+    assert "data.augment.rotate=0" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("mode", ["synthetic", "real"])
 def test_benchmark_prints_one_json_line_with_the_figures(mode, tmp_path):
     args = ["task=benchmark", f"task.mode={mode}", "task.warmup_steps=1", "task.steps=2", "task.repeats=1"]
     if mode == "real":
-        args += ["data.on_device=true", "data.splits.train_transform.rotate=0"]
+        args += ["data.on_device=true", "data.augment.rotate=0"]
     proc = vitexp(*TINY, *args, cwd=tmp_path)
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {

@@ -10,17 +10,25 @@ import re
 import shutil
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.builders import data_of
 from vitexp import VitexpError, shards
 from vitexp.data import image_splits
 from vitexp.images import image_folder, load_image
+from vitexp.schema import ImageData
 from vitexp.shards import ShardSet, read_index, write_split
 from vitexp.shards import main as write_shards
+
+
+def _data(root: Path, val_size: float) -> ImageData:
+    """data=imagefolder's typed settings for the tree under `root`."""
+    return replace(data_of("data=imagefolder", "data.root=unused"), root=str(root), val_size=val_size)
 
 
 class Payload:
@@ -83,7 +91,7 @@ def test_bombs_in_an_image_folder_are_skipped_and_counted(tmp_path, caplog, monk
         assert "warns.png (DecompressionBomb" in line and "x1b[2J" in line and "\x1b" not in line
     with pytest.raises(VitexpError, match=r"cannot decode .*warns.png \(.*pixels.*; delete or replace the file"):
         load_image(str(root / "train" / "b" / "warns.png"))  # data.check_images=false: refused when read
-    splits = image_splits("imagefolder", str(root), False, 2, None, 0, lambda x: x, lambda x: x)
+    splits = image_splits(_data(root, 2), 0, lambda x: x, lambda x: x)
     assert len(splits.train) + len(splits.val) == 6
 
 
@@ -278,5 +286,5 @@ def test_class_names_from_an_index_are_printed_as_data(written):
     (val / "index.json").write_text(json.dumps({**index, "classes": ["a\nerror: forged\x1b[2J", "b"]}))
     assert ShardSet(val).classes[0] == "a\nerror: forged\x1b[2J"  # kept as written: a label, printed as data
     with pytest.raises(VitexpError, match=r"val/ has classes \['a\\nerror: forged\\x1b\[2J', 'b'\]") as e:
-        image_splits("shards", str(written.parent), False, 0.1, None, 0, lambda x: x, lambda x: x)
+        image_splits(replace(_data(written.parent, 0.1), name="shards"), 0, lambda x: x, lambda x: x)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)

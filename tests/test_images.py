@@ -8,7 +8,9 @@ import logging
 import random
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,20 +20,22 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from tests.builders import build
-from tests.conftest import TINY, metric_rows, vitexp
+from tests.builders import build, data_of
+from tests.conftest import TINY, compose_config, metric_rows, vitexp
 from vitexp import VitexpError
+from vitexp.config import validate
 from vitexp.data import (
-    LoaderSettings,
     Splits,
     eval_transform,
     image_splits,
     loaders,
     make_loader,
+    make_splits,
     set_epoch,
     train_transform,
 )
 from vitexp.images import image_folder, load_image
+from vitexp.schema import ImageData
 from vitexp.shards import ShardSet
 from vitexp.shards import main as write_shards
 
@@ -39,6 +43,14 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 CIFAR = dict(crop_padding=4, rotate=0.0, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), color_jitter=0.4)
 # 32 pixels, the 2-block ViT on 4x4 patches, the cifar preset: photos through every task in seconds
 SMALL = [*TINY, "data=imagefolder", "model=baseline", "data.num_classes=2", "data.img_size=32"]
+
+
+def _data(**changes: Any) -> ImageData:
+    """data=imagefolder's typed settings with MEAN, STD and CIFAR's augmentation, and `changes` (`augment`: a dict of
+    augmentation changes)."""
+    base = data_of("data=imagefolder", "data.root=unused")
+    augment = replace(base.augment, **{**CIFAR, **changes.pop("augment", {})})
+    return replace(base, mean=list(MEAN), std=list(STD), augment=augment, **changes)
 
 
 def _photos(root: Path) -> list[Path]:
@@ -53,17 +65,8 @@ def _seeded(transform, image: Image.Image, seed: int = 0) -> torch.Tensor:
 
 
 def test_imagenet_preset_is_timms_create_transform(photos):
-    ours = train_transform(
-        "imagenet",
-        48,
-        MEAN,
-        STD,
-        "bicubic",
-        hflip=0.5,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        re_prob=0.25,
-        **{**CIFAR, "scale": (0.3, 1.0)},
-    )
+    augment = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "scale": (0.3, 1.0)}
+    ours = train_transform(_data(img_size=48, transform="imagenet", interpolation="bicubic", augment=augment))
     timms = create_transform(
         48,
         is_training=True,
@@ -78,7 +81,7 @@ def test_imagenet_preset_is_timms_create_transform(photos):
         re_prob=0.25,
         re_mode="pixel",
     )
-    evaluation = eval_transform(48, MEAN, STD, crop_pct=0.875, interpolation="bicubic")
+    evaluation = eval_transform(_data(img_size=48, crop_pct=0.875, interpolation="bicubic"))
     by_hand = transforms.Compose(
         [
             transforms.Resize(int(48 / 0.875), transforms.InterpolationMode.BICUBIC),
@@ -96,15 +99,15 @@ def test_imagenet_preset_is_timms_create_transform(photos):
 
 
 def test_cifar_preset_makes_square_batches_of_photos_of_any_shape(photos):
-    train = train_transform("cifar", 32, MEAN, STD, "bilinear", hflip=0.5, auto_augment=None, re_prob=0.0, **CIFAR)
-    evaluation = eval_transform(32, MEAN, STD, crop_pct=1.0, interpolation="bilinear")
+    train = train_transform(_data(img_size=32, transform="cifar", interpolation="bilinear"))
+    evaluation = eval_transform(_data(img_size=32, crop_pct=1.0, interpolation="bilinear"))
     shapes = {load_image(str(p)).size for p in _photos(photos)}
     assert any(w > h for w, h in shapes) and any(w < h for w, h in shapes) and min(map(min, shapes)) < 8
     for path in _photos(photos)[::5]:
         image = load_image(str(path))
         assert train(image).shape == evaluation(image).shape == (3, 32, 32)
-    with pytest.raises(VitexpError, match="data.transform=photo is not a preset; choose one of cifar, imagenet"):
-        train_transform("photo", 32, MEAN, STD, "bilinear", hflip=0.5, auto_augment=None, re_prob=0.0, **CIFAR)
+    with pytest.raises(VitexpError, match="data.transform='photo' is not valid: choose one of cifar, imagenet"):
+        validate(compose_config("data.transform=photo"))
 
 
 @pytest.mark.parametrize("kind", ["grey", "cmyk", "alpha", "palette", "grey16"])
@@ -144,33 +147,12 @@ def test_bad_files_are_named_skipped_or_refused_in_one_line(photos, tmp_path, ca
 
 
 def test_photos_are_not_held_on_the_device(photos):
-    splits = image_splits(
-        "imagefolder",
-        str(photos),
-        download=False,
-        val_size=0.1,
-        train_subset=None,
-        seed=0,
-        train_transform=lambda x: x,
-        eval_transform=lambda x: x,
-    )
-    settings = LoaderSettings(
-        16,
-        16,
-        0,
-        persistent_workers=False,
-        on_device=True,
-        img_size=32,
-        mean=MEAN,
-        std=STD,
-        crop_padding=4,
-        hflip=0.5,
-        transform="imagenet",
-    )
+    splits = image_splits(_data(root=str(photos), val_size=0.1), 0, lambda x: x, lambda x: x)
+    data = _data(batch_size=16, eval_batch_size=16, num_workers=0, on_device=True, img_size=32, transform="imagenet")
     with pytest.raises(
         VitexpError, match="data.transform=imagenet crops each photo from its full size; set data.on_device=false"
     ):
-        loaders(settings, splits, torch.device("cpu"))
+        loaders(data, splits, torch.device("cpu"), None)
 
 
 @pytest.fixture(scope="module")
@@ -248,16 +230,7 @@ def test_missing_truncated_or_forged_shards_are_one_line_errors(shards, tmp_path
     with pytest.raises(VitexpError, match="is not a shard index"):
         ShardSet(copy / "train")
     with pytest.raises(VitexpError, match=r"no shards under data.root=.*python -m vitexp.shards"):
-        image_splits(
-            "shards",
-            str(tmp_path),
-            download=False,
-            val_size=0.1,
-            train_subset=None,
-            seed=0,
-            train_transform=lambda x: x,
-            eval_transform=lambda x: x,
-        )
+        image_splits(_data(name="shards", root=str(tmp_path), val_size=0.1), 0, lambda x: x, lambda x: x)
 
 
 def test_photos_train_evaluate_distill_and_prune_through_the_cli(photos, tmp_path):
@@ -294,24 +267,13 @@ def test_training_from_shards_equals_training_from_the_folder(photos, shards, tm
 
 
 def test_the_photo_defaults_compose_timms_transforms_and_vit_ti16(photos, tmp_path):
-    from tests.conftest import compose_config
-
     cfg = compose_config("data=imagefolder", f"data.root={photos}", "data.num_classes=2")
     assert (cfg.model.name, cfg.model.patch_size, cfg.data.img_size) == ("vit_ti16", 16, 224)
     assert (cfg.data.transform, cfg.data.crop_pct, cfg.data.interpolation) == ("imagenet", 0.875, "bicubic")
     assert compose_config("data=shards", "data.root=x", "model=patch8").model.name == "patch8"
-    splits: Splits = image_splits(
-        "imagefolder",
-        str(photos),
-        download=False,
-        val_size=0.1,
-        train_subset=None,
-        seed=0,
-        train_transform=train_transform(
-            "imagenet", 224, MEAN, STD, "bicubic", hflip=0.5, auto_augment=None, re_prob=0.0, **CIFAR
-        ),
-        eval_transform=eval_transform(224, MEAN, STD, 0.875, "bicubic"),
-    )
+    data = _data(root=str(photos), val_size=0.1, img_size=224, transform="imagenet", interpolation="bicubic")
+    data = replace(data, crop_pct=0.875)
+    splits: Splits = make_splits(data, 0, train_transform(data), eval_transform(data))
     assert splits.train[0][0].shape == splits.val[0][0].shape == (3, 224, 224)
 
 

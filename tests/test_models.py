@@ -41,14 +41,14 @@ def test_a_pruned_vit_is_a_vit_with_a_layout_and_rebuilds():
     arch = arch_of(model)
     assert arch["builder"] == "vit" and arch["kwargs"]["layout"] == [[2, 256], [2, 256]]
     _same_function(model, torch.randn(2, 3, 32, 32))
-    with pytest.raises(VitexpError, match=r"^model\.ratio=1\.5 must be in \[0, 1\)$"):
+    with pytest.raises(VitexpError, match=r"^model\.ratio=1\.5 is not valid: it must be a number in \[0, 1\)$"):
         build_from_arch({**arch, "kwargs": {**arch["kwargs"], "ratio": 1.5}})
 
 
 def test_the_teacher_is_a_timm_model_by_name_with_a_small_input_stem():
     teacher = model_of(compose_config("data=cifar10", "task=distill").task.teacher)
     arch = arch_of(teacher)
-    assert arch["builder"] == "timm" and arch["kwargs"]["model_name"] == "resnet18" and arch["kwargs"]["small_input"]
+    assert (arch["builder"], arch["name"], arch["kwargs"]["small_input"]) == ("timm", "resnet18", True)
     assert teacher.conv1.kernel_size == (3, 3) and isinstance(teacher.maxpool, nn.Identity)
     _same_function(teacher, torch.randn(2, 3, 32, 32))
 

@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         *SHORT,
         "task=distill",
         "task.distill_type=token",
-        "task.teacher.model_name=resnet10t",
+        "task.teacher.name=resnet10t",
         "hydra.run.dir=dt",
         cwd=cwd,
     )

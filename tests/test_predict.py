@@ -8,12 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tests.builders import data_of
 from tests.conftest import REPO, TINY, vitexp
 from vitexp import VitexpError
 from vitexp.data import eval_transform
@@ -118,7 +120,8 @@ def test_a_mixed_folder_with_bad_files_runs_without_training_code(trained, tmp_p
 def test_preprocessing_is_the_evaluation_transform(photos, crop_pct, interpolation):
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     card = {"input_size": [3, 32, 32], "mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": interpolation}
-    ours, timms = preprocess(card), eval_transform(32, mean, std, crop_pct, interpolation)
+    seen = {"img_size": 32, "mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": interpolation}
+    ours, timms = preprocess(card), eval_transform(replace(data_of("data=imagefolder", "data.root=x"), **seen))
     for path in sorted((photos / "train").rglob("*.*"))[::9]:
         image = load_image(str(path))
         assert torch.equal(ours(image), timms(image)), path

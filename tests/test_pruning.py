@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
-from tests.builders import model_of
+from tests.builders import model_of, prune_settings
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
 from vitexp.bench import prune_speed, prune_vs_scratch
+from vitexp.config import validate
 from vitexp.models import arch_of, build_from_arch, count_macs, count_params, timm_model
 from vitexp.pruning import global_layout, layout_of, prune, uniform_layout
 from vitexp.tasks.recipe import read_recipe
@@ -28,6 +29,12 @@ def _model():
     return model_of(compose_config("data=cifar10", "model.depth=3").model).eval()
 
 
+def _settings(ratio, importance="magnitude", **changes):
+    """task=prune's settings: `ratio` by `importance` in one round, uniform, exact widths, unless `changes` say."""
+    one = {"rounds": 1, "allocation": "uniform", "round_to": 1, "prune_embed": False}
+    return prune_settings(ratio=ratio, importance=importance, **(one | changes))
+
+
 def _pruned_arch(model, ratio):
     kwargs = dict(arch_of(model)["kwargs"])
     return {"builder": "vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout_of(model)}}
@@ -37,7 +44,7 @@ def _pruned_arch(model, ratio):
 def test_pruned_shapes_and_head_counts_are_consistent(importance):
     model = _model()
     calibration = [(X, torch.tensor([0, 1, 2]))]
-    layouts = prune(model, 0.5, importance, X[:1], steps=2, calibration=calibration)
+    layouts = prune(model, _settings(0.5, importance, rounds=2), X[:1], calibration)
     assert layouts[-1] == [[2, 256]] * 3 and layouts[0] == [[3, 384]] * 3
     for block in model.blocks:
         attn = block.attn
@@ -52,20 +59,20 @@ def test_pruned_shapes_and_head_counts_are_consistent(importance):
 def test_ratio_zero_is_the_identity():
     model = _model()
     expected = model(X)
-    prune(model, 0.0, "magnitude", X[:1])
+    prune(model, _settings(0.0), X[:1])
     torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
 
 
 def test_half_ratio_halves_params_and_macs():
     model = _model()
     params, macs = count_params(model), count_macs(model)
-    prune(model, 0.5, "magnitude", X[:1])
+    prune(model, _settings(0.5), X[:1])
     assert count_params(model) <= 0.55 * params and count_macs(model) <= 0.55 * macs
 
 
 def test_pruned_state_round_trips_through_arch_and_fused_attention_agrees():
     model = _model()
-    prune(model, 0.5, "magnitude", X[:1])
+    prune(model, _settings(0.5), X[:1])
     clone = build_from_arch(_pruned_arch(model, 0.5)).eval()
     clone.load_state_dict(model.state_dict())
     fused = clone(X)
@@ -132,13 +139,13 @@ def _globally_pruned(round_to=8):
         model.blocks[0].mlp.fc1.bias[:384] = 0
         model.blocks[1].attn.qkv.weight.view(3, 4, 64, -1)[:, :3] = 0
         model.blocks[1].attn.qkv.bias.view(3, 4, 64)[:, :3] = 0
-    prune(model, 0.5, "magnitude", X[:1], allocation="global", round_to=round_to)
+    prune(model, _settings(0.5, allocation="global", round_to=round_to), X[:1])
     return model
 
 
 def test_global_allocation_takes_from_the_weakest_blocks_at_uniforms_macs():
     uniform = _model()
-    prune(uniform, 0.5, "magnitude", X[:1])
+    prune(uniform, _settings(0.5), X[:1])
     model = _globally_pruned()
     layout = layout_of(model)
     assert layout[0][1] <= 136 and layout[1][0] == 1, layout  # the dead channels and heads went first
@@ -159,7 +166,8 @@ def test_rounding_gives_multiples_and_keeps_the_budget():
         assert sum(widths) == (5 * 300) // multiple * multiple and sum(h for h, _ in layout) == 10
     assert uniform_layout(2, 4, 512, 0.3, 8) == [[3, 360]] * 2 and uniform_layout(1, 4, 512, 0.3)[0][1] == 358
     model = _model()
-    prune(model, 0.3, "taylor", X[:1], calibration=[(X, torch.tensor([0, 1, 2]))], allocation="global", round_to=8)
+    calibration = [(X, torch.tensor([0, 1, 2]))]
+    prune(model, _settings(0.3, "taylor", allocation="global", round_to=8), X[:1], calibration)
     assert all(w % 8 == 0 for _, w in layout_of(model))
     assert sum(w for _, w in layout_of(model)) == 3 * 360
 
@@ -195,12 +203,10 @@ def test_global_layout_rebuilds_in_a_fresh_process_and_loads_weights_only(tmp_pa
 
 
 def test_bad_allocation_and_rounding_are_one_line_errors():
-    for kwargs, fragment in (
-        ({"allocation": "best"}, "task.allocation=best"),
-        ({"round_to": 1024}, "task.round_to=1024"),
-    ):
-        with pytest.raises(VitexpError, match=fragment):
-            prune(_model(), 0.5, "magnitude", X[:1], **kwargs)
+    with pytest.raises(VitexpError, match="task.allocation='best' is not valid: choose one of uniform, global"):
+        validate(compose_config("task=prune", "task.allocation=best"))
+    with pytest.raises(VitexpError, match="task.round_to=1024 must be at most the MLP width"):
+        prune(_model(), _settings(0.5, round_to=1024), X[:1])
 
 
 def test_prune_speed_bench_times_every_shape(capsys):

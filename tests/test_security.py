@@ -120,11 +120,11 @@ def test_a_hydra_config_that_names_code_is_refused_on_resume_and_auto_resume(hon
     shutil.copytree(honest, requeued)
     (requeued / "results.json").unlink()
     _before_first_checkpoint(requeued, sub_run=True)
-    _tamper_hydra_config(requeued, lambda config: config["data"]["splits"].update({"extra": copy}))
+    _tamper_hydra_config(requeued, lambda config: config["data"]["augment"].update({"extra": copy}))
     proc = vitexp(
         *TINY, "trainer.max_epochs=1", f"hydra.run.dir={requeued}", "auto_resume=true", cwd=tmp_path, check=False
     )
-    assert "data.splits.extra._target_" in _refused(proc)
+    assert "data.augment.extra._target_" in _refused(proc)
     _nothing_ran(marker, victim)
 
 
@@ -209,7 +209,7 @@ def test_resumed_config_takes_plain_values_and_refuses_code(tmp_path):
         "optim.optimizer._target_": lambda c: c["optim"]["optimizer"].update(_target_="shutil.rmtree"),
         "logger.name": lambda c: c["logger"].update(name="${oc.env:HOME}"),
         "data.mean[0]._args_": lambda c: c["data"].update(mean=[{"_args_": [1]}]),
-        "data.splits._partial_": lambda c: c["data"]["splits"].update(_partial_=True),
+        "data.augment._partial_": lambda c: c["data"]["augment"].update(_partial_=True),
     }
     for key, plant in attacks.items():
         evil = plain(cfg)

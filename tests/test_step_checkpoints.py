@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import splits_of
 from tests.conftest import compose_config
 from vitexp import engine, stop
-from vitexp.config import build
 from vitexp.data import CropFlip, DeviceLoader, ShardedSampler, make_loader, set_epoch, uniform_draws
 
 
 def test_a_samples_augmentation_depends_on_seed_epoch_and_index_only():
-    splits = build(compose_config().data.splits)  # digits: random crop and rotation on the worker path
+    splits = splits_of(compose_config())  # digits: random crop and rotation on the worker path
     plain = make_loader(splits.train, 32, 0, train=True)
     workers = make_loader(splits.train, 32, 2, train=True, persistent_workers=True)
     torch.manual_seed(1)

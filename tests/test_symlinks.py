@@ -27,6 +27,7 @@ from vitexp.export import write_folder
 from vitexp.models import build_from_arch
 from vitexp.records import EpochLog, read_metrics, write_results
 from vitexp.rundir import resume_point
+from vitexp.schema import Logger
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, optimization, restore
 
@@ -171,9 +172,18 @@ def test_every_writer_replaces_a_linked_file_and_refuses_a_linked_folder(tmp_pat
         plots.learning_curves(figure_rows, run / "plots" / "learning_curves.png", "t", root=run)
     (run / "wandb").symlink_to(folder)
     with pytest.raises(VitexpError, match="wandb is a symlink"):
-        tracking.start_wandb(
-            run, mode="offline", project="p", entity=None, group=None, tags=[], name=None, job_type="t", config={}
+        logger = Logger(
+            mode="offline",
+            name=None,
+            project="p",
+            entity=None,
+            group=None,
+            tags=[],
+            log_checkpoints=False,
+            log_every_n_steps=50,
+            init_timeout=60.0,
         )
+        tracking.start_wandb(run, logger, job_type="t", config={})
     _unchanged(victim, folder)
     # a stale temp file a killed writer left is removed as a link, never through it
     (run / "real").mkdir()

@@ -294,7 +294,7 @@ def test_timm_deit_prunes_and_distils_and_evaluate_reproduces(trained, tmp_path)
         f"ckpt_path={ckpt}",
         "task.distill_type=soft",
         "task.teacher_epochs=0",
-        "task.teacher.model_name=deit_tiny_patch16_224",
+        "task.teacher.name=deit_tiny_patch16_224",
         "task.teacher.small_input=false",
         f"task.teacher.pretrained={teacher}",
         "task.teacher.kwargs={" + ",".join(f"{k}:{v}" for k, v in SIZES.items()) + "}",

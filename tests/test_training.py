@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from tests.builders import prune_settings
 from tests.conftest import TINY, compose_config, metric_rows
 from vitexp import VitexpError, checkpoint, stop
 from vitexp.config import validate
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.models import build_from_arch
 from vitexp.tasks.distill import score_teacher
-from vitexp.tasks.prune import Pruning, finetune_recipe, measure_stage, prune_checkpoint
+from vitexp.tasks.prune import finetune_recipe, measure_stage, prune_checkpoint
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, fit, optimization, restore, sub_run, train_in
 
@@ -94,7 +95,9 @@ def test_prune_checkpoint_reports_each_stage_and_writes_a_rebuildable_pruned_mod
     out, _ = trained
     val = recipe.loaders[1]
     measure = functools.partial(measure_stage, recipe, val)
-    pruning = Pruning(0.5, "magnitude", 2, False, 1, "global", 8)
+    pruning = prune_settings(
+        ratio=0.5, importance="magnitude", rounds=2, prune_embed=False, allocation="global", round_to=8
+    )
     figures, points = prune_checkpoint(recipe, out / "checkpoints" / "best.pt", pruning, measure, tmp_path)
     assert [label for label, _ in points] == ["unpruned", "round 1", "round 2"]
     assert figures["pruned_params"] < figures["before_params"] and figures["pruned_macs"] < figures["before_macs"]
@@ -112,7 +115,7 @@ def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, train
     figures, _ = prune_checkpoint(
         recipe,
         out / "checkpoints" / "best.pt",
-        Pruning(0.5, "magnitude", 1, True, 1, "uniform", 8),
+        prune_settings(ratio=0.5, importance="magnitude", rounds=1, prune_embed=True, allocation="uniform", round_to=8),
         measure,
         tmp_path / "a",
     )
@@ -128,7 +131,9 @@ def test_a_narrowed_embedding_rebuilds_fine_tunes_and_prunes_again(recipe, train
     prune_checkpoint(
         recipe,
         tmp_path / "a" / "checkpoints" / "pruned.pt",
-        Pruning(0.5, "magnitude", 1, False, 1, "uniform", 8),
+        prune_settings(
+            ratio=0.5, importance="magnitude", rounds=1, prune_embed=False, allocation="uniform", round_to=8
+        ),
         measure,
         tmp_path / "b",
     )
@@ -140,7 +145,13 @@ def test_score_teacher_is_the_teachers_accuracy_through_the_students_preprocessi
     out, results = trained
     teacher, _ = checkpoint.load_model(out / "checkpoints" / "best.pt")
     distiller = Distiller(
-        nn.Identity(), teacher, recipe.data.mean, recipe.data.std, recipe.data.mean, recipe.data.std, 16
+        nn.Identity(),
+        teacher,
+        recipe.settings.data.mean,
+        recipe.settings.data.std,
+        recipe.settings.data.mean,
+        recipe.settings.data.std,
+        16,
     )
     # the same statistics on both sides: the teacher sees exactly what it was trained on, so its score is best.pt's
     assert score_teacher(recipe, TeacherOnly(distiller)) == pytest.approx(results["best_val_acc1"])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vitexp import VitexpError
+from vitexp.schema import Data
 
 Tensor = torch.Tensor
 
@@ -103,13 +103,6 @@ class DeviceAugment:
         *,
         compile: bool = False,
     ) -> None:
-        if policy not in POLICIES:
-            raise VitexpError(f"data.device_augment.policy={policy} is not one of {sorted(POLICIES)} (or null: off)")
-        if not 0 <= magnitude <= 10 or num_ops < 0 or not 0 <= magnitude_std < math.inf:
-            raise VitexpError(
-                f"data.device_augment: magnitude={magnitude} must be in [0, 10], num_ops={num_ops} >= 0 "
-                f"and magnitude_std={magnitude_std} finite and >= 0"
-            )
         self.policy, self.ops = policy, POLICIES[policy]
         self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
         self.op_prob, self.erase_prob = op_prob, erase_prob
@@ -317,3 +310,20 @@ def erase(x: Tensor, u: Tensor, prob: float) -> Tensor:
     mask = inside_r[:, :, None] & inside_c[:, None, :] & (u[:, 0] < prob)[:, None, None]
     colour = (u[:, 5 : 5 + c] * 256).floor().clamp(max=255)
     return torch.where(mask[:, None], colour[:, :, None, None], x)
+
+
+def device_augment(data: Data, *, compile: bool) -> DeviceAugment | None:
+    """`data.device_augment`'s policy (None when off), filling with `data.mean`; torch.compiled with `compile`."""
+    settings = data.device_augment
+    if settings.policy is None:
+        return None
+    return DeviceAugment(
+        policy=settings.policy,
+        num_ops=settings.num_ops,
+        magnitude=settings.magnitude,
+        magnitude_std=settings.magnitude_std,
+        op_prob=settings.op_prob,
+        erase_prob=settings.erase_prob,
+        fill=data.mean,
+        compile=compile,
+    )

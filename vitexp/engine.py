@@ -28,11 +28,11 @@ class StepSettings:
     """
 
     device: torch.device
-    autocast_dtype: torch.dtype | None = None
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    skip_nonfinite: bool = False
-    reduce: Reduce | None = None
+    autocast_dtype: torch.dtype | None
+    accumulate_grad_batches: int
+    gradient_clip_val: float | None
+    skip_nonfinite: bool
+    reduce: Reduce | None
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Monitor:
     progress: bool = False
     desc: str = "train"
     on_log: Callable[[int, dict[str, float]], None] | None = None
-    log_every_n_steps: int = 50
+    log_every_n_steps: int | None = None  # with `on_log`: logger.log_every_n_steps
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:

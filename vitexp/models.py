@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitexp import VitexpError
+from vitexp import VitexpError, schema
 from vitexp import pretrained as pretrained_weights
 from vitexp.files import printable
 from vitexp.pretrained import load as load_pretrained
@@ -63,8 +63,6 @@ def vit(
     prune run records it) or, when null, `ratio` of both removed uniformly; `embed_width`: a residual stream narrower
     than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels). `where`: the config node
     errors name."""
-    if ratio is not None and not 0 <= ratio < 1:
-        raise VitexpError(f"{where}.ratio={ratio} must be in [0, 1)")
     model = VisionTransformer(**kwargs)
     arch = dict(kwargs)
     if ratio is not None or layout:
@@ -400,6 +398,8 @@ def build_from_arch(arch: dict[str, Any], *, where: str = "model") -> nn.Module:
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise VitexpError(f"architecture {printable(repr(name))} has arguments that are {_PLAIN}; refused")
     check_arguments(builder, name, kwargs, where)
+    if kwargs.get("ratio") is not None:  # model.ratio's rule, for an arch from a file too
+        schema.check_value(schema.PrunedModel, "ratio", kwargs["ratio"], f"{where}.ratio")
     size, patch = kwargs.get("img_size"), kwargs.get("patch_size")
     if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch:
         fit = sorted({max(patch, size // patch * patch), size // patch * patch + patch})

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, files
 from vitexp.predict import CARD_FILE, CARD_FORMAT, INPUT, MODEL_FILE, OUTPUT, Engine, check_card, onnx_engine, require
+from vitexp.schema import Data, ImageData
 
 log = logging.getLogger("vitexp")
 
@@ -128,28 +129,29 @@ def validation_images(
 ) -> tuple[list[str], torch.Tensor]:
     """The class names of the checkpoint's data and `count` images of its validation split (the run's own seeded
     split), through the evaluation transform the card describes."""
-    from vitexp.data import digits_splits, eval_transform, image_splits
+    from vitexp.data import eval_transform, make_splits
 
     data, config = _data_config(saved), saved[checkpoint.CONFIG]
-    size = card["input_size"][1]
-    transform = eval_transform(size, card["mean"], card["std"], card["crop_pct"], card["interpolation"])
-    split = {"val_size": data.get("val_size"), "train_subset": data.get("train_subset"), "seed": config.get("seed")}
-    if data.get("name") == "digits":
-        splits = digits_splits(**split, train_transform=transform, eval_transform=transform)
+    seen = {
+        "name": str(data.get("name")),
+        "img_size": card["input_size"][1],
+        "in_chans": card["input_size"][0],
+        "mean": card["mean"],
+        "std": card["std"],
+        "crop_pct": card["crop_pct"],
+        "interpolation": card["interpolation"],
+        "val_size": data.get("val_size"),
+        "train_subset": data.get("train_subset"),
+    }
+    if seen["name"] == "digits":
+        typed = Data(**seen)
     else:
         root = data_root if data_root is not None else data.get("root")
         if not isinstance(root, (str, Path)):
             raise VitexpError("the checkpoint records no data.root; pass --data-root <the folder it was trained on>")
-        splits = image_splits(
-            str(data.get("name")),
-            str(root),
-            False,
-            **split,
-            train_transform=transform,
-            eval_transform=transform,
-            in_chans=card["input_size"][0],
-            check_images=False,
-        )
+        typed = ImageData(**seen, root=str(root), download=False, check_images=False)
+    transform = eval_transform(typed)
+    splits = make_splits(typed, config.get("seed"), transform, transform)
     return list(splits.classes), _first_readable(splits.val, count)
 
 

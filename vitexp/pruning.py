@@ -11,13 +11,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitexp import VitexpError
+from vitexp.schema import Prune
 
 IMPORTANCE = {
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
     "random": lambda: tp.importance.RandomImportance(),
 }
-ALLOCATIONS = ("uniform", "global")
 
 
 def layout_of(model: VisionTransformer) -> list[list[int]]:
@@ -135,30 +135,29 @@ def _set_heads(attn: Attention, heads: int) -> None:
 
 def prune(
     model: VisionTransformer,
-    ratio: float,
-    importance: str,
+    settings: Prune,
     example: torch.Tensor,
-    steps: int = 1,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     *,
-    prune_embed: bool = False,
     after_round: Callable[[int], None] | None = None,
-    allocation: str = "uniform",
-    round_to: int = 1,
 ) -> list[list[list[int]]]:
-    """Remove `ratio` of the heads and MLP channels in place, in `steps` rounds: the same share from every block
-    (`uniform`) or the least important across all blocks (`global`, equal totals, so equal MACs); MLP widths are
-    multiples of `round_to`.
+    """Remove `settings.ratio` of the heads and MLP channels in place, in `settings.rounds` rounds: the same share
+    from every block (`allocation` uniform) or the least important across all blocks (`global`, equal totals, so
+    equal MACs), ranked by `importance`; MLP widths are multiples of `round_to`; `prune_embed` narrows the residual
+    stream too.
 
     `calibration` batches give the gradients Taylor importance needs; `after_round(r)` runs after round r
     (e.g. to measure it). Returns the layout after each round.
     """
-    _check(model, ratio, importance, allocation, round_to)
+    ratio, importance, round_to, steps = settings.ratio, settings.importance, settings.round_to, settings.rounds
+    hidden = min(block.mlp.fc1.out_features for block in model.blocks)
+    if round_to > hidden:  # the schema checks the range; the width is this model's
+        raise VitexpError(f"task.round_to={round_to} must be at most the MLP width ({hidden})")
     # Only head groups (qkv rows and proj columns) and MLP hidden channels are roots; the embedding width
     # is kept unless asked for, since every residual connection shares it.
     ignored = [model.head] + (
         []
-        if prune_embed
+        if settings.prune_embed
         else [model.patch_embed.proj] + [b.attn.proj for b in model.blocks] + [b.mlp.fc2 for b in model.blocks]
     )
     tokens = {
@@ -174,28 +173,17 @@ def prune(
             model.zero_grad()
             for images, targets in calibration or []:
                 nn.functional.cross_entropy(model(images), targets).backward()
-        if allocation == "global":
+        if settings.allocation == "global":
             totals = [sum(column) for column in zip(*target)]
             target = global_layout(block_scores(model, importance, example, tokens), *totals, round_to)
-        embed = 1 - (round(embed0 * (1 - share)) + 0.5) / model.blocks[0].attn.qkv.in_features if prune_embed else 0
+        in_width = model.blocks[0].attn.qkv.in_features
+        embed = 1 - (round(embed0 * (1 - share)) + 0.5) / in_width if settings.prune_embed else 0
         _prune_to(model, target, importance, example, ignored, tokens, max(0.0, embed))
         layouts.append(layout_of(model))
         model.zero_grad(set_to_none=True)
         if after_round is not None:
             after_round(round_)
     return layouts
-
-
-def _check(model: VisionTransformer, ratio: float, importance: str, allocation: str, round_to: int) -> None:
-    if not 0 <= ratio < 1:
-        raise VitexpError(f"task.ratio={ratio} must be in [0, 1)")
-    if importance not in IMPORTANCE:
-        raise VitexpError(f"task.importance={importance} is not one of {', '.join(IMPORTANCE)}")
-    if allocation not in ALLOCATIONS:
-        raise VitexpError(f"task.allocation={allocation} is not one of {', '.join(ALLOCATIONS)}")
-    hidden = min(block.mlp.fc1.out_features for block in model.blocks)
-    if not isinstance(round_to, int) or not 1 <= round_to <= hidden:
-        raise VitexpError(f"task.round_to={round_to} must be a whole number from 1 to the MLP width ({hidden})")
 
 
 def block_scores(

@@ -4,7 +4,7 @@ what a job records of its start, whether it continues its folder, and the run a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vitexp import VitexpError, distributed, files, rundir, tracking
 from vitexp.config import command_line, continues_its_folder, plain, resumed, run_dir, validate
 from vitexp.files import printable
+from vitexp.schema import Logger
 
 log = logging.getLogger("vitexp")
 
@@ -214,17 +215,10 @@ def start_tracking(cfg: DictConfig, out: Path, run_id: str | None = None) -> Non
         return
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-    logger = cfg.logger
-    tracking.start_wandb(
-        out,
-        mode=logger.mode,
-        project=logger.project,
-        entity=logger.entity,
+    logger: Logger = OmegaConf.to_object(cfg.logger)
+    logger = replace(
+        logger,
         group=logger.group or (f"sweep-{sweep}" if sweep else None),
-        tags=list(logger.tags),
         name=logger.name or tracking.run_name(cfg.task.name, cfg.model.name, command_line()),
-        job_type=cfg.task.name,
-        config=plain(cfg),
-        run_id=run_id,
-        init_timeout=logger.init_timeout,
     )
+    tracking.start_wandb(out, logger, job_type=cfg.task.name, config=plain(cfg), run_id=run_id)

@@ -76,7 +76,7 @@ def _val_size() -> Any:
 class Trainer:
     max_epochs: int = _count()
     device: str = MISSING
-    precision: Any = choice("auto", "32", "bf16", "16")
+    precision: str = choice("auto", "32", "bf16", "16")
     accumulate_grad_batches: int = _count()
     gradient_clip_val: float | None = _optional_positive()
     ckpt_every_n_epochs: int = _non_negative_count()
@@ -103,80 +103,40 @@ class Optim:
     fused: Any = choice("auto", True, False)
     layer_decay: float | None = must("null or a number in (0, 1]", lambda v: v is None or (_number(v) and 0 < v <= 1))
     head_only_epochs: int = _non_negative_count()
-    min_lr: float = _non_negative()
     optimizer: Any = MISSING  # built with `_target_`: its keyword arguments are the optimizer's own
     scheduler: Any = MISSING
 
 
 @dataclass
-class TrainTransform:
-    _target_: str = MISSING
-    preset: str = MISSING
-    img_size: int = MISSING
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    interpolation: str = MISSING
-    hflip: float = MISSING
+class Augment:
+    """The per-image training augmentation of `data.transform`'s preset (crop_padding and hflip also on the device)."""
+
+    hflip: float = _weight()
     auto_augment: str | None = MISSING
-    re_prob: float = MISSING
-    crop_padding: int = MISSING
-    rotate: float = MISSING
+    re_prob: float = _weight()
+    crop_padding: int = _non_negative_count()
+    rotate: float = _non_negative()
     scale: list[float] = MISSING
     ratio: list[float] = MISSING
     color_jitter: float | None = MISSING
 
 
 @dataclass
-class EvalTransform:
-    _target_: str = MISSING
-    img_size: int = MISSING
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    crop_pct: float = MISSING
-    interpolation: str = MISSING
-
-
-@dataclass
-class Splits:
-    _target_: str = MISSING
-    val_size: Any = _val_size()  # a count (int) or a fraction (float): not one type
-    train_subset: int | None = _optional_count()
-    seed: int = MISSING
-    train_transform: TrainTransform = field(default_factory=TrainTransform)
-    eval_transform: EvalTransform = field(default_factory=EvalTransform)
-
-
-@dataclass
-class ImageSplits(Splits):
-    source: str = MISSING
-    root: str = MISSING
-    download: bool = MISSING
-    in_chans: int = MISSING
-    check_images: bool = MISSING
-    follow_links: bool = MISSING
-
-
-@dataclass
 class DeviceAugment:
-    _target_: str = MISSING
-    policy: str | None = MISSING
-    num_ops: int = MISSING
-    magnitude: float = MISSING
-    magnitude_std: float = MISSING
-    op_prob: float = MISSING
-    erase_prob: float = MISSING
-    fill: list[float] = MISSING
+    policy: str | None = choice(None, "trivial", "rand")
+    num_ops: int = _non_negative_count()
+    magnitude: float = must("a number in [0, 10]", lambda v: _number(v) and 0 <= v <= 10)
+    magnitude_std: float = _non_negative()
+    op_prob: float = _weight()
+    erase_prob: float = _weight()
 
 
 @dataclass
 class Mixup:
-    _target_: str = MISSING
     prob: float = _weight()
     mixup_alpha: float = MISSING
     cutmix_alpha: float = MISSING
     switch_prob: float = MISSING
-    label_smoothing: float = MISSING
-    num_classes: int = MISSING
 
 
 @dataclass
@@ -190,15 +150,15 @@ class Data:
     batch_size: int = _count()
     eval_batch_size: int = _count()
     num_workers: int = _non_negative_count()
-    transform: str = MISSING
-    interpolation: str = MISSING
-    crop_pct: float = MISSING
+    transform: str = choice("cifar", "imagenet")
+    interpolation: str = choice("bilinear", "bicubic", "nearest")
+    crop_pct: float = must("a number in (0, 1] (timm's ImageNet value is 0.875)", lambda v: _number(v) and 0 < v <= 1)
     on_device: bool = MISSING
-    device_augment: DeviceAugment = field(default_factory=DeviceAugment)
     persistent_workers: bool = MISSING
-    val_size: Any = _val_size()
+    val_size: Any = _val_size()  # a count (int) or a fraction (float): not one type
     train_subset: int | None = _optional_count()
-    splits: Splits = field(default_factory=Splits)
+    augment: Augment = field(default_factory=Augment)
+    device_augment: DeviceAugment = field(default_factory=DeviceAugment)
     mixup: Mixup = field(default_factory=Mixup)
 
 
@@ -208,7 +168,6 @@ class ImageData(Data):
     download: bool = MISSING
     check_images: bool = MISSING
     follow_links: bool = MISSING
-    splits: Splits = field(default_factory=ImageSplits)
 
 
 @dataclass
@@ -264,13 +223,33 @@ class TimmModel(Model):
 
 
 @dataclass
+class Teacher:
+    """A timm model by name, as `model=timm` builds it (`small_input` adapts ResNet stems to small images)."""
+
+    builder: str = MISSING
+    name: str = MISSING
+    img_size: int = MISSING
+    in_chans: int = MISSING
+    num_classes: int = MISSING
+    small_input: bool = MISSING
+    pretrained: Any = MISSING  # false, true or a path
+    kwargs: Any = MISSING  # null or timm's own keyword arguments, free-form
+
+
+@dataclass
+class Loss:
+    _target_: str = MISSING
+    label_smoothing: float = _fraction()
+
+
+@dataclass
 class Task:
     name: str = MISSING
 
 
 @dataclass
 class Train(Task):
-    loss: Any = MISSING
+    loss: Loss = field(default_factory=Loss)
 
 
 @dataclass
@@ -285,7 +264,7 @@ class Distill(Train):
     tau: float = _positive()
     teacher_ckpt: str | None = MISSING
     teacher_epochs: int = _non_negative_count()
-    teacher: Any = MISSING  # the teacher model node, as a model option
+    teacher: Teacher = field(default_factory=Teacher)
 
 
 @dataclass
@@ -345,6 +324,11 @@ SCHEMAS = {
 }
 
 
+def choices(schema: type, name: str) -> tuple[Any, ...]:
+    """The values field `name` of dataclass `schema` allows."""
+    return next(f.metadata["choices"] for f in fields(schema) if f.name == name)
+
+
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore (as schema/<name>), where the YAML's defaults lists find them."""
     store = ConfigStore.instance()
@@ -357,11 +341,21 @@ def check(settings: Any, prefix: str = "") -> None:
     choices or range."""
     for f in fields(settings):
         value, key = getattr(settings, f.name), f"{prefix}{f.name}"
-        if "ok" in f.metadata and not f.metadata["ok"](value):
-            raise VitexpError(f"{key}={value!r} is not valid: it must be {f.metadata['must']}")
-        allowed = f.metadata.get("choices")
-        if allowed is not None and value not in allowed and str(value) not in map(str, allowed):
-            spelled = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
-            raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(spelled)}")
+        _check_field(f, value, key)
         if is_dataclass(value):
             check(value, f"{key}.")
+
+
+def check_value(schema: type, name: str, value: Any, key: str) -> None:
+    """Refuse `value` for field `name` of `schema` in one line naming `key`, as `check` does: the field's rule for a
+    value that comes from elsewhere than the config (a checkpoint's arch)."""
+    _check_field(next(f for f in fields(schema) if f.name == name), value, key)
+
+
+def _check_field(f: Any, value: Any, key: str) -> None:
+    if "ok" in f.metadata and not f.metadata["ok"](value):
+        raise VitexpError(f"{key}={value!r} is not valid: it must be {f.metadata['must']}")
+    allowed = f.metadata.get("choices")
+    if allowed is not None and value not in allowed and str(value) not in map(str, allowed):
+        spelled = ("null" if a is None else str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+        raise VitexpError(f"{key}={value!r} is not valid: choose one of {', '.join(spelled)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vitexp import files
+from vitexp.schema import Logger
 
 log = logging.getLogger("vitexp")
 
@@ -18,25 +19,16 @@ _wandb_run = None
 
 
 def start_wandb(
-    run_dir: Path,
-    *,
-    mode: str,
-    project: str,
-    entity: str | None,
-    group: str | None,
-    tags: list[str],
-    name: str | None,
-    job_type: str,
-    config: dict[str, Any],
-    run_id: str | None = None,
-    init_timeout: float = 60.0,
+    run_dir: Path, logger: Logger, *, job_type: str, config: dict[str, Any], run_id: str | None = None
 ) -> None:
-    """Open the job's W&B run, its files in `run_dir`/wandb; `run_id` continues an earlier run (resume).
+    """Open the job's W&B run as `logger` says, its files in `run_dir`/wandb; `run_id` continues an earlier run
+    (resume).
 
     Online mode that cannot reach W&B (no network, no or bad API key) warns once and logs offline instead,
     so training never stops for the dashboard.
     """
     global _wandb_run
+    mode = logger.mode
     if mode == "disabled":
         return
     import wandb
@@ -45,19 +37,19 @@ def start_wandb(
     run_dir = Path(run_dir)
     files.make_folder(run_dir / "wandb", root=run_dir)  # wandb writes its files there: a link would take them away
     options = dict(
-        project=project,
-        entity=entity,
-        group=group,
-        tags=tags,
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group,
+        tags=list(logger.tags),
         job_type=job_type,
         config=config,
         dir=str(run_dir),
         id=run_id or secrets.token_hex(4),
         resume="allow" if run_id else None,
-        name=None if run_id else name,
+        name=None if run_id else logger.name,
     )
     try:
-        _wandb_run = wandb.init(**options, mode=mode, settings=wandb.Settings(init_timeout=init_timeout))
+        _wandb_run = wandb.init(**options, mode=mode, settings=wandb.Settings(init_timeout=logger.init_timeout))
     except Exception as e:  # wandb raises CommError, UsageError, TimeoutError, ... depending on what failed
         if mode != "online":
             raise

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitexp import VitexpError, checkpoint, distributed, engine, plots, stop, tracking
-from vitexp.data import LoaderSettings, Splits, set_epoch
+from vitexp.data import Splits, set_epoch
 from vitexp.hardware import Machine, precision_name, seed_everything
 from vitexp.models import (
     arch_of,
@@ -32,7 +32,7 @@ from vitexp.models import (
     without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
-from vitexp.schema import Config, Train
+from vitexp.schema import Config, Train, Trainer
 
 log = logging.getLogger("vitexp")
 # Called after each epoch (once its checkpoints are saved) with the epoch and its metrics: a search trial reports
@@ -49,7 +49,6 @@ class Recipe:
     settings: Config  # the loop reads its settings here; checkpoints keep them as plain data (`config`)
     machine: Machine  # the `auto` choices of settings.trainer made for this machine
     arch: dict[str, Any]  # the model to build (vitexp.models.BUILDERS)
-    data: LoaderSettings
     splits: Splits | None  # None: a benchmark of the step alone
     loaders: tuple[Iterable | None, Iterable | None]  # train, val, built once from `splits` and `data`
     optimizer: Callable[..., torch.optim.Optimizer]  # (param groups) -> optimizer
@@ -101,7 +100,7 @@ def fit(
     state = restore(last, model, opt, out) if last is not None else RunState()
     _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
     train_model, eval_model = _step_models(recipe, model)
-    records, settings = EpochLog(out, state.epoch, prefix, root), _step_settings(recipe)
+    records, settings = EpochLog(out, state.epoch, prefix, root), step_settings(trainer, recipe.machine)
     _announce(recipe, model, out)
     config = recipe.config
     saver = StepCheckpoints(
@@ -164,16 +163,15 @@ def _start_model(recipe: Recipe, last: dict[str, Any] | None) -> nn.Module:
     return model
 
 
-def _step_settings(recipe: Recipe) -> engine.StepSettings:
-    """How the engine computes each batch and takes each optimizer step."""
-    trainer, machine = recipe.settings.trainer, recipe.machine
+def step_settings(trainer: Trainer, machine: Machine) -> engine.StepSettings:
+    """How the engine computes each batch and takes each optimizer step, as `trainer` says on `machine`."""
     return engine.StepSettings(
-        machine.device,
-        machine.amp,
-        trainer.accumulate_grad_batches,
-        trainer.gradient_clip_val,
-        trainer.skip_nonfinite,
-        distributed.sum_all if distributed.world_size() > 1 else None,
+        device=machine.device,
+        autocast_dtype=machine.amp,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        gradient_clip_val=trainer.gradient_clip_val,
+        skip_nonfinite=trainer.skip_nonfinite,
+        reduce=distributed.sum_all if distributed.world_size() > 1 else None,
     )
 
 
@@ -317,7 +315,7 @@ def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
         f"{recipe.arch['name']}: {count_params(model) / 1e6:.2f}M params, {count_macs(model) / 1e6:.1f}M MACs/img | "
         f"{recipe.settings.data.name}: {len(splits.train)} train, {len(splits.val)} val | {machine.device}, "
         f"{precision_name(machine.amp)}{', compiled' if machine.compile else ''}"
-        f"{', data on device' if recipe.data.on_device else ''} | {out}"
+        f"{', data on device' if recipe.settings.data.on_device else ''} | {out}"
     )
 
 
@@ -417,7 +415,7 @@ def finish(
         "processes": distributed.world_size(),
         "params": count_params(model),
         "macs": count_macs(model),
-        "infer_img_per_s": inference_img_per_s(model, recipe.data.eval_batch_size, recipe.machine.amp),
+        "infer_img_per_s": inference_img_per_s(model, recipe.settings.data.eval_batch_size, recipe.machine.amp),
         "train_img_per_s": last_row.get("throughput/img_s"),
         "device": str(recipe.machine.device),
         "precision": precision_name(recipe.machine.amp),

@@ -142,10 +142,10 @@ def test_broken_image_files_are_skipped_and_counted(tmp_path, caplog):
     (root / "train" / "class0" / "fake.jpg").write_bytes(b"<html>not a jpeg</html>")
     (root / "train" / "class1" / "empty.png").write_bytes(b"")
     cfg = compose_config("data=imagefolder", f"data.root={root}", "data.val_size=0.25", "data.num_classes=2")
-    from vitexp.config import build
+    from tests.builders import splits_of
 
     with caplog.at_level(logging.WARNING, logger="vitexp"):
-        splits = build(cfg.data.splits)
+        splits = splits_of(cfg)
     assert len(splits.train) + len(splits.val) == 24
     assert f"skipped 3 files under {root / 'train'} that are not readable images" in caplog.text
 

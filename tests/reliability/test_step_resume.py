@@ -25,7 +25,7 @@ from vitexp import checkpoint
 
 LOADERS = {
     "workers": ["data.num_workers=2", "data.persistent_workers=true"],
-    "device": ["data.on_device=true", "data.splits.train_transform.rotate=0"],
+    "device": ["data.on_device=true", "data.augment.rotate=0"],
 }
 STEP_CHECKPOINTS = ["trainer.ckpt_every_n_steps=2"]
 FAULTS = ("step", "SIGTERM", "SIGUSR1", "step", "SIGINT", "SIGUSR2")

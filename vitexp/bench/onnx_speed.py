@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from torch import nn
 
 from vitexp import checkpoint
 from vitexp.bench.prune_speed import img_per_s
-from vitexp.config import config_dir, register_resolvers
+from vitexp.config import config_dir, register_resolvers, typed
 from vitexp.models import arch_from_config, build_from_arch, count_macs, input_shape
 from vitexp.onnx_export import to_onnx
 from vitexp.predict import INPUT, OUTPUT
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dense = (checkpoint.load_model(cfg.ckpt_path)[0] if cfg.ckpt_path else build_from_arch(arch)).eval()
     pruned = copy.deepcopy(dense)
     example = torch.zeros(1, *input_shape(dense))
-    prune(pruned, cfg.task.ratio, "magnitude", example, allocation=cfg.task.allocation, round_to=cfg.task.round_to)
+    prune(pruned, replace(typed(cfg).task, importance="magnitude", rounds=1), example)
     models = {"dense": dense, f"pruned_{cfg.task.ratio}": pruned}
     best = speeds(models, args.batches, args.repeats, args.min_s)
     table = rows(models, best, args.batches)

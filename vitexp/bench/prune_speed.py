@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,10 +29,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vitexp import checkpoint
-from vitexp.config import config_dir, register_resolvers
+from vitexp.config import config_dir, register_resolvers, typed
 from vitexp.hardware import autocast_dtype, precision_name, resolve_device
 from vitexp.models import arch_from_config, build_from_arch, count_macs, count_params, input_shape
 from vitexp.pruning import layout_of, prune
+from vitexp.schema import Prune
 
 DEFAULTS = ["task=prune", "data=cifar10"]
 
@@ -92,14 +94,16 @@ def speeds(
     return best
 
 
-def variants(dense: nn.Module, ratio: float, round_to: int) -> dict[str, nn.Module]:
-    """The dense model and its magnitude-pruned copies: uniform and global at `round_to` (and unrounded)."""
+def variants(dense: nn.Module, settings: Prune) -> dict[str, nn.Module]:
+    """The dense model and its copies magnitude-pruned to `settings.ratio` in one round: uniform and global at
+    `settings.round_to` (and unrounded)."""
     example = torch.zeros(1, *input_shape(dense), device=next(dense.parameters()).device)
     models = {"dense": dense}
     for allocation in ("uniform", "global"):
-        for multiple in dict.fromkeys((round_to, 1)):
+        for multiple in dict.fromkeys((settings.round_to, 1)):
             pruned = copy.deepcopy(dense)
-            prune(pruned, ratio, "magnitude", example, allocation=allocation, round_to=multiple)
+            one = replace(settings, importance="magnitude", rounds=1, allocation=allocation, round_to=multiple)
+            prune(pruned, one, example)
             if all(layout_of(pruned) != layout_of(m) for m in models.values()):  # the same shape is timed once
                 models[f"{allocation}_r{multiple}"] = pruned
     return models
@@ -157,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     arch = arch_from_config(OmegaConf.to_container(cfg.model, resolve=True))
     dense = checkpoint.load_model(cfg.ckpt_path)[0] if cfg.ckpt_path else build_from_arch(arch)
-    models = variants(dense.to(device).eval(), cfg.task.ratio, cfg.task.round_to)
+    models = variants(dense.to(device).eval(), typed(cfg).task)
     figures = speeds(
         models, args.batches, compiled=not args.no_compile, repeats=args.repeats, amp=amp, min_s=args.min_s
     )

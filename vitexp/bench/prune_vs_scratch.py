@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ from vitexp.bench.prune_speed import speeds  # noqa: E402
 from vitexp.config import config_dir, register_resolvers, validate  # noqa: E402
 from vitexp.data import make_loader  # noqa: E402
 from vitexp.hardware import seed_everything  # noqa: E402
-from vitexp.pruning import ALLOCATIONS  # noqa: E402
 from vitexp.records import completed  # noqa: E402
-from vitexp.tasks.prune import Pruning, finetune_recipe, measure_stage, prune_checkpoint  # noqa: E402
+from vitexp.schema import Prune, choices  # noqa: E402
+from vitexp.tasks.prune import finetune_recipe, measure_stage, prune_checkpoint  # noqa: E402
 from vitexp.tasks.recipe import read_recipe  # noqa: E402
 from vitexp.training import Recipe, fit, train_in  # noqa: E402
 
@@ -51,21 +52,15 @@ def compare(
     """Run every arm for every budget in `out`; returns one row per (method, allocation, budget), dense first."""
     task, source = cfg.task, cfg.ckpt_path
     recipe = read_recipe(cfg)
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    val = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     measure = functools.partial(measure_stage, recipe, val)
     shapes, rows = {}, []
     for allocation in allocations:
         folder = out / f"pruned_{allocation}"
         seed_everything(cfg.seed)
-        pruning = Pruning(
-            task.ratio,
-            task.importance,
-            task.rounds,
-            prune_embed=task.prune_embed,
-            calibration_batches=task.calibration_batches,
-            allocation=allocation,
-            round_to=task.round_to,
-        )
+        pruning = replace(recipe.settings.task, allocation=allocation)
         figures, _ = prune_checkpoint(recipe, source, pruning, measure, folder)
         shapes[allocation] = folder / "checkpoints" / "pruned.pt"
         rows.append(_row("pruned, no training", allocation, 0, figures["pruned_val_acc1"], figures["pruned_macs"]))
@@ -180,8 +175,8 @@ def _ints(text: str) -> list[int]:
 
 def _allocations(text: str) -> list[str]:
     names = text.split(",")
-    if not set(names) <= set(ALLOCATIONS):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(ALLOCATIONS)}")
+    if not set(names) <= set(allocations := choices(Prune, "allocation")):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allocations)}")
     return names
 
 

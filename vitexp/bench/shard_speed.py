@@ -18,41 +18,34 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
-from vitexp.data import eval_transform, image_splits, make_loader, set_epoch, train_transform
+from vitexp.config import config_dir, register_resolvers, typed
+from vitexp.data import eval_transform, make_loader, make_splits, set_epoch, train_transform
 from vitexp.shards import ShardSet
 from vitexp.shards import main as write_shards
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def _loader(root: Path, source: str, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    train = train_transform(
-        args.transform,
-        args.img_size,
-        MEAN,
-        STD,
-        "bilinear",
-        hflip=0.5,
-        auto_augment=None,
-        re_prob=0.0,
-        crop_padding=4,
-        rotate=0.0,
-        scale=(0.08, 1.0),
-        ratio=(0.75, 4 / 3),
-        color_jitter=0.4,
-    )
-    splits = image_splits(
-        source,
-        str(root),
-        download=False,
-        val_size=5000,
-        train_subset=None,
-        seed=0,
-        train_transform=train,
-        eval_transform=eval_transform(args.img_size, MEAN, STD, 1.0, "bilinear"),
-        check_images=False,
-    )
+def _loader(root: Path, name: str, args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    overrides = [
+        "data=imagefolder",
+        f"data.name={name}",
+        f"data.root={root}",
+        f"data.transform={args.transform}",
+        f"data.img_size={args.img_size}",
+        f"data.mean={list(MEAN)}",
+        f"data.std={list(STD)}",
+        "data.interpolation=bilinear",
+        "data.crop_pct=1.0",
+        "data.val_size=5000",
+        "data.check_images=false",
+    ]
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        data = typed(compose(config_name="config", overrides=overrides)).data
+    splits = make_splits(data, 0, train_transform(data), eval_transform(data))
     return make_loader(splits.train, args.batch_size, args.workers, train=True)
 
 

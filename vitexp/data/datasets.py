@@ -16,6 +16,7 @@ from torchvision import datasets
 from vitexp import VitexpError
 from vitexp.files import printable
 from vitexp.images import image_folder
+from vitexp.schema import Data, ImageData
 from vitexp.shards import INDEX, ShardSet
 
 TORCHVISION_SETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
@@ -76,12 +77,18 @@ def split_indices(n: int, val_size: int | float, train_subset: int | None, seed:
     return train, perm[:n_val]
 
 
-def digits_splits(
-    val_size: int | float, train_subset: int | None, seed: int, train_transform: Callable, eval_transform: Callable
-) -> Splits:
+def make_splits(data: Data, seed: int, train_transform: Callable, eval_transform: Callable) -> Splits:
+    """The splits of `data` (image files under `data.root` for an image data option, else the embedded digits),
+    val split off train by `seed` where the data has no val/ of its own."""
+    if isinstance(data, ImageData):
+        return image_splits(data, seed, train_transform, eval_transform)
+    return digits_splits(data, seed, train_transform, eval_transform)
+
+
+def digits_splits(data: Data, seed: int, train_transform: Callable, eval_transform: Callable) -> Splits:
     """The embedded digits, split into train and val by `seed`; no test split."""
     base = DigitImages()
-    train_idx, val_idx = split_indices(len(base), val_size, train_subset, seed)
+    train_idx, val_idx = split_indices(len(base), data.val_size, data.train_subset, seed)
     return Splits(
         TransformSubset(base, train_idx, train_transform),
         TransformSubset(base, val_idx, eval_transform),
@@ -90,25 +97,15 @@ def digits_splits(
     )
 
 
-def image_splits(
-    source: str,
-    root: str,
-    download: bool,
-    val_size: int | float,
-    train_subset: int | None,
-    seed: int,
-    train_transform: Callable,
-    eval_transform: Callable,
-    in_chans: int = 3,
-    check_images: bool = True,
-    follow_links: bool = True,
-) -> Splits:
-    """The images under `root`: shards (`python -m vitexp.shards`), an ImageFolder tree (train/, optional val/ and
-    test/), or torchvision's files for `source`; val is a seeded split of train unless the data has its own."""
-    path, mode = Path(root).expanduser(), {1: "L", 3: "RGB"}.get(in_chans)
+def image_splits(data: ImageData, seed: int, train_transform: Callable, eval_transform: Callable) -> Splits:
+    """The images under `data.root`: shards (`python -m vitexp.shards`), an ImageFolder tree (train/, optional val/
+    and test/), or torchvision's files for `data.name`; val is a seeded split of train unless the data has its own."""
+    path, mode = Path(data.root).expanduser(), {1: "L", 3: "RGB"}.get(data.in_chans)
     if mode is None:
-        raise VitexpError(f"data.in_chans={in_chans}: image files are read as grey (1) or RGB (3) channels")
-    bases = _image_bases(source, path, mode, download=download, check_images=check_images, follow_links=follow_links)
+        raise VitexpError(f"data.in_chans={data.in_chans}: image files are read as grey (1) or RGB (3) channels")
+    bases = _image_bases(
+        data.name, path, mode, download=data.download, check_images=data.check_images, follow_links=data.follow_links
+    )
     classes = list(bases["train"].classes)
     for split, base in bases.items():
         if list(base.classes) != classes:
@@ -117,9 +114,9 @@ def image_splits(
                 f"{printable(classes[:5])}...; give every split the same class folders"
             )
     if "val" in bases:
-        train_idx, val_idx = list(range(len(bases["train"])))[:train_subset], range(len(bases["val"]))
+        train_idx, val_idx = list(range(len(bases["train"])))[: data.train_subset], range(len(bases["val"]))
     else:
-        train_idx, val_idx = split_indices(len(bases["train"]), val_size, train_subset, seed)
+        train_idx, val_idx = split_indices(len(bases["train"]), data.val_size, data.train_subset, seed)
     test = bases.get("test")
     return Splits(
         TransformSubset(bases["train"], train_idx, train_transform),
@@ -130,12 +127,12 @@ def image_splits(
 
 
 def _image_bases(
-    source: str, path: Path, mode: str, *, download: bool, check_images: bool, follow_links: bool
+    name: str, path: Path, mode: str, *, download: bool, check_images: bool, follow_links: bool
 ) -> dict[str, Dataset]:
     """The splits found under `path`, by name (train, and val and test where the data has them)."""
     if (path / "train" / INDEX).is_file():
         return {s: ShardSet(path / s, mode) for s in ("train", "val", "test") if (path / s / INDEX).is_file()}
-    if source == "shards":
+    if name == "shards":
         raise VitexpError(
             f"no shards under data.root={path}: write them with python -m vitexp.shards <image folder> --out {path}"
         )
@@ -145,21 +142,19 @@ def _image_bases(
             for s in ("train", "val", "test")
             if (path / s).is_dir()
         }
-    if source in TORCHVISION_SETS:
+    if name in TORCHVISION_SETS:
         if not download and not path.is_dir():
-            raise VitexpError(
-                f"data.root={path} does not exist: point it at {source}'s files or set data.download=true"
-            )
-        return dict(zip(("train", "test"), _torchvision_set(source, path, download=download)))
+            raise VitexpError(f"data.root={path} does not exist: point it at {name}'s files or set data.download=true")
+        return dict(zip(("train", "test"), _torchvision_set(name, path, download=download)))
     raise VitexpError(f"no train/ folder under data.root={path}: lay the images out as {path}/train/<class>/*.jpg")
 
 
-def _torchvision_set(source: str, root: Path, *, download: bool) -> tuple[Dataset, Dataset]:
-    cls = TORCHVISION_SETS[source]
+def _torchvision_set(name: str, root: Path, *, download: bool) -> tuple[Dataset, Dataset]:
+    cls = TORCHVISION_SETS[name]
     try:
         return cls(root, train=True, download=download), cls(root, train=False, download=download)
     except (RuntimeError, urllib.error.URLError, OSError) as e:
         raise VitexpError(
-            f"{source} not found under data.root={root} and not downloadable ({type(e).__name__}): put torchvision's "
+            f"{name} not found under data.root={root} and not downloadable ({type(e).__name__}): put torchvision's "
             f"files or an ImageFolder tree (train/<class>/*.jpg) there, or set data.root to where they are"
         ) from None

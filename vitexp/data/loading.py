@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitexp import VitexpError, distributed
+from vitexp.augment import DeviceAugment
 from vitexp.data.datasets import Splits
 from vitexp.data.on_device import DeviceLoader, to_device
 from vitexp.data.sampling import SeededSamples, ShardedSampler, per_rank_batch
+from vitexp.schema import Data
 
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """How splits become batches: the `data.*` settings the loaders read (batch sizes are global under torchrun)."""
-
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
-    persistent_workers: bool
-    on_device: bool
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_padding: int
-    hflip: float
-    worker_only: tuple[str, ...] = ()  # augmentations switched on that only the worker path runs
-    transform: str = "cifar"  # the augmentation preset
-    device_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # on-device policy
-
-
+# Augmentations that only the worker path (data.on_device=false) runs.
+WORKER_ONLY = ("rotate", "auto_augment", "re_prob")
 # what the device path runs instead of a worker-only augmentation
 ON_DEVICE_INSTEAD = {
     "auto_augment": "data.device_augment.policy=rand",
@@ -85,60 +68,65 @@ def set_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int, start_ba
     sampler.set_epoch(seed, epoch, start_batch)
 
 
-def loaders(settings: LoaderSettings, splits: Splits, device: torch.device) -> tuple[Iterable, Iterable]:
-    """Train and val loaders of this rank's share: worker processes over the transforms, or with `on_device` the
+def loaders(
+    data: Data, splits: Splits, device: torch.device, device_augment: DeviceAugment | None
+) -> tuple[Iterable, Iterable]:
+    """Train and val loaders of this rank's share: worker processes over the transforms, or with `data.on_device` the
     splits held on the device as uint8 and cropped, flipped, augmented by `device_augment` and normalised there."""
-    if len(splits.train) < settings.batch_size:
+    if len(splits.train) < data.batch_size:
         raise VitexpError(
-            f"{len(splits.train)} train images make no full batch of {settings.batch_size}; lower data.batch_size"
+            f"{len(splits.train)} train images make no full batch of {data.batch_size}; lower data.batch_size"
         )
-    if settings.on_device:
-        return _device_loaders(settings, splits, device)
-    return _worker_loaders(settings, splits, device)
-
-
-def _worker_loaders(s: LoaderSettings, splits: Splits, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """Loaders whose worker processes decode and transform each sample."""
-    if s.device_augment is not None:
+    if data.on_device:
+        return _device_loaders(data, splits, device, device_augment)
+    if device_augment is not None:
         raise VitexpError(
             "data.device_augment runs with data.on_device=true only; set data.on_device=true or "
             "data.device_augment.policy=null"
         )
+    return _worker_loaders(data, splits, device)
+
+
+def _worker_loaders(data: Data, splits: Splits, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """Loaders whose worker processes decode and transform each sample."""
     rank, world, pin = distributed.rank(), distributed.world_size(), device.type == "cuda"
-    shared = {"persistent_workers": s.persistent_workers, "pin_memory": pin, "rank": rank, "world": world}
-    train = make_loader(splits.train, s.batch_size, s.num_workers, train=True, **shared)
-    val = make_loader(splits.val, s.eval_batch_size, s.num_workers, train=False, **shared)
+    shared = {"persistent_workers": data.persistent_workers, "pin_memory": pin, "rank": rank, "world": world}
+    train = make_loader(splits.train, data.batch_size, data.num_workers, train=True, **shared)
+    val = make_loader(splits.val, data.eval_batch_size, data.num_workers, train=False, **shared)
     return train, val
 
 
-def _device_loaders(s: LoaderSettings, splits: Splits, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+def _device_loaders(
+    data: Data, splits: Splits, device: torch.device, device_augment: DeviceAugment | None
+) -> tuple[DeviceLoader, DeviceLoader]:
     """Loaders over the splits decoded once and held on `device`; the worker-only augmentations are refused."""
-    if s.transform != "cifar":
+    if data.transform != "cifar":
         raise VitexpError(
             f"data.on_device=true holds the images at one size and shifts and flips them there, but "
-            f"data.transform={s.transform} crops each photo from its full size; set data.on_device=false"
+            f"data.transform={data.transform} crops each photo from its full size; set data.on_device=false"
         )
-    if s.worker_only:
-        key = s.worker_only[0]
+    if worker_only := [key for key in WORKER_ONLY if getattr(data.augment, key)]:
+        key = worker_only[0]
         instead = f" (use {ON_DEVICE_INSTEAD[key]} instead)" if key in ON_DEVICE_INSTEAD else ""
         raise VitexpError(
-            f"data.on_device=true does not run train_transform.{key}: set data.splits.train_transform."
-            f"{key}=0 (or null){instead}, or data.on_device=false"
+            f"data.on_device=true does not run data.augment.{key}: set data.augment.{key}=0 (or null){instead}, "
+            f"or data.on_device=false"
         )
-    rank, world = distributed.rank(), distributed.world_size()
-    train_data = to_device(splits.train, s.img_size, device, s.num_workers)
+    rank, world, aug = distributed.rank(), distributed.world_size(), data.augment
+    mean, std = tuple(map(float, data.mean)), tuple(map(float, data.std))
+    train_data = to_device(splits.train, data.img_size, device, data.num_workers)
     train = DeviceLoader(
         *train_data,
-        s.batch_size,
+        data.batch_size,
         train=True,
-        mean=s.mean,
-        std=s.std,
+        mean=mean,
+        std=std,
         rank=rank,
         world=world,
-        crop_padding=s.crop_padding,
-        hflip=s.hflip,
-        policy=s.device_augment,
+        crop_padding=aug.crop_padding,
+        hflip=aug.hflip,
+        policy=device_augment,
     )
-    val_data = to_device(splits.val, s.img_size, device, s.num_workers)
-    val = DeviceLoader(*val_data, s.eval_batch_size, train=False, mean=s.mean, std=s.std, rank=rank, world=world)
+    val_data = to_device(splits.val, data.img_size, device, data.num_workers)
+    val = DeviceLoader(*val_data, data.eval_batch_size, train=False, mean=mean, std=std, rank=rank, world=world)
     return train, val

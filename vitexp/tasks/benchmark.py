@@ -23,7 +23,7 @@ from vitexp.hardware import precision_name, seed_everything
 from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
 from vitexp.records import write_results
 from vitexp.tasks.recipe import read_recipe
-from vitexp.training import Recipe, optimization
+from vitexp.training import Recipe, optimization, step_settings
 
 log = logging.getLogger("vitexp")
 
@@ -59,8 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     flops_per_batch = train_flops(model, recipe.loss, *_batch(batch, shape, recipe), machine.amp)
     compile_mode = settings.trainer.compile_mode
     step_model = torch.compile(model, mode=compile_mode, dynamic=False) if machine.compile else model
-    trainer = settings.trainer
-    step = engine.StepSettings(machine.device, machine.amp, trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+    step = step_settings(settings.trainer, machine)
 
     def timed(n: int, epoch: int) -> float:
         if isinstance(data, SyntheticBatches):

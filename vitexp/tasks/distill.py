@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     given = _teacher(task.teacher_ckpt, data) if task.teacher_ckpt else None  # a bad teacher fails first
     if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
-        given = _built_teacher(arch_from_config(task.teacher), data)
+        given = _built_teacher(arch_from_config(asdict(task.teacher)), data)
     recipe = read_recipe(run.cfg)
     if given:
-        teacher_path = (
-            task.teacher_ckpt or f"{task.teacher['model_name']} ({task.teacher['pretrained'] or 'random init'})"
-        )
+        teacher_path = task.teacher_ckpt or f"{task.teacher.name} ({task.teacher.pretrained or 'random init'})"
     else:
-        arch = arch_from_config(task.teacher)
+        arch = arch_from_config(asdict(task.teacher))
         teacher_path = train_in(recipe, run.out / "teacher", arch, task.teacher_epochs, model_key="task.teacher")
     teacher, saved, statistics, size = given or _teacher(teacher_path, data)
     teacher = teacher.to(recipe.machine.device)
 
     def with_teacher(student: nn.Module) -> Distiller:
-        return Distiller(student, teacher, recipe.data.mean, recipe.data.std, *statistics, size)
+        return Distiller(student, teacher, recipe.settings.data.mean, recipe.settings.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
     log.info(
@@ -113,5 +111,7 @@ def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:
     """The teacher's top-1 accuracy on this run's validation split, through the student's preprocessing."""
-    loader = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    loader = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     return evaluate_on(recipe, scorer, loader)[0]["acc1"]

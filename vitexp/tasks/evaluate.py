@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,8 +13,8 @@ from torch import nn
 
 from vitexp import VitexpError, checkpoint, engine, plots
 from vitexp.checkpoint import check_resume_fields
-from vitexp.config import build, run_dir, typed
-from vitexp.data import make_loader
+from vitexp.config import run_dir, typed
+from vitexp.data import eval_transform, make_loader, make_splits
 from vitexp.files import printable
 from vitexp.hardware import Machine, choose, seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
@@ -46,15 +47,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(seed)
     machine = choose(settings.trainer, fused=settings.optim.fused)
     model.to(machine.device)
-    transform = build(cfg.data.splits.eval_transform, img_size=size)  # the size the model was trained at
-    splits = build(
-        cfg.data.splits,
-        seed=seed,
-        val_size=val_size,
-        train_subset=train_subset,
-        train_transform=transform,
-        eval_transform=transform,
-    )
+    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size)  # the size it was trained at
+    transform = eval_transform(seen)
+    splits = make_splits(seen, seed, transform, transform)
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
     pin = machine.device.type == "cuda"
     loader = make_loader(dataset, data.eval_batch_size, data.num_workers, train=False, pin_memory=pin)

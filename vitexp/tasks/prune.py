@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from vitexp.models import count_macs, count_params, inference_img_per_s, input_s
 from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
 from vitexp.runs import open_run
+from vitexp.schema import Prune
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, evaluate_on, fit, train_in
 
@@ -33,41 +34,20 @@ SWEEP_METRIC = "best_val_acc1"
 Measure = Callable[[nn.Module, str], dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class Pruning:
-    """What to remove: `ratio` of the heads and MLP channels, ranked by `importance`, in `rounds`, from every block
-    alike or across blocks (`allocation`), MLP widths multiples of `round_to`."""
-
-    ratio: float
-    importance: str
-    rounds: int
-    prune_embed: bool
-    calibration_batches: int  # train batches whose gradients Taylor importance reads
-    allocation: str
-    round_to: int
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prune `ckpt_path` (or a model trained here first) to `task.ratio`, fine-tune, report every stage."""
     run = open_run(cfg)
     recipe = read_recipe(run.cfg)
     settings, task = recipe.settings, recipe.settings.task
-    val = make_loader(recipe.splits.val, recipe.data.eval_batch_size, recipe.data.num_workers, train=False)
+    val = make_loader(
+        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+    )
     measure = functools.partial(measure_stage, recipe, val)
     pruned_path = run.out / "checkpoints" / "pruned.pt"
     if run.last is None:
         seed_everything(settings.seed)
         source = settings.ckpt_path or train_in(recipe, run.out / "unpruned", recipe.arch, task.train_epochs)
-        pruning = Pruning(
-            task.ratio,
-            task.importance,
-            task.rounds,
-            task.prune_embed,
-            task.calibration_batches,
-            task.allocation,
-            task.round_to,
-        )
-        figures, points = prune_checkpoint(recipe, source, pruning, measure, run.out)
+        figures, points = prune_checkpoint(recipe, source, task, measure, run.out)
         if task.finetune_epochs == 0:
             results = {"task": "prune", "model": "pruned", **figures, "status": "completed"}
             write_results(run.out, results)
@@ -92,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def prune_checkpoint(
-    recipe: Recipe, source: str | Path, pruning: Pruning, measure: Measure, out: Path
+    recipe: Recipe, source: str | Path, pruning: Prune, measure: Measure, out: Path
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     """Prune the ViT in `source`, measuring it before and after each round; writes checkpoints/pruned.pt,
     prune.json and the accuracy-vs-MACs plot. Returns the figures for results.json and the plot's points."""
@@ -123,25 +103,19 @@ def prune_checkpoint(
     return figures, points
 
 
-def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Pruning, measure: Measure) -> list[dict[str, Any]]:
+def _prune_rounds(recipe: Recipe, model: nn.Module, pruning: Prune, measure: Measure) -> list[dict[str, Any]]:
     """Prune `model` in place over `pruning.rounds` rounds; the figures measured after each."""
     device = recipe.machine.device
     calibration = None
     if pruning.importance == "taylor":  # first-order importance needs a few real batches
-        train = make_loader(recipe.splits.train, recipe.data.batch_size, recipe.data.num_workers, train=True)
+        train = make_loader(
+            recipe.splits.train, recipe.settings.data.batch_size, recipe.settings.data.num_workers, train=True
+        )
         calibration = [(x.to(device), y.to(device)) for (x, y), _ in zip(train, range(pruning.calibration_batches))]
     rounds: list[dict[str, Any]] = []
+    example = torch.zeros(1, *input_shape(model), device=device)
     prune(
-        model,
-        pruning.ratio,
-        pruning.importance,
-        torch.zeros(1, *input_shape(model), device=device),
-        pruning.rounds,
-        calibration,
-        prune_embed=pruning.prune_embed,
-        after_round=lambda r: rounds.append(measure(model, f"pruning round {r}")),
-        allocation=pruning.allocation,
-        round_to=pruning.round_to,
+        model, pruning, example, calibration, after_round=lambda r: rounds.append(measure(model, f"pruning round {r}"))
     )
     return rounds
 
@@ -198,17 +172,17 @@ def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
     """The fine-tuning recipe with the unpruned model as a frozen teacher (hard distillation, weight `alpha`)."""
     teacher, _ = checkpoint.load_model(source)
     teacher.to(tune.machine.device)
-    mean, std = tune.data.mean, tune.data.std
+    mean, std = tune.settings.data.mean, tune.settings.data.std
     return replace(
         tune,
-        wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.data.img_size),
+        wrap=lambda student: Distiller(student, teacher, mean, std, mean, std, tune.settings.data.img_size),
         loss=DistillationLoss(tune.loss, "hard", alpha, 1.0),
     )
 
 
 def measure_stage(recipe: Recipe, val: Any, model: nn.Module, stage: str) -> dict[str, Any]:
     """Val top-1, size, MACs, throughput at the eval batch size and latency at batch 1, logged as one line."""
-    machine, batch = recipe.machine, recipe.data.eval_batch_size
+    machine, batch = recipe.machine, recipe.settings.data.eval_batch_size
     metrics, _ = evaluate_on(recipe, model, val)
     figures = {
         "val_acc1": metrics["acc1"],

@@ -6,31 +6,30 @@ from __future__ import annotations
 import functools
 
 from omegaconf import DictConfig
+from timm.data import Mixup
 
 from vitexp import VitexpError
+from vitexp.augment import device_augment
 from vitexp.config import build, plain, typed
-from vitexp.data import LoaderSettings, loaders
+from vitexp.data import eval_transform, loaders, make_splits, train_transform
 from vitexp.hardware import choose
 from vitexp.models import arch_from_config
+from vitexp.schema import Data, Loss
 from vitexp.training import Recipe
 
-# Augmentations that only the worker path (data.on_device=false) runs.
-WORKER_ONLY = ("rotate", "auto_augment", "re_prob")
 
-
-def loader_settings(data: DictConfig, *, compile: bool) -> LoaderSettings:
-    """What the loaders take from `data` (its device augmentation built, torch.compiled when the model is)."""
-    augment = data.splits.train_transform
-    same = ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "on_device", "img_size")
-    return LoaderSettings(
-        **{key: data[key] for key in same},
-        mean=tuple(map(float, data.mean)),
-        std=tuple(map(float, data.std)),
-        crop_padding=augment.crop_padding,
-        hflip=augment.hflip,
-        worker_only=tuple(key for key in WORKER_ONLY if augment[key]),
-        transform=data.transform,
-        device_augment=build(data.device_augment, compile=compile) if data.device_augment.policy else None,
+def mixup(data: Data, loss: Loss) -> Mixup | None:
+    """timm's Mixup/CutMix of `data.mixup` (None when off); its mixed targets carry `loss.label_smoothing`."""
+    m = data.mixup
+    if m.prob == 0:
+        return None
+    return Mixup(
+        mixup_alpha=m.mixup_alpha,
+        cutmix_alpha=m.cutmix_alpha,
+        prob=m.prob,
+        switch_prob=m.switch_prob,
+        label_smoothing=loss.label_smoothing,
+        num_classes=data.num_classes,
     )
 
 
@@ -39,23 +38,22 @@ def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
     arch, data (splits and loaders, built once; without them for a step timed on synthetic batches), optimizer,
     schedule, mixup and loss."""
     settings = typed(cfg)
-    machine = choose(settings.trainer, fused=settings.optim.fused)
-    splits = build(cfg.data.splits) if with_data else None
-    if splits is not None and len(splits.classes) != settings.data.num_classes:
-        raise VitexpError(
-            f"data has {len(splits.classes)} classes but data.num_classes={settings.data.num_classes}; set it"
-        )
+    data, machine = settings.data, choose(settings.trainer, fused=settings.optim.fused)
+    splits = make_splits(data, settings.seed, train_transform(data), eval_transform(data)) if with_data else None
+    if splits is not None and len(splits.classes) != data.num_classes:
+        raise VitexpError(f"data has {len(splits.classes)} classes but data.num_classes={data.num_classes}; set it")
     fused = {"fused": True} if machine.fused else {}
-    data = loader_settings(cfg.data, compile=machine.compile)
+    mixer = mixup(data, settings.task.loss)
+    augment = device_augment(data, compile=machine.compile)
     return Recipe(
         settings=settings,
         machine=machine,
         arch=arch_from_config(plain(cfg.model)),
-        data=data,
         splits=splits,
-        loaders=loaders(data, splits, machine.device) if splits is not None else (None, None),
+        loaders=loaders(data, splits, machine.device, augment) if splits is not None else (None, None),
         optimizer=functools.partial(build(cfg.optim.optimizer), **fused),
         scheduler=build(cfg.optim.scheduler),
-        mixup=build(cfg.data.mixup) if settings.data.mixup.prob > 0 else None,
-        loss=build(cfg.task.loss),
+        mixup=mixer,
+        # with mixup the mixed targets carry the smoothing: the loss adds none of its own
+        loss=build(cfg.task.loss, label_smoothing=0.0) if mixer else build(cfg.task.loss),
     )
