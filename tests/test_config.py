@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError
-from vitexp.config import config_dir, plain, resumed, validate
+from vitexp.config import config_dir, plain, validate
+from vitexp.runs import resumed
 
 CONF = Path(config_dir())
 GROUPS = {

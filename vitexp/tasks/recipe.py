@@ -12,6 +12,7 @@ from vitexp.config import build, plain, typed
 from vitexp.data import LoaderSettings, loaders
 from vitexp.hardware import choose
 from vitexp.models import arch_from_config
+from vitexp.schema import Config
 from vitexp.training import Recipe
 
 # Augmentations that only the worker path (data.on_device=false) runs.
@@ -34,11 +35,11 @@ def loader_settings(data: DictConfig, *, compile: bool) -> LoaderSettings:
     )
 
 
-def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
-    """The training recipe `cfg` describes: its typed settings and the machine's choices for them, the model's
-    arch, data (splits and loaders, built once; without them for a step timed on synthetic batches), optimizer,
-    schedule, mixup and loss."""
-    settings = typed(cfg)
+def read_recipe(cfg: DictConfig, *, with_data: bool = True, settings: Config | None = None) -> Recipe:
+    """The training recipe `cfg` describes: its typed settings (`settings` when the job typed them already) and the
+    machine's choices for them, the model's arch, data (splits and loaders, built once; without them for a step
+    timed on synthetic batches), optimizer, schedule, mixup and loss."""
+    settings = settings or typed(cfg)
     machine = choose(settings.trainer, fused=settings.optim.fused)
     splits = build(cfg.data.splits) if with_data else None
     if splits is not None and len(splits.classes) != settings.data.num_classes:
