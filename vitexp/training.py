@@ -86,10 +86,8 @@ def fit(
     after_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` in `out`, from `last` (a loaded last.pt) when given; returns the figures of results.json.
-    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json; `root`: the job's
-    run folder that holds `out` (no symlinked folder from it down is written through); `after_epoch(epoch,
-    metrics)` once each epoch's checkpoints are saved (a search trial reports to its pruner, and may stop the run by
-    raising)."""
+    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json; `root`: the job's run
+    folder that holds `out`; `after_epoch(epoch, metrics)` once an epoch's checkpoints are saved (a search trial)."""
     started, trainer, seed, root = time.perf_counter(), recipe.settings.trainer, recipe.settings.seed, root or out
     if last is not None:
         _resuming(last, out)
