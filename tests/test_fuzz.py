@@ -432,7 +432,7 @@ def test_honest_inputs_pass_every_entry_point(world):
     model, _ = fz.call("checkpoint.load_model", p, [], lambda: checkpoint.load_model(run / "checkpoints" / "last.pt"))
     assert model is not None
     point = runs.resume_point(run)
-    assert point.last["epoch"] == 1
+    assert point.last.epoch == 1
     runs.resumed(world.cfg, point.config, point.overrides, str(run), [f"resume={run}"])
     dataset = shards.ShardSet(world.shards)
     assert len(dataset) == 6 and dataset[5][1] in (0, 1)
