@@ -15,11 +15,13 @@ import hydra
 import hydra.utils
 import pytest
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY, vitexp
 from vitexp import VitexpError
 from vitexp.config import build, hydra_settings
+from vitexp.runs import _override
 
 pytestmark = pytest.mark.hydra14
 ONE_EPOCH = [*TINY, "trainer.max_epochs=1"]
@@ -104,3 +106,16 @@ def test_instantiate_builds_only_trusted_targets():
 @pytest.mark.skipif(hasattr(hydra.utils, "execution_whitelist"), reason="Hydra 1.4 takes no version_base")
 def test_hydra_13_is_told_its_version_base():
     assert hydra_settings() == {"version_base": "1.3"}
+
+
+@pytest.mark.parametrize(
+    "folder", ["outputs/train/baseline/t", "/r/a b", "/r/x,y", "/r/it's", "/r/a=b", "/r/é", "/r/b\\"]
+)
+def test_a_decided_folder_reaches_hydra_as_it_is(folder):
+    (parsed,) = OverridesParser.create().parse_overrides([_override("hydra.run.dir", folder)])
+    assert parsed.value() == folder and not parsed.is_sweep_override()
+
+
+def test_a_folder_hydra_would_read_as_an_interpolation_is_one_line():
+    with pytest.raises(VitexpError, match=r"holds '\$\{'; rename the folder"):
+        _override("hydra.run.dir", "/r/${oc.env:HOME}")

@@ -43,7 +43,7 @@ CODE_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # Nodes of free-form keyword arguments (timm's): a run's own keys are kept on resume, not checked against vitexp's.
 FREE_FORM = ("model.kwargs", "task.teacher.kwargs")
 # A folder Hydra is told as an override: as it is when the override grammar reads it so, else quoted.
-PLAIN_VALUE = re.compile(r"[\w./+@-]+")
+PLAIN_VALUE = re.compile(r"[\w./+@-]+", re.ASCII)
 
 
 # -- before Hydra starts: the command line checked, the run or sweep folder decided -------------------------------
@@ -104,11 +104,15 @@ def _one_job(override: str) -> str | None:
 
 
 def _override(key: str, folder: Path | str) -> str:
-    """`key=<folder>` as Hydra's override grammar reads it back."""
+    """`key=<folder>` as Hydra's override grammar reads it back: plain, or quoted (a backslash before a quote, or at
+    the end, doubled; a quote escaped)."""
     value = str(folder)
+    if "${" in value:  # OmegaConf would read it as an interpolation
+        raise VitexpError(f"{printable(value)} holds '${{'; rename the folder or pick another {key}")
     if PLAIN_VALUE.fullmatch(value):
         return f"{key}={value}"
-    return f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+    escaped = re.sub(r"(\\+)('|$)", lambda m: m.group(1) * 2 + m.group(2), value).replace("'", "\\'")
+    return f"{key}='{escaped}'"
 
 
 def _refuse_missing(cfg: DictConfig) -> None:
