@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests import cli
-from vitexp.config import config_dir, register_resolvers
+from vitexp.config import config_dir, register_resolvers, version_base
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
@@ -40,7 +40,7 @@ def metric_rows(path: Path) -> list[dict[str, str]]:
 def compose_config(*overrides: str, hydra: bool = False):
     """The composed config as `python -m vitexp` would see it (with the hydra node when asked)."""
     register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 

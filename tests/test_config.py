@@ -17,8 +17,9 @@ from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError
 from vitexp.augment import device_augment
-from vitexp.config import config_dir, plain, resumed, typed, validate
+from vitexp.config import config_dir, plain, typed, validate
 from vitexp.data import eval_transform, train_transform
+from vitexp.runs import resumed
 from vitexp.tasks.recipe import mixup
 
 CONF = Path(config_dir())

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from vitexp.config import config_dir, register_resolvers
+from vitexp.config import config_dir, register_resolvers, version_base
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -197,7 +197,7 @@ def _parser_of(module_name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[argpa
 def _hydra():
     """vitexp's config folder, initialised once for all the commands a test composes."""
     register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         yield
 
 

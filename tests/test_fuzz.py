@@ -27,7 +27,7 @@ from PIL import Image
 from tests import fuzz_inputs as fz
 from tests import handed
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp import checkpoint, config, models, predict, report, rundir, search, shards, sweeps
+from vitexp import checkpoint, models, predict, report, runs, search, shards, sweeps
 
 # (fast, slow) cases per entry point: the fast ones keep the default suite within its budget on two cores.
 PROFILES = {"fast": dict(max_examples=1, derandomize=True), "slow": dict(max_examples=1, derandomize=False)}
@@ -244,13 +244,11 @@ def _resume(world: World, p: fz.Plant, run: Path) -> None:
     from vitexp.training import restore
 
     command = [f"resume={run}", "trainer.max_epochs=2"]
-    fz.call("config.resume_overrides", p, [run], lambda: config.resume_overrides(command))
-    point = fz.call("rundir.resume_point", p, [run], lambda: rundir.resume_point(run))
+    fz.call("runs.resume_overrides", p, [run], lambda: runs.resume_overrides(command))
+    point = fz.call("runs.resume_point", p, [run], lambda: runs.resume_point(run))
     if point is None:
         return
-    fz.call(
-        "config.resumed", p, [run], lambda: config.resumed(world.cfg, point.config, point.overrides, str(run), command)
-    )
+    fz.call("runs.resumed", p, [run], lambda: runs.resumed(world.cfg, point.config, point.overrides, str(run), command))
     if point.last is not None:
         model = models.build_from_arch(world.ckpt["arch"])
         fz.call("training.restore", p, [run], lambda: restore(point.last, model, _optimization(model), run))
@@ -320,8 +318,8 @@ def _sweep(world: World, data) -> None:
     argv = ["-m", *started, f"hydra.sweep.dir={sweep}"]
     fz.call("sweeps.check_command", p, [sweep], lambda: sweeps.check_command(argv))
     fz.call("search.load_study", p, [sweep], lambda: search.load_study(sweep / search.JOURNAL_FILE, name="s"))
-    fz.call("rundir.earlier_job", p, [sweep], lambda: rundir.earlier_job(job, JOB))
-    fz.call("rundir.output_subdir", p, [sweep], lambda: rundir.output_subdir(None, str(job), "MULTIRUN", JOB))
+    fz.call("runs.earlier_job", p, [sweep], lambda: runs.earlier_job(job, JOB))
+    fz.call("runs.output_subdir", p, [sweep], lambda: runs.output_subdir(None, str(job), "MULTIRUN", JOB))
 
 
 # --- 4. shard folders ----------------------------------------------------------------------------------------------
@@ -696,9 +694,9 @@ def test_honest_inputs_pass_every_entry_point(world):
     run = _copy_run(world, p.root / "run", checkpoints=True)
     model, _ = fz.call("checkpoint.load_model", p, [], lambda: checkpoint.load_model(run / "checkpoints" / "last.pt"))
     assert model is not None
-    point = rundir.resume_point(run)
-    assert point.last["epoch"] == 1
-    config.resumed(world.cfg, point.config, point.overrides, str(run), [f"resume={run}"])
+    point = runs.resume_point(run)
+    assert point.last.epoch == 1
+    runs.resumed(world.cfg, point.config, point.overrides, str(run), [f"resume={run}"])
     dataset = shards.ShardSet(world.shards)
     assert len(dataset) == 6 and dataset[5][1] in (0, 1)
     assert search.load_study(world.base / "study" / search.JOURNAL_FILE, name="s").trials[0].value == 0.5

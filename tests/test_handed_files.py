@@ -305,10 +305,10 @@ def test_handed_folders_untouched_after_refusals(tmp_path, capsys):
 
 def test_a_resume_refusal_prints_a_crafted_key_as_text():
     from tests.conftest import TINY, compose_config
-    from vitexp import config
+    from vitexp import runs
 
     saved = {"model": {"\x1b[2J": {"_target_": "os.system"}}}
     with pytest.raises(VitexpError) as refused:
-        config.resumed(compose_config(*TINY), saved, [], "run\x1b]0;x", [])
+        runs.resumed(compose_config(*TINY), saved, [], "run\x1b]0;x", [])
     assert "model.\\x1b[2J._target_ would name code" in str(refused.value)
     assert not any(c in str(refused.value) for c in "\x1b\n\x07")

@@ -1,4 +1,5 @@
-"""The run life cycle (`vitexp.runs`): the config composed once per process, and Hydra's errors in one line."""
+"""The run life cycle (`vitexp.runs`): the command line checked before Hydra starts, the config typed once per job,
+and Hydra's errors in one line."""
 
 from __future__ import annotations
 
@@ -15,26 +16,27 @@ from omegaconf.errors import ConfigAttributeError
 from tests.conftest import REPO, TINY, compose_config
 from vitexp.__main__ import _one_line
 
-# `python -m vitexp ARGS` that records, per rank, each composition of the config and each job it runs, in order.
+# `python -m vitexp ARGS` that records, per rank, each composition of the config, each job it runs and each typing
+# of a config into its settings, in order.
 COUNTING = """
 import atexit, json, os, sys
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 import vitexp.__main__ as entry
+import vitexp.runs, vitexp.tasks.recipe
 
 events, out = [], sys.argv[1]
 sys.argv = ["vitexp", *sys.argv[2:]]
-compose, job = ConfigLoaderImpl.load_configuration, entry._job
+compose, job, typed = ConfigLoaderImpl.load_configuration, entry._job, vitexp.runs.typed
 
-def counted_compose(self, *args, **kwargs):
-    events.append("compose")
-    return compose(self, *args, **kwargs)
+def counted(name, function):
+    def call(*args, **kwargs):
+        events.append(name)
+        return function(*args, **kwargs)
+    return call
 
-def counted_job(cfg):
-    events.append("job")
-    return job(cfg)
-
-ConfigLoaderImpl.load_configuration = counted_compose
-entry._job = counted_job
+ConfigLoaderImpl.load_configuration = counted("compose", compose)
+entry._job = counted("job", job)
+vitexp.runs.typed = vitexp.tasks.recipe.typed = counted("typed", typed)
 atexit.register(lambda: open(os.path.join(out, os.environ.get("RANK", "0") + ".json"), "w").write(json.dumps(events)))
 entry.main()
 """
@@ -55,23 +57,34 @@ def _events(tmp_path: Path, *args: str, nproc: int = 1) -> dict[str, list[str]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
 
 
-def test_a_plain_run_composes_its_config_once(tmp_path):
-    assert _events(tmp_path, *TINY, "trainer.max_epochs=1") == {"0": ["compose", "job"]}
+def _jobs(events: list[str]) -> list[list[str]]:
+    """The events of each job, from its start to the next job's (or the end)."""
+    starts = [i for i, event in enumerate(events) if event == "job"]
+    return [events[i : (starts[n + 1] if n + 1 < len(starts) else len(events))] for n, i in enumerate(starts)]
 
 
-def test_each_sweep_job_composes_its_config_once(tmp_path):
-    events = _events(tmp_path, "--multirun", *TINY, "trainer.max_epochs=1", "seed=0,1")
-    # the sweep's; Hydra's basic sweeper composing each job of the batch to refuse a bad one before any runs; then
-    # each job's own, once
-    checks = ["compose", "compose"]
-    assert events == {"0": ["compose", *checks, "compose", "job", "compose", "job"]}
+def test_a_plain_run_is_checked_before_its_job_which_types_its_config_once(tmp_path):
+    (events,) = _events(tmp_path, *TINY, "trainer.max_epochs=1").values()
+    before = events[: events.index("job")]
+    assert set(before) == {"compose", "typed"} and before.count("typed") == 1  # the check before Hydra starts
+    assert _jobs(events) == [["job", "typed"]]
+    (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
+    (tmp_path / "again").mkdir()
+    resumed = _events(tmp_path / "again", f"resume={run}", "trainer.max_epochs=2")
+    assert _jobs(resumed["0"]) == [["job", "typed"]]  # the resumed run's own settings, typed once
+
+
+def test_each_sweep_job_types_its_config_once(tmp_path):
+    (events,) = _events(tmp_path, "--multirun", *TINY, "trainer.max_epochs=1", "seed=0,1").values()
+    # each job composed by Hydra's launcher before it starts, then typed once
+    assert _jobs(events) == [["job", "typed", "compose"], ["job", "typed"]]
     (sweep,) = (tmp_path / "multirun_outputs").iterdir()
     assert all((sweep / job / ".hydra" / "config.yaml").is_file() for job in ("0", "1"))
 
 
-def test_each_torchrun_rank_composes_its_config_once(tmp_path):
+def test_each_torchrun_rank_runs_its_job_once_in_one_folder(tmp_path):
     events = _events(tmp_path, *TINY, "trainer.max_epochs=1", nproc=2)
-    assert events == {"0": ["compose", "job"], "1": ["compose", "job"]}
+    assert [_jobs(rank) for rank in events.values()] == [[["job", "typed"]]] * 2
     (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()  # one folder, picked by rank 0
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "results.json").is_file()
 

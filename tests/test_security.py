@@ -13,8 +13,8 @@ import yaml
 
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
-from vitexp.config import plain, resumed, saved_choices
-from vitexp.rundir import resume_point
+from vitexp.config import plain
+from vitexp.runs import resume_point, resumed, saved_choices
 
 SECRET = "vitexp-test-secret-4f1c"
 

@@ -19,7 +19,7 @@ from tests import fuzz_inputs as fz
 from tests.conftest import TINY, compose_config, vitexp
 from tests.test_security import Payload
 from vitexp import VitexpError
-from vitexp.rundir import earlier_job, output_subdir
+from vitexp.runs import earlier_job, output_subdir
 from vitexp.search import JOURNAL_FILE as STUDY_FILE
 from vitexp.search import Search, declared_search, launch_check, load_study, storage
 from vitexp.sweeps import check_command

@@ -20,7 +20,7 @@ from tests import cli
 from tests.conftest import TINY, vitexp
 from vitexp import VitexpError
 from vitexp.report import aggregate, pareto_front, summarize
-from vitexp.rundir import earlier_job, fresh_dir, output_subdir
+from vitexp.runs import earlier_job, fresh_dir, output_subdir
 from vitexp.search import JOURNAL_FILE as STUDY_FILE
 from vitexp.search import load_study
 from vitexp.sweeps import check_command

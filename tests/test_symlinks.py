@@ -10,6 +10,7 @@ import logging.config
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,13 +21,11 @@ from omegaconf import OmegaConf
 
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint, files, plots, tracking
-from vitexp.__main__ import _preflight
 from vitexp.checkpoint import check_resume_fields
-from vitexp.config import resume_overrides
 from vitexp.export import write_folder
 from vitexp.models import build_from_arch
 from vitexp.records import EpochLog, read_metrics, write_results
-from vitexp.rundir import resume_point
+from vitexp.runs import prepare, resume_overrides, resume_point
 from vitexp.schema import Logger
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import RunState, checkpoint_state, optimization, restore
@@ -111,7 +110,7 @@ def test_auto_resume_refuses_a_folder_that_holds_a_symlink_before_hydra(honest, 
     (run / "metrics.csv").unlink()
     (run / "metrics.csv").symlink_to(victim)
     with pytest.raises(VitexpError, match="metrics.csv is a symlink"):
-        _preflight([*TINY, f"hydra.run.dir={run}", "auto_resume=true"])
+        prepare([*TINY, f"hydra.run.dir={run}", "auto_resume=true"])
     _unchanged(victim, folder)
 
 
@@ -337,5 +336,5 @@ def test_a_state_that_does_not_fit_the_run_is_one_line_on_resume(tmp_path):
     state = checkpoint_state(model, optimization(recipe, model, 3), RunState(), recipe.config)
     for part, edit in (("optimizer", {"state": {}, "param_groups": []}), ("rng", {"python": 3})):
         with pytest.raises(VitexpError, match=f"its {part} state does not fit this run") as refused:
-            restore({**state, part: edit}, model, optimization(recipe, model, 3), tmp_path)
+            restore(replace(state, **{part: edit}), model, optimization(recipe, model, 3), tmp_path)
         assert "\n" not in str(refused.value)

@@ -18,8 +18,8 @@ from timm.models import adapt_input_conv
 from tests.builders import build
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint, engine
-from vitexp.config import resumed
 from vitexp.models import build_from_arch
+from vitexp.runs import resumed
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import optimization
 

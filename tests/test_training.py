@@ -56,7 +56,7 @@ def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_on
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"], saved["position"]["batch"]) == (0, 1, 1)  # saved after that step
     monkeypatch.setattr(stop, "_requested", [])
-    fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
+    fit(recipe, tmp_path, checkpoint.load_training_state(tmp_path / "checkpoints" / "last.pt"))
     reference, _ = trained
     assert metric_rows(tmp_path / "metrics.csv") == metric_rows(reference / "metrics.csv")
     ours, theirs = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path, reference))
@@ -70,10 +70,10 @@ def test_the_checkpoint_state_restores_model_optimizer_schedule_and_run_state(re
     model(torch.randn(2, 1, 16, 16)).sum().backward()
     opt.optimizer.step()
     state = RunState(epoch=3, step=9, best_acc1=0.5, val_images=100, metrics={"best_val_acc1": 0.5, "epoch": 3})
-    checkpoint.save(checkpoint_state(model, opt, state, recipe.config), tmp_path / "last.pt")
+    checkpoint.save(checkpoint_state(model, opt, state, recipe.config).state_dict(), tmp_path / "last.pt")
     again = build_from_arch(recipe.arch)
     again_opt = optimization(recipe, again, batches_per_epoch=3)
-    assert restore(checkpoint.load(tmp_path / "last.pt"), again, again_opt, tmp_path) == state
+    assert restore(checkpoint.load_training_state(tmp_path / "last.pt"), again, again_opt, tmp_path) == state
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert again_opt.optimizer.state_dict()["state"].keys() == opt.optimizer.state_dict()["state"].keys()
 

@@ -8,7 +8,7 @@ import random
 import shutil
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ POSITION = "position"
 WANDB_RUN_ID = "wandb_run_id"
 VERSION = "version"
 FORMAT = "format"
+# The fields of a mid-epoch `position` besides its epoch (`Position`)
+BATCH = "batch"
+SUMS = "sums"
 # The fields of a checkpoint's `arch`: a builder of `vitexp.models.BUILDERS`, a name, and the builder's arguments
 BUILDER = "builder"
 NAME = "name"
@@ -66,6 +69,25 @@ WEIGHTS_KEYS = (MODEL, ARCH, EPOCH, STEP, CONFIG, METRICS, VERSION, FORMAT)
 
 
 @dataclass
+class Position:
+    """Where a mid-epoch checkpoint stands: its epoch, the batches done in it, and each rank's running sums (the
+    state dicts of `engine.EpochSums`)."""
+
+    epoch: int
+    batch: int
+    sums: list[dict[str, Any]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's `position` entry."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Position:
+        """A `position` entry of a loaded checkpoint (checked by `check_resume_fields`)."""
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+@dataclass
 class TrainingState:
     """What a checkpoint holds: the weights and the `arch` a fresh process rebuilds them into, the states an exact
     resume puts back (optimizer, scheduler, GradScaler, EMA, every generator), where the run stands (epoch,
@@ -85,7 +107,7 @@ class TrainingState:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     val_images: int | None = None
-    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place: epoch, batch, each rank's running sums
+    position: Position | None = None  # a mid-epoch checkpoint's place
     wandb_run_id: str | None = None
     version: str = __version__
     format: int = FORMAT_VERSION
@@ -93,13 +115,18 @@ class TrainingState:
     def state_dict(self, *, resumable: bool = True) -> dict[str, Any]:
         """The checkpoint dict, keyed by `KEYS` (`WEIGHTS_KEYS` for a file that is not `resumable`): tensors and
         plain containers that `torch.load(weights_only=True)` reads."""
-        return {key: getattr(self, key) for key in (KEYS if resumable else WEIGHTS_KEYS)}
+        state = {key: getattr(self, key) for key in (KEYS if resumable else WEIGHTS_KEYS)}
+        if state.get(POSITION) is not None:
+            state[POSITION] = self.position.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the fields a checkpoint dict holds (one `load` checked); a key it lacks keeps its default."""
         for key in KEYS:
             if key in state:
                 setattr(self, key, state[key])
+        if isinstance(self.position, dict):
+            self.position = Position.from_state(self.position)
 
 
 def save(checkpoint: dict[str, Any], path: str | Path, root: str | Path | None = None) -> None:
@@ -298,7 +325,7 @@ def _mistyped(source: str | Path, key: str, why: str) -> VitexpError:
 def _valid_position(position: dict[str, Any]) -> bool:
     """A mid-epoch place as a mid-epoch save writes it, each rank's sums shaped as the engine's running sums are."""
     template = engine.EpochSums(torch.device("cpu"), skip_nonfinite=False).state_dict()
-    sums = position.get("sums")
+    sums = position.get(SUMS)
 
     def same(value: Any, like: Any) -> bool:
         if torch.is_tensor(like):
@@ -312,7 +339,7 @@ def _valid_position(position: dict[str, Any]) -> bool:
             and all(same(state[k], v) for k, v in template.items())
         )
 
-    numbers = [position.get("epoch"), position.get("batch")]
+    numbers = [position.get(EPOCH), position.get(BATCH)]
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
     return whole and isinstance(sums, list) and bool(sums) and all(fits(state) for state in sums)
 

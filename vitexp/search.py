@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -413,14 +413,12 @@ def live_workers(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def reporting(sweeper: Any, sweep_dir: str, number: int) -> Iterator[None]:
-    """While a job of a search with a pruner runs, its trial (`number`) reports the validation top-1 after each
-    epoch and stops (`Pruned`) when the pruner says so; the study is reached through its storage, so a job in
-    another process reports too. Nothing for other sweeps."""
-    from vitexp import training
-
+def reporting(sweeper: Any, sweep_dir: str, number: int) -> Iterator[Callable[[int, dict[str, Any]], None] | None]:
+    """While a job of a search with a pruner runs, the epoch callback of its run (`training.fit`'s `after_epoch`):
+    its trial (`number`) reports the validation top-1 after each epoch and stops (`Pruned`) when the pruner says so;
+    the study is reached through its storage, so a job in another process reports too. None for other sweeps."""
     if OmegaConf.select(sweeper, "_target_") != SWEEPER or OmegaConf.select(sweeper, "pruner") is None:
-        yield
+        yield None
         return
     import optuna
     from hydra.utils import instantiate
@@ -435,8 +433,4 @@ def reporting(sweeper: Any, sweep_dir: str, number: int) -> Iterator[None]:
         if trial.should_prune():
             raise Pruned(epoch, float(metrics["best_val_acc1"]))
 
-    training.epoch_hooks.append(report)
-    try:
-        yield
-    finally:
-        training.epoch_hooks.remove(report)
+    yield report

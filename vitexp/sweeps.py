@@ -1,6 +1,6 @@
 """Sweeps that continue in their folder: the command a sweep folder was started with, read as data, and the sweeper
 that runs Optuna searches made known to Hydra. What each job of a sweep run again does with its own folder is
-`rundir.earlier_job`'s; the Optuna study a search keeps there is `vitexp.search`'s."""
+`runs.earlier_job`'s; the Optuna study a search keeps there is `vitexp.search`'s."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ log = logging.getLogger("vitexp")
 
 
 def register_sweeper() -> None:
-    """Make vitexp's Optuna sweeper known to Hydra, also where Hydra's scan of hydra_plugins cannot list it (an
-    editable install, hydra issue 3252)."""
+    """Make vitexp's Optuna sweeper known to Hydra (Hydra's public `Plugins.register`): Hydra 1.4 finds it by its
+    entry point, Hydra 1.3 by scanning hydra_plugins, which cannot list an editable install (hydra issue 3252)."""
     from hydra.core.plugins import Plugins
 
     from hydra_plugins.vitexp_sweeper import OptunaSweeper

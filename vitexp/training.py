@@ -35,9 +35,6 @@ from vitexp.records import EpochLog, completed, read_metrics, write_results
 from vitexp.schema import Config, Train, Trainer
 
 log = logging.getLogger("vitexp")
-# Called after each epoch (once its checkpoints are saved) with the epoch and its metrics: a search trial reports
-# to its pruner here, and may stop the run by raising.
-epoch_hooks: list[Callable[[int, dict[str, Any]], None]] = []
 
 
 @dataclass(frozen=True)
@@ -74,21 +71,22 @@ class RunState:
     best_acc1: float = -1.0
     val_images: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place: epoch, batch, each rank's sums
+    position: checkpoint.Position | None = None  # where a mid-epoch checkpoint resumed from
 
 
 def fit(
     recipe: Recipe,
     out: Path,
-    last: dict[str, Any] | None = None,
+    last: checkpoint.TrainingState | None = None,
     *,
     prefix: str = "",
     extra_results: dict[str, Any] | None = None,
     root: Path | None = None,
+    after_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` in `out`, from `last` (a loaded last.pt) when given; returns the figures of results.json.
-    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json; `root`: the job's
-    run folder that holds `out` (no symlinked folder from it down is written through)."""
+    A sub-run logs to the job's W&B run under `prefix`; `extra_results` join its results.json; `root`: the job's run
+    folder that holds `out`; `after_epoch(epoch, metrics)` once an epoch's checkpoints are saved (a search trial)."""
     started, trainer, seed, root = time.perf_counter(), recipe.settings.trainer, recipe.settings.seed, root or out
     if last is not None:
         _resuming(last, out)
@@ -132,17 +130,16 @@ def fit(
             save_checkpoints(ckpt, out, is_best, trainer.ckpt_every_n_epochs, root)
             saver.saved()
             stop.check_stop()
-            for hook in epoch_hooks:
-                hook(epoch, state.metrics)
+            if after_epoch is not None:
+                after_epoch(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
 
 
-def _resuming(last: dict[str, Any], out: Path) -> None:
-    """Check a loaded last.pt's run-state fields and say where the run continues."""
-    checkpoint.check_resume_fields(last, out / "checkpoints" / "last.pt")
-    where = f", mid-epoch at batch {last['position']['batch']}" if last.get("position") else ""
-    log.info(f"resuming {out} from epoch {last['epoch']} (step {last['step']}{where})")
+def _resuming(last: checkpoint.TrainingState, out: Path) -> None:
+    """Say where the run continues."""
+    where = f", mid-epoch at batch {last.position.batch}" if last.position is not None else ""
+    log.info(f"resuming {out} from epoch {last.epoch} (step {last.step}{where})")
 
 
 def _monitor(recipe: Recipe, records: EpochLog, epoch: int) -> engine.Monitor:
@@ -151,7 +148,7 @@ def _monitor(recipe: Recipe, records: EpochLog, epoch: int) -> engine.Monitor:
     return engine.Monitor(recipe.machine.progress, f"epoch {epoch}", per_step, recipe.settings.logger.log_every_n_steps)
 
 
-def _start_model(recipe: Recipe, last: dict[str, Any] | None) -> nn.Module:
+def _start_model(recipe: Recipe, last: checkpoint.TrainingState | None) -> nn.Module:
     """The model on its device: built, then given `ckpt_path`'s weights when a new run starts from them."""
     init = recipe.settings.ckpt_path
     # pretrained weights are read only when nothing else brings them (a resumed run's last.pt, ckpt_path)
@@ -229,10 +226,9 @@ def _step_models(recipe: Recipe, model: nn.Module) -> tuple[nn.Module, nn.Module
     return compile(train_model), compile(model)
 
 
-def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, out: Path) -> RunState:
-    """Put the model, optimizer, schedule, GradScaler, EMA and every random generator back as `last` holds them."""
-    source, saved = out / "checkpoints" / "last.pt", checkpoint.TrainingState()
-    saved.load_state_dict(last)
+def restore(saved: checkpoint.TrainingState, model: nn.Module, opt: engine.Optimization, out: Path) -> RunState:
+    """Put the model, optimizer, schedule, GradScaler, EMA and every random generator back as `saved` holds them."""
+    source = out / "checkpoints" / "last.pt"
     checkpoint.load_weights(model, saved.model, str(source))
     parts = {
         checkpoint.OPTIMIZER: (opt.optimizer, saved.optimizer),
@@ -251,9 +247,9 @@ def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, ou
 def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
     """Where `epoch` begins: at its first batch, or where the mid-epoch checkpoint resumed from left it."""
     at = state.position
-    if at is None or at["epoch"] != epoch:
+    if at is None or at.epoch != epoch:
         return engine.EpochStart()
-    return engine.EpochStart(at["batch"], engine.sums_for_rank(at["sums"], distributed.rank()))
+    return engine.EpochStart(at.batch, engine.sums_for_rank(at.sums, distributed.rank()))
 
 
 class StepCheckpoints:
@@ -301,10 +297,10 @@ class StepCheckpoints:
 
     def save(self, epoch: int, step: int, batch: int, sums: engine.EpochSums) -> None:
         """Write last.pt at this step (rank 0; every rank's sums gathered)."""
-        ckpt = checkpoint_state(self.model, self.opt, replace(self.state, step=step), self.config)
-        ckpt[checkpoint.POSITION] = {"epoch": epoch, "batch": batch, "sums": distributed.gather(sums.state_dict())}
+        position = checkpoint.Position(epoch, batch, distributed.gather(sums.state_dict()))
+        ckpt = checkpoint_state(self.model, self.opt, replace(self.state, step=step), self.config, position)
         if distributed.is_main():
-            checkpoint.save(ckpt, self.out / "checkpoints" / "last.pt", self.root)
+            checkpoint.save(ckpt.state_dict(), self.out / "checkpoints" / "last.pt", self.root)
         distributed.barrier()
         self.last = time.monotonic()
 
@@ -351,8 +347,15 @@ def evaluate_on(recipe: Recipe, model: nn.Module, loader: Iterable, **kwargs: An
     )
 
 
-def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState, config: dict) -> dict[str, Any]:
-    """The checkpoint dict: everything an exact resume needs, and the `arch` a fresh process rebuilds from."""
+def checkpoint_state(
+    model: nn.Module,
+    opt: engine.Optimization,
+    state: RunState,
+    config: dict,
+    position: checkpoint.Position | None = None,
+) -> checkpoint.TrainingState:
+    """The checkpoint: everything an exact resume needs, and the `arch` a fresh process rebuilds from; `position`:
+    a mid-epoch checkpoint's place (None at an epoch's end)."""
     return checkpoint.TrainingState(
         model=model.state_dict(),
         arch=arch_of(model),
@@ -366,16 +369,19 @@ def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState
         config=config,
         metrics=state.metrics,
         val_images=state.val_images,
+        position=position,
         wandb_run_id=tracking.wandb_run_id(),
-    ).state_dict()
+    )
 
 
-def save_checkpoints(state: dict[str, Any], out: Path, is_best: bool, every: int, root: Path | None = None) -> None:
+def save_checkpoints(
+    saved: checkpoint.TrainingState, out: Path, is_best: bool, every: int, root: Path | None = None
+) -> None:
     """best.pt when the epoch is the best so far, epoch_NNNN.pt every `every` epochs, last.pt always; rank 0 only.
     `root`: the job's run folder that holds `out`."""
     if not distributed.is_main():
         return
-    folder, epoch, root = out / "checkpoints", state[checkpoint.EPOCH], root or out
+    folder, epoch, root, state = out / "checkpoints", saved.epoch, root or out, saved.state_dict()
     if is_best:
         checkpoint.save(state, folder / "best.pt", root)
     if every and epoch % every == 0:
@@ -462,7 +468,7 @@ def train_in(recipe: Recipe, folder: Path, arch: dict[str, Any], epochs: int, mo
     fit(
         sub_run(recipe, arch, epochs, model_key),
         folder,
-        checkpoint.load(last) if last.exists() else None,
+        checkpoint.load_training_state(last) if last.exists() else None,
         prefix=f"{folder.name}/",
         root=folder.parent,
     )

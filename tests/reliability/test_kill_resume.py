@@ -21,7 +21,7 @@ import torch
 from tests import cli
 from tests.conftest import metric_rows, vitexp
 from vitexp import checkpoint
-from vitexp.rundir import resumable
+from vitexp.runs import resumable
 
 DEVICE = os.environ.get("VITEXP_RELIABILITY_DEVICE", "cpu")  # cuda: the same trials on a GPU
 # on a GPU, deterministic kernels: CUDA's fastest ones (attention's backward) add in a varying order

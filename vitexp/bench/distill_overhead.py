@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from vitexp import engine
-from vitexp.config import config_dir
+from vitexp.config import config_dir, version_base
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.models import arch_from_config, build_from_arch, count_macs
 
@@ -40,7 +40,7 @@ def time_steps(model: nn.Module, loss_fn, batch, steps: int) -> float:
 
 def main() -> None:
     """Time both steps and print one JSON line."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         cfg = compose(config_name="config", overrides=DEFAULTS + sys.argv[1:])
     torch.manual_seed(0)
     student, teacher = (

@@ -32,7 +32,7 @@ from torch import nn
 
 from vitexp import checkpoint
 from vitexp.bench.prune_speed import img_per_s
-from vitexp.config import config_dir, register_resolvers, typed
+from vitexp.config import config_dir, register_resolvers, typed, version_base
 from vitexp.models import arch_from_config, build_from_arch, count_macs, input_shape
 from vitexp.onnx_export import to_onnx
 from vitexp.predict import INPUT, OUTPUT
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--min-s", type=float, default=0.5, help="seconds each measurement runs at least")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         cfg = compose(config_name="config", overrides=DEFAULTS + overrides)
     torch.manual_seed(0)
     arch = arch_from_config(OmegaConf.to_container(cfg.model, resolve=True))

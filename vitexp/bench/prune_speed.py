@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vitexp import checkpoint
-from vitexp.config import config_dir, register_resolvers, typed
+from vitexp.config import config_dir, register_resolvers, typed, version_base
 from vitexp.hardware import autocast_dtype, precision_name, resolve_device
 from vitexp.models import arch_from_config, build_from_arch, count_macs, count_params, input_shape
 from vitexp.pruning import layout_of, prune
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         cfg = compose(config_name="config", overrides=DEFAULTS + overrides)
     device = resolve_device(cfg.trainer.device)
     amp = autocast_dtype(cfg.trainer.precision, device)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from vitexp import VitexpError, checkpoint  # noqa: E402
 from vitexp.bench.prune_speed import speeds  # noqa: E402
-from vitexp.config import config_dir, register_resolvers, validate  # noqa: E402
+from vitexp.config import config_dir, register_resolvers, validate, version_base  # noqa: E402
 from vitexp.data import make_loader  # noqa: E402
 from vitexp.hardware import seed_everything  # noqa: E402
 from vitexp.records import completed  # noqa: E402
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s")
     register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), **version_base()):
         cfg = compose(config_name="config", overrides=["task=prune", "logger=none", *overrides])
     validate(cfg)
     if not cfg.ckpt_path:

@@ -10,18 +10,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import VitexpError, __version__, engine
 from vitexp.bench.anchor import anchor_img_per_s
-from vitexp.config import run_dir
 from vitexp.data import set_epoch
 from vitexp.files import printable
 from vitexp.hardware import precision_name, seed_everything
 from vitexp.models import arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
 from vitexp.records import write_results
+from vitexp.runs import Run
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, optimization, step_settings
 
@@ -43,10 +42,10 @@ class SyntheticBatches:
         return ((self.images, self.targets) for _ in range(self.n))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(run: Run) -> dict[str, Any]:
     """Time `model`'s training step with this data, optimizer and trainer, and its inference; print one JSON line
     (images/s, step ms, MFU, peak memory, ...) and write it to results.json."""
-    recipe = read_recipe(cfg, with_data=cfg.task.mode == "real")
+    recipe = read_recipe(run.cfg, with_data=run.settings.task.mode == "real", settings=run.settings)
     settings, machine = recipe.settings, recipe.machine
     task, batch, data_settings = settings.task, settings.data.batch_size, settings.data
     seed_everything(settings.seed)
@@ -92,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
         ours.append(timed(task.steps, r + 1))
     results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch)
-    write_results(run_dir(), results)
+    write_results(run.out, results)
     log.info(
         f"{printable(recipe.arch['name'])} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
         f"({results['step_ms']} ms/step), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"

@@ -7,16 +7,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from torch import nn
 
 from vitexp import VitexpError, checkpoint
-from vitexp.config import typed
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
 from vitexp.files import printable
 from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
-from vitexp.runs import open_run
+from vitexp.runs import Run
 from vitexp.schema import Data
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, evaluate_on, fit, train_in
@@ -26,10 +24,9 @@ log = logging.getLogger("vitexp")
 SWEEP_METRIC = "best_val_acc1"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(run: Run) -> dict[str, Any]:
     """Distil `task.teacher_ckpt` (or a teacher trained here first) into `model`."""
-    run = open_run(cfg)
-    settings = typed(run.cfg)
+    settings = run.settings
     task, data = settings.task, settings.data
     token = task.distill_type == "token"
     if token and settings.model.builder not in ("vit", "vit_distilled"):
@@ -39,7 +36,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     given = _teacher(task.teacher_ckpt, data) if task.teacher_ckpt else None  # a bad teacher fails first
     if given is None and task.teacher_epochs == 0:  # the teacher as built, e.g. from task.teacher.pretrained
         given = _built_teacher(arch_from_config(asdict(task.teacher)), data)
-    recipe = read_recipe(run.cfg)
+    recipe = read_recipe(run.cfg, settings=settings)
     if given:
         teacher_path = task.teacher_ckpt or f"{task.teacher.name} ({task.teacher.pretrained or 'random init'})"
     else:
@@ -69,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "teacher_params": count_params(teacher),
         "teacher_macs": count_macs(teacher),
     }
-    return fit(student, run.out, run.last, extra_results=figures)
+    return fit(student, run.out, run.last, extra_results=figures, after_epoch=run.after_epoch)
 
 
 def _teacher(path: str | Path, data: Data) -> tuple[nn.Module, dict[str, Any], tuple, int]:

@@ -8,18 +8,16 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from vitexp import VitexpError, checkpoint, engine, plots
 from vitexp.checkpoint import check_resume_fields
-from vitexp.config import run_dir, typed
 from vitexp.data import eval_transform, make_loader, make_splits
 from vitexp.files import printable
 from vitexp.hardware import Machine, choose, seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.records import write_results
-from vitexp.runs import start_tracking
+from vitexp.runs import Run
 from vitexp.schema import Config, Data
 
 log = logging.getLogger("vitexp")
@@ -27,15 +25,14 @@ log = logging.getLogger("vitexp")
 SWEEP_METRIC = "test_acc1"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(run: Run) -> dict[str, Any]:
     """Rebuild the model from `ckpt_path` alone and report accuracy, per-class accuracy, params, MACs, img/s."""
-    started, out, settings = time.perf_counter(), run_dir(), typed(cfg)
+    started, out, settings = time.perf_counter(), run.out, run.settings
     data, ckpt_path = settings.data, settings.ckpt_path
     if not ckpt_path:
         raise VitexpError("task=evaluate needs a checkpoint: pass ckpt_path=<run>/checkpoints/best.pt")
     model, saved = checkpoint.load_model(ckpt_path)
     check_resume_fields(saved, ckpt_path, [checkpoint.EPOCH])  # a number, reported as the checkpoint's epoch
-    start_tracking(cfg, out)
     chans, size, _ = input_shape(model)
     if (chans, model.num_classes) != (data.in_chans, data.num_classes):
         raise VitexpError(

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -23,7 +22,7 @@ from vitexp.hardware import seed_everything
 from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
-from vitexp.runs import open_run
+from vitexp.runs import Run
 from vitexp.schema import Prune
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import Recipe, evaluate_on, fit, train_in
@@ -34,10 +33,9 @@ SWEEP_METRIC = "best_val_acc1"
 Measure = Callable[[nn.Module, str], dict[str, Any]]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(run: Run) -> dict[str, Any]:
     """Prune `ckpt_path` (or a model trained here first) to `task.ratio`, fine-tune, report every stage."""
-    run = open_run(cfg)
-    recipe = read_recipe(run.cfg)
+    recipe = read_recipe(run.cfg, settings=run.settings)
     settings, task = recipe.settings, recipe.settings.task
     val = make_loader(
         recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
@@ -56,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         figures, points = read_prune_json(run.out)
     teacher = figures["source_ckpt"] if task.finetune_distill else None
     tune = finetune_recipe(recipe, pruned_path, task.finetune_epochs, teacher, task.alpha)
-    results = fit(tune, run.out, run.last, extra_results=figures)
+    results = fit(tune, run.out, run.last, extra_results=figures, after_epoch=run.after_epoch)
     tuned, _ = checkpoint.load_model(run.out / "checkpoints" / "best.pt")
     after = measure(tuned.to(recipe.machine.device), "after fine-tuning (best.pt)")
     results |= {f"after_{k}": v for k, v in after.items() if k != "layout"}

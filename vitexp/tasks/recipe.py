@@ -14,7 +14,7 @@ from vitexp.config import build, plain, typed
 from vitexp.data import eval_transform, loaders, make_splits, train_transform
 from vitexp.hardware import choose
 from vitexp.models import arch_from_config
-from vitexp.schema import Data, Loss
+from vitexp.schema import Config, Data, Loss
 from vitexp.training import Recipe
 
 
@@ -33,11 +33,11 @@ def mixup(data: Data, loss: Loss) -> Mixup | None:
     )
 
 
-def read_recipe(cfg: DictConfig, *, with_data: bool = True) -> Recipe:
-    """The training recipe `cfg` describes: its typed settings and the machine's choices for them, the model's
-    arch, data (splits and loaders, built once; without them for a step timed on synthetic batches), optimizer,
-    schedule, mixup and loss."""
-    settings = typed(cfg)
+def read_recipe(cfg: DictConfig, *, with_data: bool = True, settings: Config | None = None) -> Recipe:
+    """The training recipe `cfg` describes: its typed settings (`settings` when the job typed them already) and the
+    machine's choices for them, the model's arch, data (splits and loaders, built once; without them for a step
+    timed on synthetic batches), optimizer, schedule, mixup and loss."""
+    settings = settings or typed(cfg)
     data, machine = settings.data, choose(settings.trainer, fused=settings.optim.fused)
     splits = make_splits(data, settings.seed, train_transform(data), eval_transform(data)) if with_data else None
     if splits is not None and len(splits.classes) != data.num_classes:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
-
-from vitexp.runs import open_run
+from vitexp.runs import Run
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import fit
 
 SWEEP_METRIC = "best_val_acc1"  # what a sweep job returns to Hydra's sweeper
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train `cfg.model` on `cfg.data`; returns the figures written to results.json."""
-    run = open_run(cfg)
-    return fit(read_recipe(run.cfg), run.out, run.last)
+def run(run: Run) -> dict[str, Any]:
+    """Train `model` on `data`; returns the figures written to results.json."""
+    recipe = read_recipe(run.cfg, settings=run.settings)
+    return fit(recipe, run.out, run.last, after_epoch=run.after_epoch)
