@@ -10,6 +10,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torchvision.transforms import Normalize
 
 from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
@@ -61,6 +62,23 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     assert printed.model.name == cfg.model.name and printed.data.name == cfg.data.name
     assert printed.task.name == cfg.task.name and printed.optim.lr == cfg.optim.lr
     assert not (tmp_path / "outputs").exists()
+
+
+DATA_OPTIONS = [*GROUPS["data"], "experiment=cifar10_baseline", "data=imagefolder data.mean=[0.1,0.2,0.3]"]
+
+
+@pytest.mark.parametrize("option", DATA_OPTIONS)
+def test_every_transform_normalises_with_the_statistics_the_checkpoint_records(option, tmp_path):
+    """The worker path's transforms (training, evaluate, a teacher's) and the device path's fill use `data.mean` and
+    `data.std`, which checkpoints, model.json and predict record."""
+    overrides = option.split() if "=" in option else [f"data={option}"]
+    cfg = compose_config(*overrides, *([] if option == "digits" else [f"data.root={tmp_path}"]))
+    recorded = plain(cfg.data)
+    for node in (cfg.data.splits.train_transform, cfg.data.splits.eval_transform):
+        (normalize,) = [t for t in instantiate(node).transforms if isinstance(t, Normalize)]
+        assert list(normalize.mean) == pytest.approx(recorded["mean"]), option
+        assert list(normalize.std) == pytest.approx(recorded["std"]), option
+    assert plain(cfg.data.device_augment.fill) == recorded["mean"]
 
 
 def test_cfg_job_prints_config_and_writes_nothing(tmp_path):
