@@ -93,6 +93,7 @@ def test_a_pruner_stops_the_trials_of_learning_rates_far_too_large(tmp_path):
     early = [t for t in pruned if max(t.intermediate_values) < 4]
     assert len(study.trials) == 12 and early, [t.state.name for t in study.trials]
     for trial in pruned:
+        assert trial.params["optim.lr"] in (5.0, 20.0), f"trial {trial.number} pruned at lr {trial.params}"
         results = json.loads((sweep / str(trial.number) / "results.json").read_text())
         assert results["status"] == "pruned" and results["epochs"] == max(trial.intermediate_values)
     report = subprocess.run(
