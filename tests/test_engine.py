@@ -259,3 +259,79 @@ def test_epoch_sums_round_trip_and_merge_across_rank_counts():
     merged = engine.sums_for_rank([state, state], 0)  # two saved ranks resumed on one
     assert merged["seen"] == 12 and merged["loss"].item() == 16.0 and merged["counted"].item() == 8.0
     assert merged["pending"].tolist() == [4.0, 4.0] and merged["interval"].tolist() == [20.0, 12.0, 3.0]
+
+
+def _grad_norms(model, loader):
+    """Each batch's gradient norm for the frozen model, computed here."""
+    norms = []
+    for a, b in loader:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(a), b).backward()
+        norms.append(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item())
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def test_skipped_steps_count_and_the_norm_is_the_mean_of_the_steps_taken():
+    model, loader, opt, losses = _frozen(n=32)  # four batches of 8
+    norms = _grad_norms(model, loader)
+    calls = []
+
+    def nan_on_odd(logits, targets):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) % 2 else loss
+
+    metrics, _ = engine.train_one_epoch(model, loader, nan_on_odd, opt, 0, replace(CPU, skip_nonfinite=True))
+    assert metrics["skipped_steps"] == 2
+    assert metrics["train/loss"] == pytest.approx(_weighted([losses[1], losses[3]]), rel=1e-6)
+    assert metrics["grad_norm"] == pytest.approx((norms[1] + norms[3]) / 2, rel=1e-5)
+
+
+def test_skip_nonfinite_with_accumulation_counts_every_batch_of_a_step():
+    model, loader, opt, losses = _frozen()
+    settings = replace(CPU, skip_nonfinite=True, accumulate_grad_batches=2)
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 0, settings)
+    assert step == 2 and metrics["skipped_steps"] == 0
+    assert metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)
+
+
+def test_accumulation_over_an_uneven_epoch_matches_a_hand_written_loop():
+    x, y = _data(24)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 3 batches, 2 per step: steps of 2 and 1 batches
+    model, opt, sched = _setup()
+    reference, ref_opt, _ = _setup()
+    _, step = engine.train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, replace(CPU, accumulate_grad_batches=2)
+    )
+    for group in ([0, 1], [2]):
+        for i in group:
+            a, b = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+            (nn.functional.cross_entropy(reference(a), b) / len(group)).backward()
+        ref_opt.step()  # lr 0.1: the cosine schedule's first steps are at its peak, to 1e-6
+        ref_opt.zero_grad()
+    assert step == 2
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_after_step_the_ema_and_a_saved_start_see_each_step():
+    model, loader, opt, losses = _frozen()
+    updates, after = [], []
+
+    class Recorder:
+        def update(self, module, step):
+            updates.append((module is model, step))
+
+    opt.ema = Recorder()
+    hook = lambda step, batch, sums: after.append((step, batch, sums.seen))  # noqa: E731
+    engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 10, CPU, after_step=hook)
+    assert updates == [(True, 11), (True, 12), (True, 13)]
+    assert after == [(11, 1, 8), (12, 2, 16)]  # not after the epoch's last step: the epoch end saves that
+    # the same epoch continued from batch 1 with the figures saved there
+    first = engine.EpochSums(torch.device("cpu"), skip_nonfinite=False)
+    first.add_batch(torch.tensor(losses[0][0]), 8, logging=False)
+    rest = DataLoader(TensorDataset(*[t[8:] for t in _data(20)]), batch_size=8)
+    start = engine.EpochStart(batch=1, sums=first.state_dict())
+    metrics, step = engine.train_one_epoch(model, rest, nn.CrossEntropyLoss(), opt, 0, CPU, start=start)
+    assert step == 2 and metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)
