@@ -23,7 +23,8 @@ from tests import cli
 from vitexp.config import config_dir, register_resolvers, version_base
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+# ../shared next to the checkout, or where VITEXP_CIFAR_TAR says (a checkout elsewhere)
+CIFAR_TAR = Path(os.environ.get("VITEXP_CIFAR_TAR", REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"))
 # A 2-block model, a few batches, CPU, no W&B.
 TINY = ["debug=fast", "trainer.device=cpu", "logger=none"]
 

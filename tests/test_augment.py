@@ -3,6 +3,8 @@ magnitudes, each image a function of its own draws, determinism for a seed, and 
 
 from __future__ import annotations
 
+import json
+import math
 import random
 
 import numpy as np
@@ -13,7 +15,7 @@ from timm.data.auto_augment import AugmentOp
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as tv_autoaugment
 
-from tests.conftest import TINY, compose_config, vitexp
+from tests.conftest import TINY, compose_config, metric_rows, vitexp
 from vitexp import VitexpError
 from vitexp.augment import LAYER_DRAWS, RAND_INCREASING, TRIVIAL_WIDE, DeviceAugment
 from vitexp.config import validate
@@ -226,17 +228,19 @@ def test_device_augment_needs_the_device_path(tmp_path):
 
 
 def test_digits_train_with_the_device_policy(tmp_path):
-    vitexp(
-        *TINY,
-        "data.on_device=true",
-        "data.augment.rotate=0",
-        "data.device_augment.policy=rand",
-        "data.device_augment.erase_prob=0.25",
-        "trainer.max_epochs=1",
-        cwd=tmp_path,
-    )
-    (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()
-    assert (run / "results.json").is_file()
+    def train(name: str, *policy: str) -> list[dict[str, str]]:
+        device = ["data.on_device=true", "data.augment.rotate=0", "trainer.precision=32"]
+        vitexp(*TINY, *device, *policy, "trainer.max_epochs=1", f"hydra.run.dir={name}", cwd=tmp_path)
+        assert json.loads((tmp_path / name / "results.json").read_text())["status"] == "completed"
+        return metric_rows(tmp_path / name / "metrics.csv")
+
+    augmented = train("rand", "data.device_augment.policy=rand", "data.device_augment.erase_prob=0.25")
+    plain = train("plain")
+    saved = torch.load(tmp_path / "rand" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["config"]["data"]["device_augment"]["policy"] == "rand"
+    assert math.isfinite(float(augmented[0]["train/loss"]))
+    # the same seed and weights: only the augmented batches can move the training loss
+    assert augmented[0]["train/loss"] != plain[0]["train/loss"]
 
 
 def test_speedrun_and_baseline_recipes_run_an_epoch_on_cpu(cifar_small, tmp_path):
@@ -259,4 +263,9 @@ def test_speedrun_and_baseline_recipes_run_an_epoch_on_cpu(cifar_small, tmp_path
             f"hydra.run.dir={tmp_path / experiment}",
             cwd=tmp_path,
         )
-        assert (tmp_path / experiment / "results.json").is_file()
+        results = json.loads((tmp_path / experiment / "results.json").read_text())
+        assert results["status"] == "completed" and results["val_images"] == 100 and results["epochs"] == 1
+        saved = torch.load(tmp_path / experiment / "checkpoints" / "last.pt", weights_only=True)
+        policy = {"cifar10_speedrun": None, "cifar10_baseline": "rand"}[experiment]  # their YAML's
+        assert saved["step"] == 2 and saved["config"]["data"]["device_augment"]["policy"] == policy
+        assert math.isfinite(float(metric_rows(tmp_path / experiment / "metrics.csv")[0]["train/loss"]))

@@ -114,3 +114,44 @@ def test_a_checkpoint_of_another_format_names_the_version_that_wrote_it(tmp_path
         checkpoint.load(path)
     message = str(e.value)
     assert "\n" not in message and "checkpoint format 1" in message and "(0.0.9)" in message, message
+
+
+def test_a_pickle_that_runs_code_is_refused_in_process(tmp_path):
+    """The same refusal without a child process: the payload would create a file if unpickled."""
+    global MARKER
+    MARKER = str(tmp_path / "ran")
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "arch": {}, "x": Payload()}, path)
+    with pytest.raises(VitexpError, match=rf"^refused to load {path}: it holds objects other than tensors"):
+        checkpoint.load(path)
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("content", [{"model": {}}, {"arch": {}}, [1, 2]], ids=["no arch", "no model", "a list"])
+def test_a_file_without_model_and_arch_is_not_a_checkpoint(content, tmp_path):
+    path = tmp_path / "partial.pt"
+    torch.save(content, path)
+    with pytest.raises(VitexpError, match=r"is not a vitexp checkpoint \(no 'model' and 'arch' entries\)$"):
+        checkpoint.load(path)
+
+
+def test_a_failed_write_says_whether_the_previous_file_is_kept(tmp_path, monkeypatch):
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(VitexpError, match=r"\(No space left on device\): free disk space .*hydra\.run\.dir$"):
+        checkpoint.save(STATE, tmp_path / "first.pt")
+    monkeypatch.undo()
+    checkpoint.save(STATE, tmp_path / "last.pt")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(VitexpError, match=r"hydra\.run\.dir; the previous last\.pt is kept$"):
+        checkpoint.save(STATE, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_version_that_is_not_a_string_is_named(tmp_path):
+    path = tmp_path / "v.pt"
+    torch.save({**STATE, "version": 3}, path)
+    with pytest.raises(VitexpError, match=r"v\.pt: version is a int, not a string; pass one vitexp wrote$"):
+        checkpoint.load(path)

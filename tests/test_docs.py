@@ -1,6 +1,7 @@
-"""Every command in README.md and docs/*.md runs as written: each `python -m vitexp ...` line composes its config
-(what `--cfg job` prints), each `python -m vitexp.<module>` line is accepted by that module's argument parser, and
-each script, test path and page link it names exists, so the documentation cannot drift from the config."""
+"""Every command in README.md and docs/*.md is valid as written (composed and parsed, not run): each
+`python -m vitexp ...` line composes its config (what `--cfg job` prints), each `python -m vitexp.<module>` line is
+accepted by that module's argument parser, and each script, test path and page link it names exists, so the
+documentation cannot drift from the config."""
 
 from __future__ import annotations
 

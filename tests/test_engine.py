@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
+import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -128,3 +130,215 @@ def test_non_finite_loss_stops_with_the_epoch_named():
         assert "in epoch 7" in str(e) and "optim.lr" in str(e) and "\n" not in str(e)
     else:
         raise AssertionError("a non-finite loss went unnoticed")
+
+
+def _frozen(n=20, batch=8):
+    """A model that SGD at lr 0 never changes, its loader (batches of 8, 8 and 4) and each batch's loss, computed
+    here before the loop runs: the oracle for the epoch's image-weighted mean."""
+    x, y = _data(n)
+    model, opt, sched = _setup(lr=0.0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    with torch.no_grad():
+        losses = [(nn.functional.cross_entropy(model(a), b).item(), len(b)) for a, b in loader]
+    return model, loader, _opt(opt, CosineLRScheduler(opt, t_initial=100, t_in_epochs=False)), losses
+
+
+def _weighted(losses):
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
+def test_the_epoch_loss_is_the_image_weighted_mean_of_its_batches():
+    model, loader, opt, losses = _frozen()
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 5, CPU)
+    assert step == 8 and metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)
+    assert metrics["lr"] == 0.0 and "skipped_steps" not in metrics
+
+
+def test_skipping_a_non_finite_step_drops_its_loss_and_counts_it():
+    model, loader, opt, losses = _frozen()
+    calls = []
+
+    def nan_on_second(logits, targets):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    settings = replace(CPU, skip_nonfinite=True)
+    metrics, step = engine.train_one_epoch(model, loader, nan_on_second, opt, 0, settings)
+    assert step == 3 and metrics["skipped_steps"] == 1
+    assert metrics["train/loss"] == pytest.approx(_weighted([losses[0], losses[2]]), rel=1e-6)
+    assert metrics["grad_norm"] > 0 and math.isfinite(metrics["grad_norm"])  # the mean over the two taken steps
+
+
+def test_limit_and_start_pick_the_batches_of_the_epoch():
+    model, loader, opt, losses = _frozen()
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 0, CPU, limit_batches=2)
+    assert step == 2 and metrics["train/loss"] == pytest.approx(_weighted(losses[:2]), rel=1e-6)
+    # a loader placed at batch 1 yields from there; the epoch still ends at its third batch
+    rest = DataLoader(TensorDataset(*_data(20)), batch_size=8)
+    _, step = engine.train_one_epoch(model, rest, nn.CrossEntropyLoss(), opt, 0, CPU, start=engine.EpochStart(batch=1))
+    assert step == 3  # zip(range(1, 4), loader): three batches of the placed loader
+
+
+def test_mixup_is_applied_to_each_batch_before_the_forward_pass():
+    model, loader, opt, _ = _frozen()
+    seen = []
+
+    def blank(images, targets):
+        seen.append(images.shape[0])
+        return torch.zeros_like(images), targets
+
+    opt.mixup = blank
+    metrics, _ = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 0, CPU)
+    x, y = _data(20)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(torch.zeros_like(x)), y).item()
+    assert seen == [8, 8, 4] and metrics["train/loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_grad_scaler_changes_no_update():
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    plain, scaled = _setup(), _setup()
+    engine.train_one_epoch(plain[0], loader, nn.CrossEntropyLoss(), _opt(*plain[1:]), 0, CPU)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = engine.Optimization(scaled[1], scaled[2], scaler=scaler)
+    metrics, _ = engine.train_one_epoch(scaled[0], loader, nn.CrossEntropyLoss(), opt, 0, CPU)
+    for a, b in zip(plain[0].parameters(), scaled[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert metrics["grad_norm"] < 100  # the logged norm is the unscaled one
+
+
+def test_reduce_sums_the_figures_of_every_rank():
+    model, loader, opt, losses = _frozen()
+    twice = replace(CPU, reduce=lambda t: t * 2)  # as if a second rank saw the same batches
+    metrics, _ = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 0, twice)
+    assert metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)
+    val, _ = engine.evaluate(model, loader, torch.device("cpu"), 3, reduce=lambda t: t * 2)
+    assert val["images"] == 40 and val["loss"] == pytest.approx(_weighted(losses), rel=1e-6)
+
+
+def test_base_lr_divides_out_the_layer_scale():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [param], "lr": 0.2, "lr_scale": 0.5}])
+    assert engine.base_lr(opt) == pytest.approx(0.4)
+    assert engine.base_lr(torch.optim.SGD([param], lr=0.3)) == 0.3
+
+
+def test_running_out_of_memory_names_a_smaller_batch_and_more_accumulation():
+    x, y = _data(16)
+    model, opt, sched = _setup()
+
+    def oom(logits, targets):
+        raise MemoryError
+
+    with pytest.raises(
+        VitexpError,
+        match=r"^out of memory on cpu with batches of 8 images; lower data\.batch_size "
+        r"\(e\.g\. data\.batch_size=4\) and set trainer\.accumulate_grad_batches=4 to keep",
+    ):
+        engine.train_one_epoch(
+            model,
+            DataLoader(TensorDataset(x, y), batch_size=8),
+            oom,
+            _opt(opt, sched),
+            0,
+            replace(CPU, accumulate_grad_batches=2),
+        )
+
+
+def test_epoch_sums_round_trip_and_merge_across_rank_counts():
+    sums = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
+    sums.add_batch(torch.tensor(2.0), 4, logging=True)
+    sums.add_step(torch.tensor(3.0), logging=True)
+    sums.add_batch(torch.tensor(1.0), 2, logging=True)  # pending: its step not taken yet
+    sums.steps = 1
+    state = sums.state_dict()
+    again = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
+    again.load_state_dict(state)
+    assert again.state_dict().keys() == state.keys()
+    assert all(
+        torch.equal(again.state_dict()[k], v) if torch.is_tensor(v) else again.state_dict()[k] == v
+        for k, v in state.items()
+    )
+    assert again.totals(None) == (8.0, 4.0, 6.0) and again.running_loss() == 2.0
+    assert again.interval_means() == (10 / 6, 3.0)
+    merged = engine.sums_for_rank([state, state], 0)  # two saved ranks resumed on one
+    assert merged["seen"] == 12 and merged["loss"].item() == 16.0 and merged["counted"].item() == 8.0
+    assert merged["pending"].tolist() == [4.0, 4.0] and merged["interval"].tolist() == [20.0, 12.0, 3.0]
+
+
+def _grad_norms(model, loader):
+    """Each batch's gradient norm for the frozen model, computed here."""
+    norms = []
+    for a, b in loader:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(a), b).backward()
+        norms.append(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item())
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def test_skipped_steps_count_and_the_norm_is_the_mean_of_the_steps_taken():
+    model, loader, opt, losses = _frozen(n=32)  # four batches of 8
+    norms = _grad_norms(model, loader)
+    calls = []
+
+    def nan_on_odd(logits, targets):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) % 2 else loss
+
+    metrics, _ = engine.train_one_epoch(model, loader, nan_on_odd, opt, 0, replace(CPU, skip_nonfinite=True))
+    assert metrics["skipped_steps"] == 2
+    assert metrics["train/loss"] == pytest.approx(_weighted([losses[1], losses[3]]), rel=1e-6)
+    assert metrics["grad_norm"] == pytest.approx((norms[1] + norms[3]) / 2, rel=1e-5)
+
+
+def test_skip_nonfinite_with_accumulation_counts_every_batch_of_a_step():
+    model, loader, opt, losses = _frozen()
+    settings = replace(CPU, skip_nonfinite=True, accumulate_grad_batches=2)
+    metrics, step = engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 0, settings)
+    assert step == 2 and metrics["skipped_steps"] == 0
+    assert metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)
+
+
+def test_accumulation_over_an_uneven_epoch_matches_a_hand_written_loop():
+    x, y = _data(24)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 3 batches, 2 per step: steps of 2 and 1 batches
+    model, opt, sched = _setup()
+    reference, ref_opt, _ = _setup()
+    _, step = engine.train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), _opt(opt, sched), 0, replace(CPU, accumulate_grad_batches=2)
+    )
+    for group in ([0, 1], [2]):
+        for i in group:
+            a, b = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+            (nn.functional.cross_entropy(reference(a), b) / len(group)).backward()
+        ref_opt.step()  # lr 0.1: the cosine schedule's first steps are at its peak, to 1e-6
+        ref_opt.zero_grad()
+    assert step == 2
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_after_step_the_ema_and_a_saved_start_see_each_step():
+    model, loader, opt, losses = _frozen()
+    updates, after = [], []
+
+    class Recorder:
+        def update(self, module, step):
+            updates.append((module is model, step))
+
+    opt.ema = Recorder()
+    hook = lambda step, batch, sums: after.append((step, batch, sums.seen))  # noqa: E731
+    engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, 10, CPU, after_step=hook)
+    assert updates == [(True, 11), (True, 12), (True, 13)]
+    assert after == [(11, 1, 8), (12, 2, 16)]  # not after the epoch's last step: the epoch end saves that
+    # the same epoch continued from batch 1 with the figures saved there
+    first = engine.EpochSums(torch.device("cpu"), skip_nonfinite=False)
+    first.add_batch(torch.tensor(losses[0][0]), 8, logging=False)
+    rest = DataLoader(TensorDataset(*[t[8:] for t in _data(20)]), batch_size=8)
+    start = engine.EpochStart(batch=1, sums=first.state_dict())
+    metrics, step = engine.train_one_epoch(model, rest, nn.CrossEntropyLoss(), opt, 0, CPU, start=start)
+    assert step == 2 and metrics["train/loss"] == pytest.approx(_weighted(losses), rel=1e-6)

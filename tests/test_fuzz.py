@@ -703,7 +703,12 @@ def test_honest_inputs_pass_every_entry_point(world):
 
 
 def test_zz_fuzz_case_counts():
-    """Print how many cases each entry point ran (`-s` shows it), for the suite's note."""
+    """Every entry point this file fuzzes ran cases, and each case ended in one recorded way; the counts are
+    printed (`-s` shows them) for the suite's note."""
+    assert fz.COUNTS, "run the whole file: the counts are those of the tests before this one"
+    for name, count in fz.COUNTS.items():
+        ended = sum(n for (entry, _), n in fz.OUTCOMES.items() if entry == name)
+        assert count > 0 and ended == count, f"{name}: {count} cases, {ended} outcomes"
     print("\nfuzz cases:", dict(sorted(fz.COUNTS.items())), "total", sum(fz.COUNTS.values()))
     print("how they ended:", {f"{name} {ended}": n for (name, ended), n in sorted(fz.OUTCOMES.items())})
 

@@ -67,7 +67,8 @@ def test_half_ratio_halves_params_and_macs():
     model = _model()
     params, macs = count_params(model), count_macs(model)
     prune(model, _settings(0.5), X[:1])
-    assert count_params(model) <= 0.55 * params and count_macs(model) <= 0.55 * macs
+    # heads and MLP channels halve; the embeddings, norms and head keep theirs
+    assert 0.45 * params <= count_params(model) <= 0.55 * params and 0.45 * macs <= count_macs(model) <= 0.55 * macs
 
 
 def test_pruned_state_round_trips_through_arch_and_fused_attention_agrees():

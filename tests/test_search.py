@@ -92,6 +92,15 @@ def test_a_pruner_stops_the_trials_of_learning_rates_far_too_large(tmp_path):
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     early = [t for t in pruned if max(t.intermediate_values) < 4]
     assert len(study.trials) == 12 and early, [t.state.name for t in study.trials]
+    # the pruned trials are mostly the bad learning rates (a median pruner may stop a slow good one too)
+    bad = {t.number for t in study.trials if t.params["optim.lr"] in (5.0, 20.0)}
+    good = {t.number for t in study.trials} - bad
+    share = {
+        name: len({t.number for t in pruned} & group) / max(len(group), 1)
+        for name, group in (("bad", bad), ("good", good))
+    }
+    assert bad and good and share["bad"] > share["good"], share
+    assert study.best_trial.params["optim.lr"] in (0.001, 0.003)
     for trial in pruned:
         results = json.loads((sweep / str(trial.number) / "results.json").read_text())
         assert results["status"] == "pruned" and results["epochs"] == max(trial.intermediate_values)

@@ -1,0 +1,114 @@
+"""The per-image transforms against a hand-written oracle: resize, crop, [0, 1] and `(x - mean) / std` with the
+statistics they are given, for the evaluation transform and both training presets with their randomness off; the
+random parts (flip, shift, erasing, policies) change what they should; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitexp import VitexpError
+from vitexp.data import eval_transform, train_transform
+
+MEAN, STD = [0.31, 0.62, 0.47], [0.19, 0.33, 0.27]
+PIL_MODES = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+# the training presets with every random part off
+STILL = {
+    "hflip": 0.0,
+    "auto_augment": None,
+    "re_prob": 0.0,
+    "crop_padding": 0,
+    "rotate": 0.0,
+    "scale": [1.0, 1.0],
+    "ratio": [1.0, 1.0],
+    "color_jitter": None,
+}
+
+
+def _photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mode="RGB")
+
+
+def _oracle(img: Image.Image, size: int, crop_pct: float, interpolation: str) -> torch.Tensor:
+    """Short side to floor(size / crop_pct), centre crop `size`, [0, 1], (x - MEAN) / STD."""
+    short = math.floor(size / crop_pct)
+    w, h = img.size
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(new, PIL_MODES[interpolation])
+    left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+    x = torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255)
+    return (x.permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize(("crop_pct", "interpolation"), [(1.0, "bilinear"), (0.875, "bicubic"), (0.9, "nearest")])
+def test_eval_transform_is_resize_crop_and_the_given_normalisation(crop_pct, interpolation):
+    img = _photo()
+    out = eval_transform(24, MEAN, STD, crop_pct, interpolation)(img)
+    torch.testing.assert_close(out, _oracle(img, 24, crop_pct, interpolation), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_a_training_preset_without_randomness_is_the_evaluation_transform(preset):
+    img = _photo(32, 32)  # square: a full-area, square RandomResizedCrop is a resize
+    out = train_transform(preset, 24, MEAN, STD, "bicubic", **STILL)(img)
+    torch.testing.assert_close(out, _oracle(img, 24, 1.0, "bicubic"), rtol=0, atol=1e-5)
+
+
+def test_flip_shift_rotation_and_erasing_each_change_the_image():
+    img = _photo(24, 24)
+    still = train_transform("cifar", 24, MEAN, STD, "bilinear", **STILL)(img)
+    flipped = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "hflip": 1.0})(img)
+    torch.testing.assert_close(flipped, still.flip(2), rtol=0, atol=0)
+    for change in ({"crop_padding": 4}, {"rotate": 30.0}, {"re_prob": 1.0}, {"auto_augment": "rand-m9-mstd0.5-inc1"}):
+        transform = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, **change})
+        torch.manual_seed(0)
+        outs = [transform(img) for _ in range(8)]
+        assert all(o.shape == (3, 24, 24) for o in outs)
+        assert any(not torch.equal(o, still) for o in outs), change
+
+
+def test_imagenet_preset_crops_a_random_area_and_jitters_colour():
+    img = _photo(48, 32)
+    transform = train_transform("imagenet", 24, MEAN, STD, "bilinear", **{**STILL, "scale": [0.1, 0.5]})
+    torch.manual_seed(0)
+    outs = [transform(img) for _ in range(4)]
+    assert all(o.shape == (3, 24, 24) for o in outs) and not torch.equal(outs[0], outs[1])
+    jitter = train_transform("imagenet", 24, MEAN, STD, "bilinear", **{**STILL, "color_jitter": 0.4})
+    still = train_transform("imagenet", 24, MEAN, STD, "bilinear", **STILL)
+    assert not torch.equal(jitter(_photo(32, 32)), still(_photo(32, 32)))
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
+def test_timm_policies_build_and_keep_the_shape(policy):
+    out = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "auto_augment": policy})(_photo(24, 24))
+    assert out.shape == (3, 24, 24)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: eval_transform(24, MEAN, STD, 0.0, "bilinear"), r"^data\.crop_pct=0\.0 must be in \(0, 1\]"),
+        (lambda: eval_transform(24, MEAN, STD, 1.5, "bilinear"), r"^data\.crop_pct=1\.5 must be in \(0, 1\]"),
+        (lambda: train_transform("nope", 24, MEAN, STD, "bilinear", **STILL), r"^data\.transform=nope is not a preset"),
+        (
+            lambda: train_transform("cifar", 24, MEAN, STD, "lanczos9", **STILL),
+            r"^data\.interpolation=lanczos9 is not one of bilinear, bicubic, nearest$",
+        ),
+        (
+            lambda: train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "auto_augment": "rand-zz9"}),
+            r"^auto_augment='rand-zz9' is not a timm policy",
+        ),
+    ],
+)
+def test_bad_settings_are_one_line_errors(build, message):
+    with pytest.raises(VitexpError, match=message):
+        build()
+
+
+def test_crop_pct_one_is_accepted():
+    assert eval_transform(8, [0.5], [0.5], 1.0, "bilinear")(_photo(8, 8).convert("L")).shape == (1, 8, 8)
