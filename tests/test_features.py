@@ -155,7 +155,7 @@ def test_a_resume_with_the_ema_or_the_grad_scaler_equals_an_uninterrupted_run(se
     with pytest.raises(KeyboardInterrupt):
         fit(recipe, tmp_path / "cut")
     monkeypatch.setattr(stop, "_requested", [])
-    fit(recipe, tmp_path / "cut", checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt"))
+    fit(recipe, tmp_path / "cut", checkpoint.load_training_state(tmp_path / "cut" / "checkpoints" / "last.pt"))
     assert metric_rows(tmp_path / "cut" / "metrics.csv") == metric_rows(whole / "metrics.csv")
     ours, theirs = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path / "cut", whole))
     part = "ema" if setting == EMA else "scaler"

@@ -4,14 +4,17 @@ random parts (flip, shift, erasing, policies) change what they should; bad setti
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vitexp import VitexpError
+from tests.builders import data_of
+from vitexp import VitexpError, schema
 from vitexp.data import eval_transform, train_transform
 
 MEAN, STD = [0.31, 0.62, 0.47], [0.19, 0.33, 0.27]
@@ -27,6 +30,37 @@ STILL = {
     "ratio": [1.0, 1.0],
     "color_jitter": None,
 }
+
+
+@functools.cache
+def _base() -> schema.Data:
+    return data_of("data=imagefolder", "data.root=unused")
+
+
+def _data(
+    preset: str = "cifar",
+    size: int = 24,
+    mean: list[float] = MEAN,
+    std: list[float] = STD,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+    **augment: object,
+) -> schema.Data:
+    """Typed data settings as a config would give them: `augment` over STILL, checked by the schema."""
+    base = _base()
+    data = replace(
+        base,
+        transform=preset,
+        img_size=size,
+        in_chans=len(mean),
+        mean=list(mean),
+        std=list(std),
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        augment=replace(base.augment, **{**STILL, **augment}),
+    )
+    schema.check(data, "data.")
+    return data
 
 
 def _photo(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
@@ -48,24 +82,24 @@ def _oracle(img: Image.Image, size: int, crop_pct: float, interpolation: str) ->
 @pytest.mark.parametrize(("crop_pct", "interpolation"), [(1.0, "bilinear"), (0.875, "bicubic"), (0.9, "nearest")])
 def test_eval_transform_is_resize_crop_and_the_given_normalisation(crop_pct, interpolation):
     img = _photo()
-    out = eval_transform(24, MEAN, STD, crop_pct, interpolation)(img)
+    out = eval_transform(_data(crop_pct=crop_pct, interpolation=interpolation))(img)
     torch.testing.assert_close(out, _oracle(img, 24, crop_pct, interpolation), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["cifar", "imagenet"])
 def test_a_training_preset_without_randomness_is_the_evaluation_transform(preset):
     img = _photo(32, 32)  # square: a full-area, square RandomResizedCrop is a resize
-    out = train_transform(preset, 24, MEAN, STD, "bicubic", **STILL)(img)
+    out = train_transform(_data(preset, interpolation="bicubic"))(img)
     torch.testing.assert_close(out, _oracle(img, 24, 1.0, "bicubic"), rtol=0, atol=1e-5)
 
 
 def test_flip_shift_rotation_and_erasing_each_change_the_image():
     img = _photo(24, 24)
-    still = train_transform("cifar", 24, MEAN, STD, "bilinear", **STILL)(img)
-    flipped = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "hflip": 1.0})(img)
+    still = train_transform(_data())(img)
+    flipped = train_transform(_data(hflip=1.0))(img)
     torch.testing.assert_close(flipped, still.flip(2), rtol=0, atol=0)
     for change in ({"crop_padding": 4}, {"rotate": 30.0}, {"re_prob": 1.0}, {"auto_augment": "rand-m9-mstd0.5-inc1"}):
-        transform = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, **change})
+        transform = train_transform(_data(**change))
         torch.manual_seed(0)
         outs = [transform(img) for _ in range(8)]
         assert all(o.shape == (3, 24, 24) for o in outs)
@@ -74,34 +108,43 @@ def test_flip_shift_rotation_and_erasing_each_change_the_image():
 
 def test_imagenet_preset_crops_a_random_area_and_jitters_colour():
     img = _photo(48, 32)
-    transform = train_transform("imagenet", 24, MEAN, STD, "bilinear", **{**STILL, "scale": [0.1, 0.5]})
+    transform = train_transform(_data("imagenet", scale=[0.1, 0.5]))
     torch.manual_seed(0)
     outs = [transform(img) for _ in range(4)]
     assert all(o.shape == (3, 24, 24) for o in outs) and not torch.equal(outs[0], outs[1])
-    jitter = train_transform("imagenet", 24, MEAN, STD, "bilinear", **{**STILL, "color_jitter": 0.4})
-    still = train_transform("imagenet", 24, MEAN, STD, "bilinear", **STILL)
+    jitter = train_transform(_data("imagenet", color_jitter=0.4))
+    still = train_transform(_data("imagenet"))
     assert not torch.equal(jitter(_photo(32, 32)), still(_photo(32, 32)))
 
 
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
 def test_timm_policies_build_and_keep_the_shape(policy):
-    out = train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "auto_augment": policy})(_photo(24, 24))
+    out = train_transform(_data(auto_augment=policy))(_photo(24, 24))
     assert out.shape == (3, 24, 24)
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: eval_transform(24, MEAN, STD, 0.0, "bilinear"), r"^data\.crop_pct=0\.0 must be in \(0, 1\]"),
-        (lambda: eval_transform(24, MEAN, STD, 1.5, "bilinear"), r"^data\.crop_pct=1\.5 must be in \(0, 1\]"),
-        (lambda: train_transform("nope", 24, MEAN, STD, "bilinear", **STILL), r"^data\.transform=nope is not a preset"),
         (
-            lambda: train_transform("cifar", 24, MEAN, STD, "lanczos9", **STILL),
-            r"^data\.interpolation=lanczos9 is not one of bilinear, bicubic, nearest$",
+            lambda: eval_transform(_data(crop_pct=0.0)),
+            r"^data\.crop_pct=0\.0 is not valid: it must be a number in \(0, 1\]",
         ),
         (
-            lambda: train_transform("cifar", 24, MEAN, STD, "bilinear", **{**STILL, "auto_augment": "rand-zz9"}),
-            r"^auto_augment='rand-zz9' is not a timm policy",
+            lambda: eval_transform(_data(crop_pct=1.5)),
+            r"^data\.crop_pct=1\.5 is not valid: it must be a number in \(0, 1\]",
+        ),
+        (
+            lambda: train_transform(_data("nope")),
+            r"^data\.transform='nope' is not valid: choose one of cifar, imagenet$",
+        ),
+        (
+            lambda: train_transform(_data(interpolation="lanczos9")),
+            r"^data\.interpolation='lanczos9' is not valid: choose one of bilinear, bicubic, nearest$",
+        ),
+        (
+            lambda: train_transform(_data(auto_augment="rand-zz9")),
+            r"^data\.augment\.auto_augment='rand-zz9' is not a timm policy",
         ),
     ],
 )
@@ -111,4 +154,4 @@ def test_bad_settings_are_one_line_errors(build, message):
 
 
 def test_crop_pct_one_is_accepted():
-    assert eval_transform(8, [0.5], [0.5], 1.0, "bilinear")(_photo(8, 8).convert("L")).shape == (1, 8, 8)
+    assert eval_transform(_data(size=8, mean=[0.5], std=[0.5]))(_photo(8, 8).convert("L")).shape == (1, 8, 8)
