@@ -193,7 +193,9 @@ def test_a_distilled_students_teacher_sees_images_normalised_as_it_was_trained(c
     recipe = read_recipe(cfg)
     teacher, saved = load_model(teacher_ckpt)
     data = saved["config"]["data"]
-    distiller = Distiller(nn.Identity(), teacher, recipe.data.mean, recipe.data.std, data["mean"], data["std"], 24)
+    distiller = Distiller(
+        nn.Identity(), teacher, recipe.settings.data.mean, recipe.settings.data.std, data["mean"], data["std"], 24
+    )
     scorer = TeacherOnly(distiller).eval()
     loader = make_loader(recipe.splits.val, 64, 0, train=False)
     with torch.no_grad():
