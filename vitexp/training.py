@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitexp import VitexpError, checkpoint, distributed, engine, plots, stop, tracking
+from vitexp import VitexpError, checkpoint, distributed, early_stopping, engine, plots, stop, tracking
 from vitexp.data import LoaderSettings, Splits, set_epoch
 from vitexp.hardware import Machine, precision_name, seed_everything
 from vitexp.models import (
@@ -76,6 +76,7 @@ class RunState:
     val_images: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place: epoch, batch, each rank's sums
+    early: dict[str, Any] = field(default_factory=dict)  # vitexp.early_stopping's state ({}: off)
 
 
 def fit(
@@ -112,6 +113,8 @@ def fit(
     )
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, trainer.max_epochs + 1):
+            if state.early.get(early_stopping.REASON):
+                break  # resumed from the checkpoint of the epoch it stopped at
             epoch_start, start = time.perf_counter(), _epoch_start(state, epoch)
             _set_trainable(recipe, model, epoch)
             set_epoch(train_loader, seed, epoch, start.batch)
@@ -129,12 +132,15 @@ def fit(
             is_best = metrics["val/acc1"] > state.best_acc1
             state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
             state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+            state.early = early_stopping.update(trainer.early_stopping, state.early, metrics, epoch)
             ckpt = checkpoint_state(model, opt, state, config)
             save_checkpoints(ckpt, out, is_best, trainer.ckpt_every_n_epochs, root)
             saver.saved()
             stop.check_stop()
             for hook in epoch_hooks:
                 hook(epoch, state.metrics)
+            if state.early.get(early_stopping.REASON):
+                log.info(f"stopped early at epoch {epoch}: {state.early[early_stopping.REASON]}")
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
 
@@ -159,9 +165,21 @@ def _start_model(recipe: Recipe, last: dict[str, Any] | None) -> nn.Module:
     fresh = last is None and not init
     arch = recipe.arch if fresh else without_weights_source(recipe.arch)
     model = build_from_arch(arch, where=recipe.model_key).to(recipe.machine.device)
+    if recipe.settings.trainer.grad_checkpointing:
+        grad_checkpointing(model, recipe.model_key)
     if init and last is None:
         checkpoint.load_weights(model, checkpoint.load(init)[checkpoint.MODEL], init)
     return model
+
+
+def grad_checkpointing(model: nn.Module, where: str = "model") -> None:
+    """Recompute each block's activations in the backward pass (timm's `set_grad_checkpointing`; torch's checkpoint
+    replays the random generators, so dropout and drop path draw what they drew in the forward pass)."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise VitexpError(
+            f"{where} ({type(model).__name__}) has no timm set_grad_checkpointing; set trainer.grad_checkpointing=false"
+        )
+    model.set_grad_checkpointing(True)
 
 
 def _step_settings(recipe: Recipe) -> engine.StepSettings:
@@ -247,7 +265,8 @@ def restore(last: dict[str, Any], model: nn.Module, opt: engine.Optimization, ou
             checkpoint.load_part(source, name, lambda p=part, s=state: p.load_state_dict(s))
     checkpoint.load_part(source, checkpoint.RNG, lambda: checkpoint.set_rng_state(saved.rng))
     best = saved.metrics["best_val_acc1"] if saved.metrics else -1.0  # {}: stopped inside the first epoch
-    return RunState(saved.epoch, saved.step, best, saved.val_images, saved.metrics, saved.position)
+    early = early_stopping.check(saved.early_stopping, str(source))
+    return RunState(saved.epoch, saved.step, best, saved.val_images, saved.metrics, saved.position, early)
 
 
 def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
@@ -368,6 +387,7 @@ def checkpoint_state(model: nn.Module, opt: engine.Optimization, state: RunState
         config=config,
         metrics=state.metrics,
         val_images=state.val_images,
+        early_stopping=state.early or None,
         wandb_run_id=tracking.wandb_run_id(),
     ).state_dict()
 
@@ -422,6 +442,8 @@ def finish(
         "device": str(recipe.machine.device),
         "precision": precision_name(recipe.machine.amp),
         "wall_s": time.perf_counter() - started,
+        "stopped_early": bool(state.early.get(early_stopping.REASON)),
+        "stop_reason": state.early.get(early_stopping.REASON),
         **extra,
         "status": "completed",
     }

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from vitexp import VitexpError, checkpoint, engine, plots
+from vitexp import VitexpError, checkpoint, engine, explain, plots
 from vitexp.checkpoint import check_resume_fields
 from vitexp.config import build, run_dir, typed
 from vitexp.data import make_loader
@@ -70,6 +70,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     name = saved[checkpoint.ARCH][checkpoint.NAME]
     plots.confusion_matrix(
         confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}", root=out
+    )
+    explain.plot_mistakes(
+        model,
+        loader,
+        splits.classes,
+        (data.mean, data.std),
+        out / "plots" / "mistakes.png",
+        title=f"{name} on {split}",
+        root=out,
+        limit_batches=settings.trainer.limit_val_batches,
     )
     results = _results(settings, machine, model, saved, split, metrics, confusion, splits.classes)
     results |= {"wall_s": time.perf_counter() - started, "status": "completed"}
