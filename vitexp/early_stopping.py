@@ -3,11 +3,14 @@ epoch, kept in the checkpoint so that a resumed run stops where an uninterrupted
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from vitexp import VitexpError
 from vitexp.schema import EarlyStopping
+
+log = logging.getLogger("vitexp")
 
 # The state's fields: the best value so far and its epoch, the epochs since, and why the run stopped (None: it goes on)
 BEST, BEST_EPOCH, WAIT, REASON = "best", "best_epoch", "wait", "reason"
@@ -37,6 +40,7 @@ def update(settings: EarlyStopping, state: dict[str, Any], metrics: dict[str, An
             f"{monitor} did not {'fall' if settings.mode == 'min' else 'rise'} by more than {settings.min_delta} "
             f"for {settings.patience} epochs ({since})"
         )
+        log.info(f"stopped early at epoch {epoch}: {state[REASON]}")
     return state
 
 

@@ -32,7 +32,7 @@ from vitexp.models import (
     without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
-from vitexp.schema import Config, Train
+from vitexp.schema import Config, EarlyStopping, Train
 
 log = logging.getLogger("vitexp")
 # Called after each epoch (once its checkpoints are saved) with the epoch and its metrics: a search trial reports
@@ -114,7 +114,7 @@ def fit(
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, trainer.max_epochs + 1):
             if state.early.get(early_stopping.REASON):
-                break  # resumed from the checkpoint of the epoch it stopped at
+                break  # stopped early (also when resumed from the checkpoint of the epoch it stopped at)
             epoch_start, start = time.perf_counter(), _epoch_start(state, epoch)
             _set_trainable(recipe, model, epoch)
             set_epoch(train_loader, seed, epoch, start.batch)
@@ -129,20 +129,24 @@ def fit(
             # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             records.epoch(metrics, trainer.max_epochs)
-            is_best = metrics["val/acc1"] > state.best_acc1
-            state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
-            state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
-            state.early = early_stopping.update(trainer.early_stopping, state.early, metrics, epoch)
+            is_best = _record(state, metrics, epoch, trainer.early_stopping)
             ckpt = checkpoint_state(model, opt, state, config)
             save_checkpoints(ckpt, out, is_best, trainer.ckpt_every_n_epochs, root)
             saver.saved()
             stop.check_stop()
             for hook in epoch_hooks:
                 hook(epoch, state.metrics)
-            if state.early.get(early_stopping.REASON):
-                log.info(f"stopped early at epoch {epoch}: {state.early[early_stopping.REASON]}")
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
+
+
+def _record(state: RunState, metrics: dict[str, Any], epoch: int, early: EarlyStopping) -> bool:
+    """The run state after `epoch` (best accuracy, metrics, early stopping); whether the epoch is the best so far."""
+    is_best = metrics["val/acc1"] > state.best_acc1
+    state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
+    state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+    state.early = early_stopping.update(early, state.early, metrics, epoch)
+    return is_best
 
 
 def _resuming(last: dict[str, Any], out: Path) -> None:
