@@ -196,9 +196,11 @@ def test_the_command_writes_an_overlay_per_image_a_grid_and_explain_csv(digits_c
 
 def test_a_target_class_is_explained_and_bad_arguments_are_one_line_errors(digits_ckpt, tmp_path):
     images = _digit_folder(tmp_path / "images")
-    items, skipped = explain(digits_ckpt, images / "d0.png", tmp_path / "one", method="rollout", target="7")
-    assert [(i.name, i.target) for i in items] == [("d0.png", 7)] and skipped == []
-    assert items[0].cam.shape == (16, 16) and items[0].image.shape == (16, 16, 3)
+    rows, skipped = explain(digits_ckpt, images / "d0.png", tmp_path / "one", method="rollout", target="7")
+    assert [(r.path, r.label) for r in rows] == [("d0.png", "7")] and skipped == []
+    assert Image.open(tmp_path / "one" / "images" / "d0.png.png").size[0] > 300
+    rows, skipped = explain(digits_ckpt, images, tmp_path / "batches", method="eigencam", batch_size=2)
+    assert len(rows) == 5 and len(skipped) == 2  # batches of 2, 2, 1 around the skipped files
     with pytest.raises(VitexpError, match="--target cat is neither a class name"):
         explain(digits_ckpt, images, tmp_path / "two", target="cat")
     proc = subprocess.run(

@@ -10,7 +10,7 @@ import csv
 import io
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,18 @@ class Explained:
         """The map's maximum as (x, y) in pixels of the model's input."""
         y, x = np.unravel_index(int(np.argmax(self.cam)), self.cam.shape)
         return int(x), int(y)
+
+
+@dataclass
+class Row:
+    """One row of explain.csv: the image's path under the folder, the explained class, its probability and the
+    map's peak in pixels of the model's input."""
+
+    path: str
+    label: str
+    prob: float
+    peak_x: int
+    peak_y: int
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -290,13 +302,13 @@ def save(fig: Any, path: Path, root: Path) -> None:
         plt.close(fig)
 
 
-def write_rows(path: Path, items: Sequence[Explained], classes: Sequence[str], root: Path) -> None:
+def write_rows(path: Path, rows: Sequence[Row], root: Path) -> None:
     """explain.csv: path, the explained class and its probability, the map's peak in input pixels (names as data)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "prob", "peak_x", "peak_y"])
-    for item in items:
-        writer.writerow([printable(item.name), printable(classes[item.target]), f"{item.prob:.6f}", *item.peak])
+    for row in rows:
+        writer.writerow([printable(row.path), printable(row.label), f"{row.prob:.6f}", row.peak_x, row.peak_y])
     write_text(path, buffer.getvalue(), root)
 
 
@@ -331,21 +343,28 @@ def _load(source: Path, data_root: Path | None) -> tuple[nn.Module, dict[str, An
     return model.eval(), card
 
 
-def _inputs(folder: Path, card: dict[str, Any]) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
-    """Every readable image under `folder` (or the one file) through the card's evaluation transform, and the files
-    skipped with why; read as predict reads them (no symlink followed, regular files only)."""
+def _batches(
+    folder: Path, card: dict[str, Any], batch_size: int, skipped: list[str]
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """The readable images under `folder` (or the one file), `batch_size` at a time through the card's evaluation
+    transform, with their names; read as predict reads them (no symlink followed, regular files only). A file that
+    is not read joins `skipped` with why."""
     from vitexp.predict import image_files, preprocess, read_image
 
-    paths, skipped = ([folder], []) if folder.is_file() and not folder.is_symlink() else image_files(folder)
-    base, transform, found = folder.parent if folder.is_file() else folder, preprocess(card), []
-    for path in paths:
+    paths, links = ([folder], []) if folder.is_file() and not folder.is_symlink() else image_files(folder)
+    base, transform, names, tensors = folder.parent if folder.is_file() else folder, preprocess(card), [], []
+    skipped += links
+    for k, path in enumerate(paths, 1):
         name = path.relative_to(base).as_posix()
         try:
-            found.append((name, transform(read_image(path, card["image_mode"]))))
+            tensors.append(transform(read_image(path, card["image_mode"])))
+            names.append(name)
         except (*UNREADABLE, VitexpError) as e:
             why = "not an image file PIL reads" if isinstance(e, UnidentifiedImageError) else printable(e, 120)
             skipped.append(f"{printable(name)} ({why})")
-    return found, skipped
+        if tensors and (len(tensors) == batch_size or k == len(paths)):
+            yield names, torch.stack(tensors)
+            names, tensors = [], []
 
 
 def explain(
@@ -357,31 +376,27 @@ def explain(
     target: str | None = None,
     batch_size: int = 16,
     data_root: str | Path | None = None,
-) -> tuple[list[Explained], list[str]]:
-    """Write, under `out`, `images/<path>.png` for every readable image under `images`, `grid.png` and
-    `explain.csv`; returns what was explained and the files skipped, each with why."""
+) -> tuple[list[Row], list[str]]:
+    """Write, under `out`, `images/<path>.png` for every readable image under `images`, `grid.png` (the first
+    `GRID_MAX`) and `explain.csv`; returns explain.csv's rows and the files skipped, each with why."""
     if method not in METHODS or batch_size < 1:
         raise VitexpError(f"--method {printable(method)} must be one of {', '.join(METHODS)}, --batch-size >= 1")
     model, card = _load(Path(source), Path(data_root) if data_root is not None else None)
-    classes, out = card["classes"], make_folder(Path(out))
-    found, skipped = _inputs(Path(images), card)
-    wanted, items = _target_index(target, classes), []
-    for start in range(0, len(found), batch_size):
-        names, tensors = zip(*found[start : start + batch_size])
-        x = torch.stack(tensors)
+    classes, out, skipped = card["classes"], make_folder(Path(out)), []
+    wanted, rows, shown = _target_index(target, classes), [], []
+    for names, x in _batches(Path(images), card, batch_size, skipped):
         maps, targets, probs = explain_batch(model, x, method, wanted)
         for name, image, cam, t, p in zip(names, as_seen(x, card["mean"], card["std"]), maps, targets, probs):
             top = [(int(c), float(p[c])) for c in np.argsort(-p, kind="stable")[:3]]
-            items.append(Explained(name, image, cam, int(t), float(p[t]), top))
-    for item in items:
-        save(figure_of(item, classes, method), out / "images" / f"{item.name}.png", out)
-    if items:
-        title = f"{method} of {card['model']}" + (
-            f" (first {GRID_MAX} of {len(items)})" if len(items) > GRID_MAX else ""
-        )
-        save(grid_of(items[:GRID_MAX], classes, title), out / "grid.png", out)
-    write_rows(out / "explain.csv", items, classes, out)
-    return items, skipped
+            item = Explained(name, image, cam, int(t), float(p[t]), top)
+            save(figure_of(item, classes, method), out / "images" / f"{name}.png", out)
+            rows.append(Row(name, classes[item.target], item.prob, *item.peak))
+            shown += [item] if len(shown) < GRID_MAX else []
+    if shown:
+        more = f" (first {GRID_MAX} of {len(rows)})" if len(rows) > GRID_MAX else ""
+        save(grid_of(shown, classes, f"{method} of {card['model']}{more}"), out / "grid.png", out)
+    write_rows(out / "explain.csv", rows, out)
+    return rows, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -396,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="a checkpoint's data folder, for class names")
     args = parser.parse_args(argv)
     try:
-        items, skipped = explain(
+        rows, skipped = explain(
             args.checkpoint,
             args.images,
             args.out,
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     for line in skipped:
         print(f"skipped {line}")
-    print(f"wrote {args.out}: {len(items)} images explained by {args.method}; {len(skipped)} files skipped")
+    print(f"wrote {args.out}: {len(rows)} images explained by {args.method}; {len(skipped)} files skipped")
 
 
 if __name__ == "__main__":

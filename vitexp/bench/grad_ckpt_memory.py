@@ -7,7 +7,9 @@ Memory: each setting in a fresh process (peak resident memory is a high-water ma
 in one process would hide each other): the process's peak resident set (ru_maxrss) over two AdamW steps, with the
 model, optimizer and batch built before them (`before_steps_mb`, what the steps add to). On a GPU: torch's peak
 allocated memory. Time: one process alternating the two settings step by step (so that a neighbour's
-load hits both alike), the median of `--rounds` steps each after one warm-up step."""
+load hits both alike), the median of `--rounds` steps each after one warm-up step, in wall-clock seconds and in
+seconds of this process's CPU time (what one thread computes, less sensitive to other processes on a shared
+machine)."""
 
 from __future__ import annotations
 
@@ -34,15 +36,17 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optim
     return model, optimizer, x, y
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    start = time.perf_counter()
+def _step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def child(args: argparse.Namespace) -> dict[str, float]:
@@ -70,18 +74,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="time the steps only")
     parser.add_argument("--checkpointing", choices=["on", "off"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.checkpointing:
         print(json.dumps(child(args)))
         return
-    memory = {}
-    for setting in ("off", "on"):
+    memory = {"off": {"peak_mb": float("nan"), "before_steps_mb": float("nan")}}
+    memory["on"] = memory["off"]
+    for setting in () if args.no_memory else ("off", "on"):
         command = [sys.executable, "-m", "vitexp.bench.grad_ckpt_memory", *sys.argv[1:], "--checkpointing", setting]
         memory[setting] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         print(json.dumps({"grad_checkpointing": setting, **memory[setting]}), flush=True)
     model, optimizer, x, y = _setup(args)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for on in (False, True):  # warm-up
         model.set_grad_checkpointing(on)
         _step(model, optimizer, x, y)
@@ -89,7 +95,8 @@ def main() -> None:
         for on in (False, True):
             model.set_grad_checkpointing(on)
             times[on].append(_step(model, optimizer, x, y))
-    off_s, on_s = statistics.median(times[False]), statistics.median(times[True])
+    off_s, on_s = (statistics.median(t for t, _ in times[on]) for on in (False, True))
+    off_cpu, on_cpu = (statistics.median(c for _, c in times[on]) for on in (False, True))
     summary = {
         "model": args.model,
         "img_size": args.img_size,
@@ -103,7 +110,11 @@ def main() -> None:
         "step_s_off": round(off_s, 2),
         "step_s_on": round(on_s, 2),
         "step_time_increase": round(on_s / off_s - 1, 3),
-        "step_s_all": {"off": [round(t, 2) for t in times[False]], "on": [round(t, 2) for t in times[True]]},
+        "step_cpu_s_off": round(off_cpu, 2),
+        "step_cpu_s_on": round(on_cpu, 2),
+        "step_cpu_increase": round(on_cpu / off_cpu - 1, 3),
+        "step_s_all": {k: [round(t, 2) for t, _ in times[on]] for k, on in (("off", False), ("on", True))},
+        "step_cpu_s_all": {k: [round(c, 2) for _, c in times[on]] for k, on in (("off", False), ("on", True))},
     }
     print(json.dumps(summary), flush=True)
 
