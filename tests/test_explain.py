@@ -5,6 +5,7 @@ command on a real checkpoint and a folder with bad files."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from scipy.stats import spearmanr
 from tests.builders import build
 from tests.conftest import REPO, TINY, compose_config, vitexp
 from vitexp import VitexpError
-from vitexp.explain import CAM_METHODS, METHODS, explain, explain_batch, rollout
+from vitexp.explain import CAM_METHODS, METHODS, confidently_wrong, explain, explain_batch, plot_mistakes, rollout
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import fit
 
@@ -226,3 +227,19 @@ def test_evaluate_plots_the_most_confidently_wrong_images_and_logs_them_to_wandb
     assert figure.size[0] >= 8 * 150 and figure.size[1] >= 2 * 150  # 16 maps, 8 a row (one epoch: most are wrong)
     (offline,) = (tmp_path / "ev" / "wandb").glob("offline-run-*")
     assert len(list(offline.glob("files/media/images/mistakes_*.png"))) == 16
+
+
+def test_the_most_confidently_wrong_come_first_and_a_model_without_a_cam_layer_skips_the_plot(tmp_path, caplog):
+    identity = torch.nn.Linear(3, 3)  # the logits are the inputs
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(3))
+        identity.bias.zero_()
+    logits = torch.tensor([[5.0, 0, 0], [0, 1, 0], [0, 0, 9], [2, 0, 0], [0, 3, 0]])
+    truth = torch.tensor([1, 1, 0, 0, 2])  # wrong: 0 (p 0.99), 2 (p 1.00), 4 (p 0.91); right: 1, 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(logits, truth), batch_size=2)
+    assert confidently_wrong(identity, loader) == [2, 0, 4]
+    assert confidently_wrong(identity, loader, limit_batches=1) == [0]
+    with caplog.at_level(logging.WARNING, logger="vitexp"):
+        shown = plot_mistakes(identity, loader, "abc", ([0.5], [0.5]), tmp_path / "m.png", title="t", root=tmp_path)
+    assert shown == 0 and not (tmp_path / "m.png").exists()
+    assert "no m.png: Linear is neither a timm ViT nor a timm CNN" in caplog.text

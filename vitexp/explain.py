@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -284,6 +285,11 @@ def plot_mistakes(
     true and predicted classes; the same images to the W&B run when one is open. Returns how many were wrong."""
     from vitexp import tracking
 
+    try:
+        target_layer(model)
+    except VitexpError as e:  # a figure is not worth failing the evaluation for
+        logging.getLogger("vitexp").warning(f"no {path.name}: {e}")
+        return 0
     wrong = confidently_wrong(model, loader, limit_batches)
     shown = mistakes(model, loader.dataset, wrong, classes, norm)
     save(grid_of(shown, classes, f"{title}: {len(shown)} most confidently wrong of {len(wrong)}", "pred "), path, root)
