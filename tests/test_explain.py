@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from tests.builders import build
 from tests.conftest import REPO, TINY, compose_config, vitexp
 from vitexp import VitexpError
-from vitexp.explain import CAM_METHODS, METHODS, confidently_wrong, explain, explain_batch, plot_mistakes, rollout
+from vitexp.explain import CAM_METHODS, METHODS, confidently_wrong, explain, explain_batch, main, plot_mistakes, rollout
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import fit
 
@@ -195,7 +195,7 @@ def test_the_command_writes_an_overlay_per_image_a_grid_and_explain_csv(digits_c
     assert Image.open(tmp_path / "out" / "grid.png").size[0] > 5 * 100
 
 
-def test_a_target_class_is_explained_and_bad_arguments_are_one_line_errors(digits_ckpt, tmp_path):
+def test_a_target_class_is_explained_and_bad_arguments_are_one_line_errors(digits_ckpt, tmp_path, capsys):
     images = _digit_folder(tmp_path / "images")
     rows, skipped = explain(digits_ckpt, images / "d0.png", tmp_path / "one", method="rollout", target="7")
     assert [(r.path, r.label) for r in rows] == [("d0.png", "7")] and skipped == []
@@ -204,13 +204,10 @@ def test_a_target_class_is_explained_and_bad_arguments_are_one_line_errors(digit
     assert len(rows) == 5 and len(skipped) == 2  # batches of 2, 2, 1 around the skipped files
     with pytest.raises(VitexpError, match="--target cat is neither a class name"):
         explain(digits_ckpt, images, tmp_path / "two", target="cat")
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitexp.explain", str(digits_ckpt), str(tmp_path / "absent"), "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    with pytest.raises(SystemExit) as exit_status:
+        main([str(digits_ckpt), str(tmp_path / "absent"), "--out", str(tmp_path / "three")])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_evaluate_plots_the_most_confidently_wrong_images_and_logs_them_to_wandb(digits_ckpt, tmp_path):
