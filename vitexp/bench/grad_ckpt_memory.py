@@ -66,6 +66,18 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     return {"peak_mb": peak, "before_steps_mb": before}
 
 
+def _memory_figures(memory: dict[str, dict[str, float]]) -> dict[str, float]:
+    if not memory:  # --no-memory
+        return {}
+    off, on = memory["off"]["peak_mb"], memory["on"]["peak_mb"]
+    return {
+        "peak_mb_off": round(off),
+        "peak_mb_on": round(on),
+        "peak_saving": round(1 - on / off, 3),
+        "before_steps_mb": round(memory["off"]["before_steps_mb"]),
+    }
+
+
 def main() -> None:
     """Print one JSON line per setting and one with both and their ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,8 +92,7 @@ def main() -> None:
     if args.checkpointing:
         print(json.dumps(child(args)))
         return
-    memory = {"off": {"peak_mb": float("nan"), "before_steps_mb": float("nan")}}
-    memory["on"] = memory["off"]
+    memory = {}
     for setting in () if args.no_memory else ("off", "on"):
         command = [sys.executable, "-m", "vitexp.bench.grad_ckpt_memory", *sys.argv[1:], "--checkpointing", setting]
         memory[setting] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
@@ -95,6 +106,10 @@ def main() -> None:
         for on in (False, True):
             model.set_grad_checkpointing(on)
             times[on].append(_step(model, optimizer, x, y))
+            print(
+                json.dumps({"grad_checkpointing": on, "step_s": times[on][-1][0], "cpu_s": times[on][-1][1]}),
+                flush=True,
+            )
     off_s, on_s = (statistics.median(t for t, _ in times[on]) for on in (False, True))
     off_cpu, on_cpu = (statistics.median(c for _, c in times[on]) for on in (False, True))
     summary = {
@@ -103,10 +118,7 @@ def main() -> None:
         "batch": args.batch,
         "device": args.device,
         "threads": torch.get_num_threads(),
-        "peak_mb_off": round(memory["off"]["peak_mb"]),
-        "peak_mb_on": round(memory["on"]["peak_mb"]),
-        "peak_saving": round(1 - memory["on"]["peak_mb"] / memory["off"]["peak_mb"], 3),
-        "before_steps_mb": round(memory["off"]["before_steps_mb"]),
+        **_memory_figures(memory),
         "step_s_off": round(off_s, 2),
         "step_s_on": round(on_s, 2),
         "step_time_increase": round(on_s / off_s - 1, 3),
