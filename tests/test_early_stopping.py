@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import TINY, compose_config, metric_rows
+from tests.conftest import TINY, compose_config, metric_rows, vitexp
 from vitexp import VitexpError, checkpoint, early_stopping, training
 from vitexp.config import validate
 from vitexp.schema import EarlyStopping
@@ -108,3 +108,17 @@ def test_the_log_says_where_and_why(tmp_path, caplog):
         results = fit(recipe, tmp_path)
     assert results["epochs"] == 2
     assert "stopped early at epoch 2: val/loss did not fall by more than 10.0 for 1 epochs" in caplog.text
+
+
+def test_a_search_trial_stopped_early_is_a_completed_trial_with_its_best_value(tmp_path):
+    from vitexp.search import JOURNAL_FILE, load_study
+
+    sweep = tmp_path / "search"
+    args = ["--multirun", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY, "trainer.max_epochs=4"]
+    vitexp(*args, *NEVER_BETTER, "trainer.early_stopping.patience=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    study = load_study(sweep / JOURNAL_FILE)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:
+        results = json.loads((sweep / str(trial.number) / "results.json").read_text())
+        assert results["status"] == "completed" and results["stopped_early"] and results["epochs"] == 2
+        assert trial.value == results["best_val_acc1"]
