@@ -36,6 +36,7 @@ CONFIG = "config"
 METRICS = "metrics"
 VAL_IMAGES = "val_images"
 POSITION = "position"
+EARLY_STOPPING = "early_stopping"
 WANDB_RUN_ID = "wandb_run_id"
 VERSION = "version"
 FORMAT = "format"
@@ -60,6 +61,7 @@ KEYS = (
     METRICS,
     VAL_IMAGES,
     POSITION,
+    EARLY_STOPPING,
     WANDB_RUN_ID,
     VERSION,
     FORMAT,
@@ -108,6 +110,7 @@ class TrainingState:
     metrics: dict[str, Any] = field(default_factory=dict)
     val_images: int | None = None
     position: Position | None = None  # a mid-epoch checkpoint's place
+    early_stopping: dict[str, Any] | None = None  # vitexp.early_stopping's state (None: off)
     wandb_run_id: str | None = None
     version: str = __version__
     format: int = FORMAT_VERSION
@@ -294,6 +297,7 @@ RESUME_FIELDS: dict[str, tuple[type, ...]] = {
     EMA: (dict, _OPTIONAL),
     VAL_IMAGES: (int, _OPTIONAL),
     POSITION: (dict, _OPTIONAL),
+    EARLY_STOPPING: (dict, _OPTIONAL),
 }
 
 

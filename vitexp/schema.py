@@ -72,6 +72,19 @@ def _val_size() -> Any:
     return must("a count >= 1 or a fraction in (0, 1)", lambda v: _number(v) and v > 0)
 
 
+# The validation figures a run logs each epoch that early stopping may watch: every run's, the EMA's (with
+# trainer.ema_decay) and a token-distilled student's two heads
+MONITORED = ("val/loss", "val/acc1", "val/acc5", "val_ema/acc1", "val/acc1_cls", "val/acc1_dist")
+
+
+@dataclass
+class EarlyStopping:
+    monitor: str | None = must(f"null (off) or one of {', '.join(MONITORED)}", lambda v: v is None or v in MONITORED)
+    mode: str = choice("min", "max")
+    patience: int = _count()
+    min_delta: float = _non_negative()
+
+
 @dataclass
 class Trainer:
     max_epochs: int = _count()
@@ -93,6 +106,8 @@ class Trainer:
     limit_val_batches: int | None = _optional_count()
     ema_decay: float | None = must("null or a number in (0, 1)", lambda v: v is None or (_number(v) and 0 < v < 1))
     progress: Any = choice("auto", True, False)
+    early_stopping: EarlyStopping = MISSING
+    grad_checkpointing: bool = MISSING
 
 
 @dataclass

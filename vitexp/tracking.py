@@ -97,6 +97,14 @@ def log_metrics(metrics: dict[str, Any]) -> None:
         _wandb_run.log(metrics)
 
 
+def log_images(key: str, images: list[tuple[Any, str]]) -> None:
+    """Images (H x W x 3 uint8 arrays) with their captions as one W&B step under `key` (nothing without a run)."""
+    if _wandb_run is not None:
+        import wandb
+
+        _wandb_run.log({key: [wandb.Image(image, caption=caption) for image, caption in images]})
+
+
 def summarize(figures: dict[str, Any]) -> None:
     """Final figures into the run summary."""
     if _wandb_run is not None:

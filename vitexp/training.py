@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitexp import VitexpError, checkpoint, distributed, engine, plots, stop, tracking
+from vitexp import VitexpError, checkpoint, distributed, early_stopping, engine, plots, stop, tracking
 from vitexp.data import Splits, set_epoch
 from vitexp.hardware import Machine, precision_name, seed_everything
 from vitexp.models import (
@@ -32,7 +32,7 @@ from vitexp.models import (
     without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
-from vitexp.schema import Config, Train, Trainer
+from vitexp.schema import Config, EarlyStopping, Train, Trainer
 
 log = logging.getLogger("vitexp")
 
@@ -72,6 +72,7 @@ class RunState:
     val_images: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     position: checkpoint.Position | None = None  # where a mid-epoch checkpoint resumed from
+    early: dict[str, Any] = field(default_factory=dict)  # vitexp.early_stopping's state ({}: off)
 
 
 def fit(
@@ -109,6 +110,8 @@ def fit(
     )
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, trainer.max_epochs + 1):
+            if state.early.get(early_stopping.REASON):
+                break  # stopped early (also when resumed from the checkpoint of the epoch it stopped at)
             epoch_start, start = time.perf_counter(), _epoch_start(state, epoch)
             _set_trainable(recipe, model, epoch)
             set_epoch(train_loader, seed, epoch, start.batch)
@@ -123,9 +126,7 @@ def fit(
             # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             records.epoch(metrics, trainer.max_epochs)
-            is_best = metrics["val/acc1"] > state.best_acc1
-            state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
-            state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+            is_best = _record(state, metrics, epoch, trainer.early_stopping)
             ckpt = checkpoint_state(model, opt, state, config)
             save_checkpoints(ckpt, out, is_best, trainer.ckpt_every_n_epochs, root)
             saver.saved()
@@ -134,6 +135,15 @@ def fit(
                 after_epoch(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
     return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
+
+
+def _record(state: RunState, metrics: dict[str, Any], epoch: int, early: EarlyStopping) -> bool:
+    """The run state after `epoch` (best accuracy, metrics, early stopping); whether the epoch is the best so far."""
+    is_best = metrics["val/acc1"] > state.best_acc1
+    state.epoch, state.best_acc1 = epoch, max(state.best_acc1, metrics["val/acc1"])
+    state.metrics = {**metrics, "best_val_acc1": state.best_acc1}
+    state.early = early_stopping.update(early, state.early, metrics, epoch)
+    return is_best
 
 
 def _resuming(last: checkpoint.TrainingState, out: Path) -> None:
@@ -155,9 +165,21 @@ def _start_model(recipe: Recipe, last: checkpoint.TrainingState | None) -> nn.Mo
     fresh = last is None and not init
     arch = recipe.arch if fresh else without_weights_source(recipe.arch)
     model = build_from_arch(arch, where=recipe.model_key).to(recipe.machine.device)
+    if recipe.settings.trainer.grad_checkpointing:
+        grad_checkpointing(model, recipe.model_key)
     if init and last is None:
         checkpoint.load_weights(model, checkpoint.load(init)[checkpoint.MODEL], init)
     return model
+
+
+def grad_checkpointing(model: nn.Module, where: str = "model") -> None:
+    """Recompute each block's activations in the backward pass (timm's `set_grad_checkpointing`; torch's checkpoint
+    replays the random generators, so dropout and drop path draw what they drew in the forward pass)."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise VitexpError(
+            f"{where} ({type(model).__name__}) has no timm set_grad_checkpointing; set trainer.grad_checkpointing=false"
+        )
+    model.set_grad_checkpointing(True)
 
 
 def step_settings(trainer: Trainer, machine: Machine) -> engine.StepSettings:
@@ -241,7 +263,8 @@ def restore(saved: checkpoint.TrainingState, model: nn.Module, opt: engine.Optim
             checkpoint.load_part(source, name, lambda p=part, s=state: p.load_state_dict(s))
     checkpoint.load_part(source, checkpoint.RNG, lambda: checkpoint.set_rng_state(saved.rng))
     best = saved.metrics["best_val_acc1"] if saved.metrics else -1.0  # {}: stopped inside the first epoch
-    return RunState(saved.epoch, saved.step, best, saved.val_images, saved.metrics, saved.position)
+    early = early_stopping.check(saved.early_stopping, str(source))
+    return RunState(saved.epoch, saved.step, best, saved.val_images, saved.metrics, saved.position, early)
 
 
 def _epoch_start(state: RunState, epoch: int) -> engine.EpochStart:
@@ -370,6 +393,7 @@ def checkpoint_state(
         metrics=state.metrics,
         val_images=state.val_images,
         position=position,
+        early_stopping=state.early or None,
         wandb_run_id=tracking.wandb_run_id(),
     )
 
@@ -426,6 +450,8 @@ def finish(
         "device": str(recipe.machine.device),
         "precision": precision_name(recipe.machine.amp),
         "wall_s": time.perf_counter() - started,
+        "stopped_early": bool(state.early.get(early_stopping.REASON)),
+        "stop_reason": state.early.get(early_stopping.REASON),
         **extra,
         "status": "completed",
     }

@@ -22,7 +22,7 @@ from vitexp.models import arch_of, build_from_arch, count_macs, count_params, in
 from vitexp.records import write_results
 from vitexp.runs import Run
 from vitexp.tasks.recipe import read_recipe
-from vitexp.training import Recipe, optimization, step_settings
+from vitexp.training import Recipe, grad_checkpointing, optimization, step_settings
 
 log = logging.getLogger("vitexp")
 
@@ -50,6 +50,8 @@ def run(run: Run) -> dict[str, Any]:
     task, batch, data_settings = settings.task, settings.data.batch_size, settings.data
     seed_everything(settings.seed)
     model = build_from_arch(recipe.arch).to(machine.device)
+    if settings.trainer.grad_checkpointing:
+        grad_checkpointing(model)
     shape = (data_settings.in_chans, data_settings.img_size, data_settings.img_size)
     data = recipe.loaders[0] or SyntheticBatches(*_batch(batch, shape, recipe), task.steps)
     if len(data) < task.warmup_steps + task.steps and task.mode == "real":
@@ -94,7 +96,7 @@ def run(run: Run) -> dict[str, Any]:
     write_results(run.out, results)
     log.info(
         f"{printable(recipe.arch['name'])} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
-        f"({results['step_ms']} ms/step), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
+        f"({results['step_ms']} ms/step, peak memory {results['peak_mem_mb']} MB), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
         + (f", reference loop {results['anchor_img_per_s']} img/s (ratio {results['ratio']})" if anchor else "")
     )
     print(json.dumps(results), flush=True)
@@ -130,6 +132,7 @@ def _figures(
         "peak_tflops": round(peak / 1e12, 3),
         "mfu": round(achieved / peak, 4),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "grad_checkpointing": settings.trainer.grad_checkpointing,
         "params": count_params(model),
         "macs": count_macs(model),
         "infer_img_per_s": round(infer, 1),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitexp import VitexpError, checkpoint, engine, plots
+from vitexp import VitexpError, checkpoint, engine, explain, plots
 from vitexp.checkpoint import check_resume_fields
 from vitexp.data import eval_transform, make_loader, make_splits
 from vitexp.files import printable
@@ -62,6 +62,16 @@ def run(run: Run) -> dict[str, Any]:
     name = saved[checkpoint.ARCH][checkpoint.NAME]
     plots.confusion_matrix(
         confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}", root=out
+    )
+    explain.plot_mistakes(
+        model,
+        loader,
+        splits.classes,
+        (data.mean, data.std),
+        out / "plots" / "mistakes.png",
+        title=f"{name} on {split}",
+        root=out,
+        limit_batches=settings.trainer.limit_val_batches,
     )
     results = _results(settings, machine, model, saved, split, metrics, confusion, splits.classes)
     results |= {"wall_s": time.perf_counter() - started, "status": "completed"}
