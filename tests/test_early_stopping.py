@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, compose_config, metric_rows, vitexp
-from vitexp import VitexpError, checkpoint, early_stopping, training
+from vitexp import VitexpError, checkpoint, early_stopping
 from vitexp.config import validate
 from vitexp.schema import EarlyStopping
 from vitexp.tasks.recipe import read_recipe
@@ -71,18 +71,16 @@ def test_a_run_interrupted_before_it_stops_resumes_and_stops_at_the_same_epoch(r
         if epoch == 2:  # the counter is at 1: without it in the checkpoint, the resumed run would stop at epoch 4
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "epoch_hooks", [interrupt])
     with pytest.raises(KeyboardInterrupt):
-        fit(recipe, tmp_path)
-    monkeypatch.setattr(training, "epoch_hooks", [])
-    results = fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
+        fit(recipe, tmp_path, after_epoch=interrupt)
+    results = fit(recipe, tmp_path, checkpoint.load_training_state(tmp_path / "checkpoints" / "last.pt"))
     reference, theirs = stopped
     assert results["epochs"] == 3 and results["stop_reason"] == theirs["stop_reason"]
     assert metric_rows(tmp_path / "metrics.csv") == metric_rows(reference / "metrics.csv")
     ours, uninterrupted = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path, reference))
     assert all(torch.equal(ours["model"][k], uninterrupted["model"][k]) for k in uninterrupted["model"])
     # resumed from the checkpoint of the epoch it stopped at, it trains no further
-    again = fit(recipe, tmp_path, checkpoint.load(tmp_path / "checkpoints" / "last.pt"))
+    again = fit(recipe, tmp_path, checkpoint.load_training_state(tmp_path / "checkpoints" / "last.pt"))
     assert again["epochs"] == 3 and len(metric_rows(tmp_path / "metrics.csv")) == 3
 
 

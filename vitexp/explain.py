@@ -6,8 +6,6 @@ tokens and uneven heads, CNNs for the CAM methods)."""
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import sys
@@ -22,7 +20,7 @@ from PIL import UnidentifiedImageError
 from torch import nn
 
 from vitexp import VitexpError
-from vitexp.files import make_folder, plot_text, printable, save_figure, write_text
+from vitexp.files import make_folder, plot_text, printable, save_figure, write_csv
 from vitexp.images import UNREADABLE
 
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam", "layercam")
@@ -310,12 +308,8 @@ def save(fig: Any, path: Path, root: Path) -> None:
 
 def write_rows(path: Path, rows: Sequence[Row], root: Path) -> None:
     """explain.csv: path, the explained class and its probability, the map's peak in input pixels (names as data)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "prob", "peak_x", "peak_y"])
-    for row in rows:
-        writer.writerow([printable(row.path), printable(row.label), f"{row.prob:.6f}", row.peak_x, row.peak_y])
-    write_text(path, buffer.getvalue(), root)
+    cells = ([row.path, row.label, round(row.prob, 6), row.peak_x, row.peak_y] for row in rows)
+    write_csv(path, ["path", "label", "prob", "peak_x", "peak_y"], cells, root)
 
 
 def _target_index(target: str | None, classes: Sequence[str]) -> int | None:
