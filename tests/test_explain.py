@@ -210,6 +210,27 @@ def test_a_target_class_is_explained_and_bad_arguments_are_one_line_errors(digit
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_explain_refuses_outputs_that_are_not_files_and_writes_names_as_data(digits_ckpt, tmp_path):
+    """`--out` a file, or a folder whose explain.csv is a FIFO: one line before any work; formula and control
+    characters in file names reach explain.csv neutralised (the one CSV writer)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("=HYPERLINK(1).png", "+cmd\x1b[2J.png"):
+        Image.new("L", (8, 8), 200).save(images / name, format="PNG")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(VitexpError, match="is a file, not a folder"):
+        explain(digits_ckpt, images, tmp_path / "file")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "explain.csv")
+    with pytest.raises(VitexpError, match="explain.csv is a FIFO"):
+        explain(digits_ckpt, images, tmp_path / "fifo")
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "fifo" / "grid.png").exists()
+    explain(digits_ckpt, images, tmp_path / "out")
+    with (tmp_path / "out" / "explain.csv").open(newline="") as f:
+        paths = sorted(r["path"] for r in csv.DictReader(f))
+    assert paths == ["'+cmd\\x1b[2J.png", "'=HYPERLINK(1).png"]
+
+
 def test_evaluate_plots_the_most_confidently_wrong_images_and_logs_them_to_wandb(digits_ckpt, tmp_path):
     vitexp(
         *TINY,

@@ -27,7 +27,7 @@ from PIL import Image
 from tests import fuzz_inputs as fz
 from tests import handed
 from tests.conftest import TINY, compose_config, vitexp
-from vitexp import checkpoint, models, predict, report, runs, search, shards, sweeps
+from vitexp import checkpoint, explain, models, predict, report, runs, search, shards, sweeps
 
 # (fast, slow) cases per entry point: the fast ones keep the default suite within its budget on two cores.
 PROFILES = {"fast": dict(max_examples=1, derandomize=True), "slow": dict(max_examples=1, derandomize=False)}
@@ -39,6 +39,7 @@ FAST = {
     "sweep": 70,
     "shards": 80,
     "predict": 25,
+    "explain": 10,
 }
 SLOW = {
     "load_model": 2000,
@@ -48,6 +49,7 @@ SLOW = {
     "sweep": 2000,
     "shards": 3000,
     "predict": 400,
+    "explain": 200,
 }
 RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", "results.json", "metrics.csv"]
 RUN_LINKS = [
@@ -480,6 +482,39 @@ def _predict(world: World, data) -> None:
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "predict: /dev/null replaced"
 
 
+def _explain(world: World, data) -> None:
+    """explain on a mutated checkpoint (now and then a pickle that runs code) and an images folder with FIFOs, links
+    (to the victim or a device) and formula or control strings as file names; `--out` a file, device or FIFO."""
+    p = world.case()
+    (p.root / "ckpt").mkdir()
+    ckpt = p.root / "ckpt" / "best.pt"
+    honest = data.draw(st.booleans(), label="honest checkpoint")
+    torch.save(world.ckpt if honest else _checkpoint(data, world, p), ckpt)
+    images, out = handed.images(p.root / "images", ["a.png", "b.png"]), p.root / "out"
+    for _ in range(data.draw(st.integers(1, 3), label="changes")):
+        what = data.draw(st.sampled_from(["fifo", "link", "names", "out"]), label="what")
+        if what == "fifo":
+            fz.plant_fifo(images / "a.png")
+        elif what == "link":
+            targets = [*fz.link_targets(p), Path("/dev/zero"), Path("/dev/null")]
+            fz.plant_link(images / "b.png", data.draw(st.sampled_from(targets), label="target"))
+        elif what == "names":
+            names = [t[:100] for t in fz.NASTY_TEXT if "/" not in t and "\x00" not in t]
+            handed.images(images, [data.draw(st.sampled_from(names), label="image") + ".png"])
+        elif not os.path.lexists(out):
+            kind = data.draw(st.sampled_from(["file", "fifo", "device"]), label="out")
+            out = Path("/dev/null") if kind == "device" else out
+            out.write_text("x") if kind == "file" else os.mkfifo(out) if kind == "fifo" else None
+    argv = [str(ckpt), str(images), "--out", str(out), "--method", data.draw(st.sampled_from(explain.METHODS))]
+    fz.call("explain.main", p, [p.root / "out"], lambda: explain.main(argv))
+    written = out / "explain.csv"
+    if out.is_dir() and written.is_file():
+        cells = [c for row in csv.reader(written.open(newline="")) for c in row]
+        assert not any(fz.CONTROL.search(c) or "\n" in c for c in cells), f"explain: a raw control character: {cells}"
+        assert not any(c[:1] in "=+-@" and not _number(c) for c in cells if c), f"explain: a formula cell: {cells}"
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "explain: /dev/null replaced"
+
+
 def _number(cell: str) -> bool:
     try:
         float(cell)
@@ -670,6 +705,7 @@ CASES = {
     "sweep": _sweep,
     "shards": _shards,
     "predict": _predict,
+    "explain": _explain,
 }
 
 

@@ -20,7 +20,7 @@ from PIL import UnidentifiedImageError
 from torch import nn
 
 from vitexp import VitexpError
-from vitexp.files import make_folder, plot_text, printable, save_figure, write_csv
+from vitexp.files import check_output_folder, make_folder, plot_text, printable, save_figure, write_csv
 from vitexp.images import UNREADABLE
 
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam", "layercam")
@@ -381,6 +381,7 @@ def explain(
     `GRID_MAX`) and `explain.csv`; returns explain.csv's rows and the files skipped, each with why."""
     if method not in METHODS or batch_size < 1:
         raise VitexpError(f"--method {printable(method)} must be one of {', '.join(METHODS)}, --batch-size >= 1")
+    check_output_folder(out, ["explain.csv", "grid.png"])  # before any work: never a folder, device or FIFO replaced
     model, card = _load(Path(source), Path(data_root) if data_root is not None else None)
     classes, out, skipped = card["classes"], make_folder(Path(out)), []
     wanted, rows, shown = _target_index(target, classes), [], []
