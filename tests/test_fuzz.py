@@ -316,7 +316,7 @@ def _sweep(world: World, data) -> None:
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": started}}, "seed": 0}))
     (sweep / search.JOURNAL_FILE).write_text(world.study)
     names = ["multirun.yaml", search.JOURNAL_FILE, "0/.hydra/overrides.yaml", "0/results.json"]
-    damage_files(data, p, sweep, names, [*names, "0", "0/.hydra"])
+    damage_files(data, p, sweep, names, [*names, "0", "0/.hydra"], fifos=True)
     argv = ["-m", *started, f"hydra.sweep.dir={sweep}"]
     fz.call("sweeps.check_command", p, [sweep], lambda: sweeps.check_command(argv))
     fz.call("search.load_study", p, [sweep], lambda: search.load_study(sweep / search.JOURNAL_FILE, name="s"))
