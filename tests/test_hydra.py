@@ -41,6 +41,7 @@ def test_a_run_in_a_fresh_interpreter_prints_no_warning(tmp_path):
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # two runs in fresh processes: in the Hydra 1.4 step of .ci/run (-m hydra14) and with -m slow
 def test_a_resumed_run_continues_in_its_own_folder(tmp_path):
     vitexp(*ONE_EPOCH, cwd=tmp_path)
     (run,) = (tmp_path / "outputs" / "train" / "baseline").iterdir()

@@ -63,6 +63,7 @@ def _jobs(events: list[str]) -> list[list[str]]:
     return [events[i : (starts[n + 1] if n + 1 < len(starts) else len(events))] for n, i in enumerate(starts)]
 
 
+@pytest.mark.slow  # two runs in fresh processes; each sweep job's count stays in the default suite
 def test_a_plain_run_is_checked_before_its_job_which_types_its_config_once(tmp_path):
     (events,) = _events(tmp_path, *TINY, "trainer.max_epochs=1").values()
     before = events[: events.index("job")]
