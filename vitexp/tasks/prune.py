@@ -36,9 +36,14 @@ Measure = Callable[[nn.Module, str], dict[str, Any]]
 def run(run: Run) -> dict[str, Any]:
     """Prune `ckpt_path` (or a model trained here first) to `task.ratio`, fine-tune, report every stage."""
     recipe = read_recipe(run.cfg, settings=run.settings)
-    settings, task = recipe.settings, recipe.settings.task
+    settings, task, data = recipe.settings, recipe.settings.task, recipe.settings.data
+    # measured at every stage (before, each pruning round, after): workers started once
     val = make_loader(
-        recipe.splits.val, recipe.settings.data.eval_batch_size, recipe.settings.data.num_workers, train=False
+        recipe.splits.val,
+        data.eval_batch_size,
+        data.num_workers,
+        train=False,
+        persistent_workers=data.persistent_workers,
     )
     measure = functools.partial(measure_stage, recipe, val)
     pruned_path = run.out / "checkpoints" / "pruned.pt"

@@ -1,0 +1,60 @@
+"""vitexp.bench.whole_run's pieces without a training run: its options, the ImageFolder tree it cuts from a tar of
+class folders, the figures it reads from a vitexp run folder and how it sums up rounds."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vitexp.bench import whole_run
+
+
+def _tar(path: Path, classes: dict[str, int]) -> Path:
+    """A tar laid out as the CIFAR-10 one: train/<class>/<NNNN>.jpg, plus a file that is not an image."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, count in classes.items():
+            for i in range(count):
+                data = f"{name}{i}".encode()
+                info = tarfile.TarInfo(f"train/{name}/{i:04d}.jpg")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("train/README.txt")
+        archive.addfile(info, io.BytesIO(b""))
+    return path
+
+
+def test_options_and_overrides_are_parsed_apart() -> None:
+    args, overrides = whole_run.parse(["--epochs", "1", "--per-class", "2", "--repeats", "5", "data.num_workers=0"])
+    assert (args.epochs, args.per_class, args.val_per_class, args.repeats) == (1, 2, 100, 5)
+    assert overrides == ["data.num_workers=0"]
+    command = whole_run.vitexp_command(Path("/t"), 1, Path("/o"), overrides)
+    # the bench's recipe first, the user's overrides after it (they win), the run folder last
+    assert command.index("trainer.max_epochs=1") < command.index("data.num_workers=0") < len(command) - 1
+    assert command[-1] == "hydra.run.dir=/o" and "data.root=/t" in command
+
+
+def test_the_tree_takes_per_class_train_then_val_images_once(tmp_path: Path) -> None:
+    tar = _tar(tmp_path / "t.tar.gz", {"cat": 5, "dog": 4})
+    tree = whole_run.build_tree(tar, tmp_path / "cache", per_class=2, val_per_class=2)
+    assert sorted(p.name for p in (tree / "train" / "cat").iterdir()) == ["0000.jpg", "0001.jpg"]
+    assert sorted(p.name for p in (tree / "val" / "dog").iterdir()) == ["0002.jpg", "0003.jpg"]
+    assert (tree / "val" / "cat" / "0003.jpg").read_bytes() == b"cat3"
+    tar.unlink()  # a built tree is kept: the tar is not read again
+    assert whole_run.build_tree(tar, tmp_path / "cache", per_class=2, val_per_class=2) == tree
+
+
+def test_figures_from_a_run_folder_and_the_rounds_summed_up(tmp_path: Path) -> None:
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,val/acc1,time/epoch_s,throughput/img_s\n1,0.2,12.0,100.0\n2,0.3,11.0,128.0\n3,0.4,10.5,128.0\n"
+    )
+    epochs = whole_run.vitexp_epochs(tmp_path, train_images=1280)
+    assert [e["val_s"] for e in epochs] == pytest.approx([12.0 - 12.8, 1.0, 0.5])
+    fig = whole_run.summarise(40.0, epochs)
+    # steady: the epochs after the first; start/end: the whole minus the epochs
+    assert fig == {"whole_s": 40.0, "img_s": 128.0, "val_s": 0.5, "start_end_s": 6.5, "acc1": 0.4}
+    plain = {"whole_s": 30.0, "img_s": 120.0, "val_s": 1.0, "start_end_s": 2.0, "acc1": 0.3}
+    assert whole_run.best([fig, {**fig, "whole_s": 39.0}])["whole_s"] == 39.0
+    assert whole_run.ratios(plain, fig) == {"whole": 0.75, "train_img_s": round(128 / 120, 3), "val": 2.0}
