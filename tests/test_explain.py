@@ -19,8 +19,8 @@ from scipy.stats import spearmanr
 
 from tests.builders import build
 from tests.conftest import REPO, TINY, compose_config, vitexp
-from vitexp import VitexpError
-from vitexp.explain import CAM_METHODS, METHODS, confidently_wrong, explain, explain_batch, main, plot_mistakes, rollout
+from vitexp import VitexpError, engine
+from vitexp.explain import CAM_METHODS, METHODS, Mistakes, explain, explain_batch, main, plot_mistakes, rollout
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import fit
 
@@ -255,9 +255,13 @@ def test_the_most_confidently_wrong_come_first_and_a_model_without_a_cam_layer_s
     logits = torch.tensor([[5.0, 0, 0], [0, 1, 0], [0, 0, 9], [2, 0, 0], [0, 3, 0]])
     truth = torch.tensor([1, 1, 0, 0, 2])  # wrong: 0 (p 0.99), 2 (p 1.00), 4 (p 0.91); right: 1, 3
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(logits, truth), batch_size=2)
-    assert confidently_wrong(identity, loader) == [2, 0, 4]
-    assert confidently_wrong(identity, loader, limit_batches=1) == [0]
+    for limit, expected in ((None, [2, 0, 4]), (1, [0])):
+        wrong = Mistakes(loader.batch_size)
+        metrics, _ = engine.evaluate(identity, loader, torch.device("cpu"), 3, limit_batches=limit, on_batch=wrong)
+        assert wrong.order() == expected and metrics["acc1"] == (2 / 5 if limit is None else 0.5)
     with caplog.at_level(logging.WARNING, logger="vitexp"):
-        shown = plot_mistakes(identity, loader, "abc", ([0.5], [0.5]), tmp_path / "m.png", title="t", root=tmp_path)
+        shown = plot_mistakes(
+            identity, loader.dataset, [2, 0, 4], "abc", ([0.5], [0.5]), tmp_path / "m.png", title="t", root=tmp_path
+        )
     assert shown == 0 and not (tmp_path / "m.png").exists()
     assert "no m.png: Linear is neither a timm ViT nor a timm CNN" in caplog.text

@@ -132,19 +132,25 @@ class TrainingState:
             self.position = Position.from_state(self.position)
 
 
-def save(checkpoint: dict[str, Any], path: str | Path, root: str | Path | None = None) -> None:
-    """Write `checkpoint` to `path` through a temp file in the same folder, fsync, then rename.
+def save(
+    checkpoint: dict[str, Any], path: str | Path, root: str | Path | None = None, *, also: Iterable[Path] = ()
+) -> None:
+    """Write `checkpoint` to `path` through a temp file in the same folder, fsync, then rename; then give it each
+    name of `also` in turn (hard links: the file is serialised and written once however many names it has).
 
-    A crash at any moment leaves either the previous file or the new one, never a partial file; the temp
-    file a killed writer left behind is removed by the next save of the same file. `root`: the run folder `path`
+    A crash at any moment leaves either the previous file or the new one at each name, never a partial file; the
+    temp file a killed writer left behind is removed by the next save of the same file. `root`: the run folder `path`
     lies in (a symlinked folder from it down is refused; default: `path`'s own folder).
     """
     path = Path(path)
     try:
         with files.atomic(path, root, durable=True) as f:
             torch.save(checkpoint, f)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for name in [path, *also]:
+            if name != path:
+                files.second_name(path, name, root)
+            for stale in name.parent.glob(f".{name.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise VitexpError(

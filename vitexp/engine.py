@@ -350,16 +350,19 @@ def evaluate(
     progress: bool = False,
     desc: str = "val",
     reduce: Reduce | None = None,
+    on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Mean cross-entropy, top-1 and top-5 accuracy over `loader` and the number of images, and the confusion
-    matrix (rows: true class); with `reduce`, over every rank's share of the split."""
+    matrix (rows: true class); with `reduce`, over every rank's share of the split. `on_batch(b, logits, targets)`
+    sees each batch's float logits (e.g. to collect the mistakes), so that nothing needs a second pass."""
     model.eval()
     batches, n_batches = _limited(loader, limit_batches)
     # loss, top-1, top-5, images, then the confusion matrix: one tensor, so that one reduce sums them all
     totals = torch.zeros(4 + num_classes * num_classes, device=device, dtype=torch.float64)
     k, batch = min(5, num_classes), 0
     try:
-        for images, targets in tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress):
+        bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress)
+        for b, (images, targets) in enumerate(bar):
             batch = images.shape[0]
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -371,6 +374,8 @@ def evaluate(
             totals[2] += (topk == targets[:, None]).any(dim=1).sum()
             totals[3] += targets.shape[0]
             totals[4:] += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
+            if on_batch is not None:
+                on_batch(b, logits, targets)
     except (RuntimeError, MemoryError) as e:
         _reraise(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
     totals = reduce(totals) if reduce else totals

@@ -252,34 +252,37 @@ def mistakes(
     ]
 
 
-def confidently_wrong(model: nn.Module, loader: Any, limit_batches: int | None = None) -> list[int]:
-    """The dataset positions of the images `model` gets wrong on an unshuffled `loader`, the most confident first."""
-    device, wrong = next(model.parameters()).device, []
-    model.eval()
-    with torch.no_grad():
-        for b, (x, y) in enumerate(loader):
-            if limit_batches is not None and b >= limit_batches:
-                break
-            confidence, predicted = model(x.to(device)).float().softmax(dim=-1).max(dim=-1)
-            start = b * loader.batch_size
-            wrong += [
-                (-c, start + i) for i, (c, ok) in enumerate(zip(confidence.tolist(), predicted.cpu() == y)) if not ok
-            ]
-    return [i for _, i in sorted(wrong)]
+class Mistakes:
+    """The images an evaluation pass gets wrong, the most confident first: `engine.evaluate`'s `on_batch` on an
+    unshuffled loader of `batch_size`, so that the figure needs no second pass over the split."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.wrong = batch_size, []
+
+    def __call__(self, b: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Note batch `b`'s wrong images by their dataset positions and the confidence of the wrong class."""
+        confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
+        right = (predicted == targets).tolist()
+        start = b * self.batch_size
+        self.wrong += [(-c, start + i) for i, (c, ok) in enumerate(zip(confidence.tolist(), right)) if not ok]
+
+    def order(self) -> list[int]:
+        """The dataset positions of the wrong images, the most confidently wrong first."""
+        return [i for _, i in sorted(self.wrong)]
 
 
 def plot_mistakes(
     model: nn.Module,
-    loader: Any,
+    dataset: Any,
+    wrong: Sequence[int],
     classes: Sequence[str],
     norm: tuple[Sequence[float], Sequence[float]],
     path: Path,
     *,
     title: str,
     root: Path,
-    limit_batches: int | None = None,
 ) -> int:
-    """`path`: Grad-CAM of the 16 images of `loader`'s dataset that `model` gets most confidently wrong, with their
+    """`path`: Grad-CAM of the first 16 images of `dataset` at positions `wrong` (`Mistakes.order()`), with their
     true and predicted classes; the same images to the W&B run when one is open. Returns how many were wrong."""
     from vitexp import tracking
 
@@ -288,8 +291,7 @@ def plot_mistakes(
     except VitexpError as e:  # a figure is not worth failing the evaluation for
         logging.getLogger("vitexp").warning(f"no {path.name}: {e}")
         return 0
-    wrong = confidently_wrong(model, loader, limit_batches)
-    shown = mistakes(model, loader.dataset, wrong, classes, norm)
+    shown = mistakes(model, dataset, wrong, classes, norm)
     save(grid_of(shown, classes, f"{title}: {len(shown)} most confidently wrong of {len(wrong)}", "pred "), path, root)
     captions = [f"{item.name}, predicted {printable(classes[item.target])} ({item.prob:.2f})" for item in shown]
     tracking.log_images("mistakes", [(overlay(item.image, item.cam), c) for item, c in zip(shown, captions)])

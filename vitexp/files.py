@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -132,6 +133,29 @@ def atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def second_name(source: str | Path, path: str | Path, root: str | Path | None = None) -> Path:
+    """Give the file `source` (one this process just wrote through `atomic`) the name `path` in the same way: a hard
+    link made under a temporary name, then renamed over `path`, so that a large file is written once whatever its
+    names; a copy through `atomic` where the file system has no hard links. A later `atomic` write to either name
+    replaces that name only."""
+    source, path = Path(source), check_output(path)
+    make_folder(path.parent, root if root is not None else path.parent)
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems), or another device
+        with open_regular(source) as f, atomic(path, root, durable=True) as out:
+            shutil.copyfileobj(f, out)
+        return path
+    try:
+        check_output(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @functools.cache

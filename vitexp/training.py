@@ -100,7 +100,7 @@ def fit(
     _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
     train_model, eval_model = _step_models(recipe, model)
     records, settings = EpochLog(out, state.epoch, prefix, root), step_settings(trainer, recipe.machine)
-    _announce(recipe, model, out)
+    sizes = _announce(recipe, model, out)
     config = recipe.config
     saver = StepCheckpoints(
         trainer.ckpt_every_n_steps, trainer.ckpt_every_n_minutes, out, model, opt, state, config, root
@@ -134,7 +134,7 @@ def fit(
             if after_epoch is not None:
                 after_epoch(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
-    return finish(recipe, model, out, state, started, prefix, extra_results or {}, root)
+    return finish(recipe, model, out, state, started, prefix, {**sizes, **(extra_results or {})}, root)
 
 
 def _record(state: RunState, metrics: dict[str, Any], epoch: int, early: EarlyStopping) -> bool:
@@ -328,14 +328,17 @@ class StepCheckpoints:
         self.last = time.monotonic()
 
 
-def _announce(recipe: Recipe, model: nn.Module, out: Path) -> None:
+def _announce(recipe: Recipe, model: nn.Module, out: Path) -> dict[str, int]:
+    """The run's first line; returns the model's size (`params`, `macs`: counted once, the model keeps its shape)."""
     machine, splits = recipe.machine, recipe.splits
+    sizes = {"params": count_params(model), "macs": count_macs(model)}
     log.info(
-        f"{recipe.arch['name']}: {count_params(model) / 1e6:.2f}M params, {count_macs(model) / 1e6:.1f}M MACs/img | "
+        f"{recipe.arch['name']}: {sizes['params'] / 1e6:.2f}M params, {sizes['macs'] / 1e6:.1f}M MACs/img | "
         f"{recipe.settings.data.name}: {len(splits.train)} train, {len(splits.val)} val | {machine.device}, "
         f"{precision_name(machine.amp)}{', compiled' if machine.compile else ''}"
         f"{', data on device' if recipe.settings.data.on_device else ''} | {out}"
     )
+    return sizes
 
 
 def validate(recipe: Recipe, eval_model: nn.Module, model: nn.Module, ema: Any, reduce: Any) -> dict[str, Any]:
@@ -405,12 +408,9 @@ def save_checkpoints(
     `root`: the job's run folder that holds `out`."""
     if not distributed.is_main():
         return
-    folder, epoch, root, state = out / "checkpoints", saved.epoch, root or out, saved.state_dict()
-    if is_best:
-        checkpoint.save(state, folder / "best.pt", root)
-    if every and epoch % every == 0:
-        checkpoint.save(state, folder / f"epoch_{epoch:04d}.pt", root)
-    checkpoint.save(state, folder / "last.pt", root)
+    folder, epoch = out / "checkpoints", saved.epoch
+    names = ["best.pt"] * is_best + [f"epoch_{epoch:04d}.pt"] * bool(every and epoch % every == 0) + ["last.pt"]
+    checkpoint.save(saved.state_dict(), folder / names[0], root or out, also=[folder / name for name in names[1:]])
 
 
 def finish(
@@ -423,7 +423,8 @@ def finish(
     extra: dict[str, Any],
     root: Path,
 ) -> dict[str, Any]:
-    """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done."""
+    """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done; `extra`:
+    figures known before (the model's size) and the caller's, joined to results.json."""
     rows = read_metrics(out / "metrics.csv", root)
     if distributed.is_main():
         plots.learning_curves(
@@ -443,8 +444,6 @@ def finish(
         "val_acc5": last_row.get("val/acc5"),
         "val_images": state.val_images,  # a run killed after its last checkpoint has it from there
         "processes": distributed.world_size(),
-        "params": count_params(model),
-        "macs": count_macs(model),
         # a glance, not a benchmark (task=benchmark is one): two training-size batches, not five of eval_batch_size,
         # which took longer than a short run's validation passes on a CPU
         "infer_img_per_s": inference_img_per_s(model, recipe.settings.data.batch_size, recipe.machine.amp, iters=2),

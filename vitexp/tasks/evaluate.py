@@ -50,6 +50,7 @@ def run(run: Run) -> dict[str, Any]:
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
     pin = machine.device.type == "cuda"
     loader = make_loader(dataset, data.eval_batch_size, data.num_workers, train=False, pin_memory=pin)
+    wrong = explain.Mistakes(loader.batch_size)
     metrics, confusion = engine.evaluate(
         model,
         loader,
@@ -58,6 +59,7 @@ def run(run: Run) -> dict[str, Any]:
         autocast_dtype=machine.amp,
         limit_batches=settings.trainer.limit_val_batches,
         progress=machine.progress,
+        on_batch=wrong,
     )
     name = saved[checkpoint.ARCH][checkpoint.NAME]
     plots.confusion_matrix(
@@ -65,13 +67,13 @@ def run(run: Run) -> dict[str, Any]:
     )
     explain.plot_mistakes(
         model,
-        loader,
+        dataset,
+        wrong.order(),
         splits.classes,
         (data.mean, data.std),
         out / "plots" / "mistakes.png",
         title=f"{name} on {split}",
         root=out,
-        limit_batches=settings.trainer.limit_val_batches,
     )
     results = _results(settings, machine, model, saved, split, metrics, confusion, splits.classes)
     results |= {"wall_s": time.perf_counter() - started, "status": "completed"}
