@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -317,13 +317,4 @@ def device_augment(data: Data, *, compile: bool) -> DeviceAugment | None:
     settings = data.device_augment
     if settings.policy is None:
         return None
-    return DeviceAugment(
-        policy=settings.policy,
-        num_ops=settings.num_ops,
-        magnitude=settings.magnitude,
-        magnitude_std=settings.magnitude_std,
-        op_prob=settings.op_prob,
-        erase_prob=settings.erase_prob,
-        fill=data.mean,
-        compile=compile,
-    )
+    return DeviceAugment(**asdict(settings), fill=data.mean, compile=compile)  # the schema's names are the arguments
