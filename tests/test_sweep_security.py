@@ -440,12 +440,14 @@ def test_a_completed_trial_whose_value_is_not_a_number_is_one_line(tmp_path, cap
 def test_lock_files_and_study_files_that_are_not_regular_files_are_refused_at_once(tmp_path, capsys):
     """A folder, or a FIFO (a read of it would wait for a writer forever), where a lock, the journal or the sqlite
     file goes: one line and exit 2 within seconds, nothing launched, nothing in the folder changed."""
-    for n, name in enumerate([".study.lock", f"{STUDY_FILE}.lock", STUDY_FILE, "search.db", ".trial_0.lock"]):
+    names = [".study.lock", f"{STUDY_FILE}.lock", STUDY_FILE, "search.db", ".trial_0.lock"]
+    for n, name in enumerate(names + ["search.db-journal", "search.db-wal"]):
         for kind in ("folder", "fifo"):
             sweep = tmp_path / f"{n}{kind}"
             sweep.mkdir()
             os.mkfifo(sweep / name) if kind == "fifo" else (sweep / name).mkdir()
-            extra = [f"hydra.sweeper.storage=sqlite:///{sweep / name}"] if name.endswith(".db") else []
+            database = sweep / name.split("-")[0]
+            extra = [f"hydra.sweeper.storage=sqlite:///{database}"] if database.name == "search.db" else []
             launcher = Recorder()
             before = snapshot(sweep)
             with fz.no_hang():

@@ -25,6 +25,8 @@ from vitexp.files import printable
 log = logging.getLogger("vitexp")
 
 JOURNAL_FILE = "optuna_journal.log"
+# What sqlite keeps beside a database file while it writes (rollback journal, write-ahead log, its index)
+SQLITE_SIDE_FILES = ("journal", "wal", "shm")
 # What a pruned trial's job returns to the sweeper.
 PRUNED = "pruned"
 SWEEPER = "hydra_plugins.vitexp_sweeper.OptunaSweeper"
@@ -99,8 +101,9 @@ def storage(url: str | None, folder: Path) -> Any:
     if url is None:
         return _journal(folder / JOURNAL_FILE)
     database = _sqlite_file(url)
-    if database is not None:
-        _regular_or_absent(database)
+    if database is not None:  # sqlite's side files too: a FIFO journal hangs the first write, a linked one is followed
+        for each in (database, *(database.with_name(f"{database.name}-{side}") for side in SQLITE_SIDE_FILES)):
+            _regular_or_absent(each)
     try:
         return optuna.storages.get_storage(url)
     except Exception as e:  # noqa: BLE001 - not a database, or one of another schema: the driver may raise anything
