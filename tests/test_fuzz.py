@@ -592,7 +592,8 @@ def _search_changes(data, p: fz.Plant, sweep: Path, kind: str, cfg: Any) -> None
     for _ in range(data.draw(st.integers(1, 3), label="changes")):
         what = data.draw(st.sampled_from(["enqueue", "enqueue", "stopped", "text", "value", "special"]), label="what")
         if what == "special":
-            name = data.draw(st.sampled_from([*SEARCH_FILES, "search.db" if url else "0"]), label="file")
+            sqlite = ["search.db", *(f"search.db-{side}" for side in search.SQLITE_SIDE_FILES)] if url else ["0"]
+            name = data.draw(st.sampled_from([*SEARCH_FILES, *sqlite]), label="file")
             fz.plant_special(sweep / name, data.draw(st.sampled_from(fz.SPECIAL), label="kind"))
             return  # Optuna cannot write into the study after this
         if what in ("text", "value") and kind == "journal":
