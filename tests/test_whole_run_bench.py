@@ -58,3 +58,30 @@ def test_figures_from_a_run_folder_and_the_rounds_summed_up(tmp_path: Path) -> N
     plain = {"whole_s": 30.0, "img_s": 120.0, "val_s": 1.0, "start_end_s": 2.0, "acc1": 0.3}
     assert whole_run.best([fig, {**fig, "whole_s": 39.0}])["whole_s"] == 39.0
     assert whole_run.ratios(plain, fig) == {"whole": 0.75, "train_img_s": round(128 / 120, 3), "val": 2.0}
+
+
+def test_the_default_job_against_another_checkout(tmp_path: Path, monkeypatch, capsys) -> None:
+    args, overrides = whole_run.parse(["--digits", "--against", "/old", "--epochs", "2", "trainer.progress=false"])
+    assert args.digits and args.against == Path("/old") and overrides == ["trainer.progress=false"]
+    assert whole_run.digits_command(2, Path("/o"), overrides)[3:] == [
+        "trainer.max_epochs=2",
+        "trainer.progress=false",
+        "hydra.run.dir=/o",
+    ]
+    calls = []
+
+    def fake_timed(cmd: list[str], source: Path | None = None) -> tuple[float, str]:
+        folder = Path(cmd[-1].split("=", 1)[1])
+        folder.mkdir(parents=True)
+        seconds = 20.0 if source else 10.0  # the older checkout takes twice as long an epoch
+        (folder / "metrics.csv").write_text(f"epoch,val/acc1,time/epoch_s,throughput/img_s\n1,0.5,{seconds},700.0\n")
+        calls.append(source)
+        return seconds + 5, ""
+
+    monkeypatch.setattr(whole_run, "timed", fake_timed)
+    arms = whole_run.digits_round(args, overrides, tmp_path)
+    assert calls == [Path("/old"), None] and list(arms) == ["before", "vitexp"]
+    assert arms["vitexp"]["val_s"] == pytest.approx(10.0 - whole_run.DIGITS_TRAIN_IMAGES / 700.0, abs=0.01)
+    summary = whole_run.report([arms], args, overrides)
+    assert summary["before_over_vitexp"]["whole"] == round(25 / 15, 3) and summary["job"] == "digits"
+    assert "before: whole 25.0 s" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 `python -m vitexp data=imagefolder ...` next to the loop timm's train.py runs, on the same ImageFolder tree and recipe.
 
     python -m vitexp.bench.whole_run [--epochs 3] [--per-class 300] [--val-per-class 100] [--repeats 3] [OVERRIDES...]
+    python -m vitexp.bench.whole_run --digits [--against <older vitexp checkout>] [--epochs 3] [OVERRIDES...]
 
 The tree holds CIFAR-10 JPEGs from ../shared/data/cifar10/train.tar.gz: `--per-class` images a class in train/ and
 `--val-per-class` other images a class in val/ (built once, kept in the temporary folder). The recipe: ViT-Lite-7/4
@@ -12,6 +13,10 @@ autocast where the CPU has it natively (else fp32, for both), a validation pass 
 here as timm's train.py runs it (torchvision ImageFolder, DataLoader with persistent workers, validation batches of
 the training batch size); both arms are subprocesses timed whole, alternated in rounds so that other load on the
 machine hits both alike; each keeps its best round. OVERRIDES go to the vitexp arm only.
+
+`--digits` times the default job instead (`python -m vitexp trainer.max_epochs=<epochs>`: the digits, no download),
+with the same figures; `--against DIR` alternates it with the vitexp of another checkout (its root on PYTHONPATH),
+to show a change's effect on the job a new user runs first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +39,8 @@ BATCH, WORKERS, IMG = 128, 2, 32
 LR, WD, LR_MIN, WARMUP_LR, WARMUP_EPOCHS, SMOOTHING = 1e-3, 0.05, 1e-5, 1e-6, 1, 0.1
 SCALE, JITTER, CROP_PCT = (0.75, 1.0), 0.4, 0.875
 VIT = {"patch_size": 4, "embed_dim": 256, "depth": 7, "num_heads": 4, "mlp_ratio": 2.0}
+# The default job's training images an epoch: 1,797 digits less 360 for validation, in whole batches of 32
+DIGITS_TRAIN_IMAGES = (1797 - 360) // 32 * 32
 
 
 def build_tree(tar: Path, root: Path, per_class: int, val_per_class: int) -> Path:
@@ -142,10 +150,12 @@ def ratios(plain: dict, vitexp: dict) -> dict:
     }
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    """Run `cmd`; its wall seconds and stdout (a failure ends the bench with its stderr)."""
+def timed(cmd: list[str], source: Path | None = None) -> tuple[float, str]:
+    """Run `cmd` (with the vitexp of the checkout `source` when given); its wall seconds and stdout (a failure ends
+    the bench with its stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     whole = time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -163,6 +173,21 @@ def one_round(tree: Path, args: argparse.Namespace, overrides: list[str], out: P
     return {"plain": plain, "vitexp": summarise(whole, vitexp_epochs(out, train_images))}
 
 
+def digits_command(epochs: int, out: Path, overrides: list[str]) -> list[str]:
+    """The default job a new user runs first, for `epochs`."""
+    return [sys.executable, "-m", "vitexp", f"trainer.max_epochs={epochs}", *overrides, f"hydra.run.dir={out}"]
+
+
+def digits_round(args: argparse.Namespace, overrides: list[str], out: Path) -> dict[str, dict]:
+    """The default job once with `--against`'s vitexp (when given), then once with this one; each arm's summary."""
+    arms = {}
+    for arm, source in ([("before", args.against)] if args.against else []) + [("vitexp", None)]:
+        folder = out / arm
+        whole, _ = timed(digits_command(args.epochs, folder, overrides), source)
+        arms[arm] = summarise(whole, vitexp_epochs(folder, DIGITS_TRAIN_IMAGES))
+    return arms
+
+
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The bench's options and the vitexp overrides."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -172,23 +197,27 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both arms, alternated; best kept")
     parser.add_argument("--tar", type=Path, default=TAR if TAR.is_file() else SHARED_TAR)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vitexp-whole-run")
+    parser.add_argument("--digits", action="store_true", help="time the default job (the digits) instead")
+    parser.add_argument("--against", type=Path, help="with --digits: another vitexp checkout to alternate with")
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # the plain arm's own process
     return parser.parse_known_args(argv)
 
 
 def report(rounds: list[dict[str, dict]], args: argparse.Namespace, overrides: list[str]) -> dict:
     """Print each arm's best round and the ratios; return the JSON line's object."""
-    best_of = {arm: best([r[arm] for r in rounds]) for arm in ("plain", "vitexp")}
+    best_of = {arm: best([r[arm] for r in rounds]) for arm in rounds[0]}
     for arm, fig in best_of.items():
         print(
             f"{arm}: whole {fig['whole_s']:.1f} s, train {fig['img_s']:.1f} img/s, validation {fig['val_s']:.2f} s, "
             f"start/end {fig['start_end_s']:.1f} s, val top-1 {fig['acc1']:.3f}"
         )
+    reference = "plain" if "plain" in best_of else "before" if "before" in best_of else None
     summary = {
         **best_of,
-        "plain_over_vitexp": ratios(best_of["plain"], best_of["vitexp"]),
+        **({f"{reference}_over_vitexp": ratios(best_of[reference], best_of["vitexp"])} if reference else {}),
+        "job": "digits" if args.digits else "imagefolder",
         "epochs": args.epochs,
-        "per_class": args.per_class,
+        "per_class": None if args.digits else args.per_class,
         "repeats": len(rounds),
         "precision": precision(),
         "overrides": overrides,
@@ -205,11 +234,12 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps({"epochs": train(args.plain, args.epochs, precision())}))
         return
-    tree = build_tree(args.tar, args.cache, args.per_class, args.val_per_class)
+    tree = None if args.digits else build_tree(args.tar, args.cache, args.per_class, args.val_per_class)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="whole_run-") as root:
         for r in range(args.repeats):
-            rounds.append(one_round(tree, args, overrides, Path(root) / f"vitexp_{r}"))
+            out = Path(root) / f"round_{r}"
+            rounds.append(digits_round(args, overrides, out) if tree is None else one_round(tree, args, overrides, out))
             print(f"round {r + 1}: {json.dumps(rounds[-1])}", flush=True)
     report(rounds, args, overrides)
 
