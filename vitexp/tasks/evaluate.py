@@ -15,7 +15,7 @@ from vitexp.checkpoint import check_resume_fields
 from vitexp.data import eval_transform, make_loader, make_splits
 from vitexp.files import printable
 from vitexp.hardware import Machine, choose, seed_everything
-from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
+from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.records import write_results
 from vitexp.runs import Run
 from vitexp.schema import Config, Data
@@ -59,7 +59,7 @@ def run(run: Run) -> dict[str, Any]:
         limit_batches=settings.trainer.limit_val_batches,
         progress=machine.progress,
     )
-    name = saved[checkpoint.ARCH][checkpoint.NAME]
+    name = arch_of(model).name
     plots.confusion_matrix(
         confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}", root=out
     )
@@ -76,7 +76,7 @@ def run(run: Run) -> dict[str, Any]:
     results = _results(settings, machine, model, saved, split, metrics, confusion, splits.classes)
     results |= {"wall_s": time.perf_counter() - started, "status": "completed"}
     write_results(out, results)
-    _report(results, saved, data, split, metrics, confusion, splits.classes)
+    _report(results, data, split, metrics, confusion, splits.classes)
     return results
 
 
@@ -94,7 +94,7 @@ def _results(
     per_class = _per_class(confusion)
     return {
         "task": settings.task.name,
-        "model": saved[checkpoint.ARCH][checkpoint.NAME],
+        "model": arch_of(model).name,
         "data": settings.data.name,
         "split": split,
         "ckpt_path": str(settings.ckpt_path),
@@ -117,7 +117,6 @@ def _per_class(confusion: torch.Tensor) -> list[float]:
 
 def _report(
     results: dict[str, Any],
-    saved: dict[str, Any],
     data: Data,
     split: str,
     metrics: dict[str, float],
@@ -127,7 +126,7 @@ def _report(
     """One log line: the scores, size, speed and the three weakest classes."""
     worst = ", ".join(f"{c} {a:.3f}" for a, c in sorted(zip(_per_class(confusion), classes))[:3])
     log.info(
-        f"{saved['arch']['name']} epoch {saved['epoch']} on {data.name} {split} ({results['images']} images): loss "
+        f"{results['model']} epoch {results['ckpt_epoch']} on {data.name} {split} ({results['images']} images): loss "
         f"{metrics['loss']:.4f} | acc1 {metrics['acc1']:.4f} | acc5 {metrics['acc5']:.4f} | "
         f"{results['params'] / 1e6:.2f}M params | {results['macs'] / 1e6:.1f}M MACs | "
         f"{results['infer_img_per_s']:.0f} img/s | weakest: {worst}"
