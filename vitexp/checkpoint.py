@@ -3,6 +3,7 @@ read without executing anything from the file, loaded into a model."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import shutil
@@ -236,6 +237,22 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         raise VitexpError(
             f"{source} does not fit this model ({files.printable(first, 160)}); pass one vitexp wrote"
         ) from None
+
+
+def recorded_statistics(saved: dict[str, Any], source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a checkpoint's model was trained with: its config's data.mean and data.std, checked to be
+    numbers (a positive std for each mean); `source` names the checkpoint in errors."""
+    try:
+        data = saved[CONFIG]["data"]
+        mean, std = tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
+    except (KeyError, TypeError, ValueError):
+        mean = std = ()
+    if not (mean and len(mean) == len(std) and all(math.isfinite(v) for v in mean + std) and min(std) > 0):
+        raise VitexpError(
+            f"{source} records no data.mean and data.std as numbers (a positive std for each mean); pass a "
+            f"checkpoint vitexp wrote"
+        )
+    return mean, std
 
 
 def load_arch(path: str | Path) -> Arch:

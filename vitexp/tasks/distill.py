@@ -71,7 +71,7 @@ def _teacher(path: str | Path, data: Data) -> tuple[nn.Module, tuple, int]:
     """The teacher in `path`, the normalisation it was trained with and its input size; a teacher for other classes
     or channels than `data` is a one-line error."""
     teacher, saved = checkpoint.load_model(path)
-    return teacher, _teacher_statistics(saved, path), _fits(teacher, path, data)
+    return teacher, checkpoint.recorded_statistics(saved, f"teacher {path}"), _fits(teacher, path, data)
 
 
 def _built_teacher(arch: Arch, data: Data) -> tuple[nn.Module, tuple, int]:
@@ -91,17 +91,6 @@ def _fits(teacher: nn.Module, where: str | Path, data: Data) -> int:
             f"has {data.num_classes} and {data.in_chans}; pick a teacher for this data"
         )
     return size
-
-
-def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation the teacher was trained with, from its checkpoint's config (plain numbers only)."""
-    try:
-        data = saved[checkpoint.CONFIG]["data"]
-        return tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
-    except (KeyError, TypeError, ValueError):
-        raise VitexpError(
-            f"teacher {path} records no data.mean and data.std as numbers; pass a checkpoint vitexp wrote"
-        ) from None
 
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:

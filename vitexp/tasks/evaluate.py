@@ -41,10 +41,12 @@ def run(run: Run) -> dict[str, Any]:
             f"(and data.root)"
         )
     seed, val_size, train_subset = _own_split(saved, settings.seed, data)
+    mean, std = _normalisation(saved, str(ckpt_path), data, chans)
     seed_everything(seed)
     machine = choose(settings.trainer, fused=settings.optim.fused)
     model.to(machine.device)
-    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size)  # the size it was trained at
+    # the size and the normalisation it was trained with
+    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size, mean=mean, std=std)
     transform = eval_transform(seen)
     splits = make_splits(seen, seed, transform, transform)
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
@@ -67,7 +69,7 @@ def run(run: Run) -> dict[str, Any]:
         model,
         loader,
         splits.classes,
-        (data.mean, data.std),
+        (seen.mean, seen.std),
         out / "plots" / "mistakes.png",
         title=f"{name} on {split}",
         root=out,
@@ -137,6 +139,24 @@ def _trained_on(saved: dict[str, Any]) -> dict[str, Any]:
     config = saved.get("config")
     data = config.get("data") if isinstance(config, dict) else None
     return data if isinstance(data, dict) else {}
+
+
+def _normalisation(saved: dict[str, Any], ckpt_path: str, data: Data, chans: int) -> tuple[list[float], list[float]]:
+    """The mean and std the checkpoint's model was trained with, as timm's validate takes a model's pretrained cfg:
+    this config's data.mean and data.std, where they differ, are not applied, and one line says so."""
+    mean, std = (list(values) for values in checkpoint.recorded_statistics(saved, ckpt_path))
+    if len(mean) not in (1, chans):
+        raise VitexpError(
+            f"{ckpt_path} records data.mean for {len(mean)} channels but its model takes {chans}; pass a checkpoint "
+            f"vitexp wrote"
+        )
+    given = [float(m) for m in data.mean], [float(s) for s in data.std]
+    if given != (mean, std):
+        log.warning(
+            f"normalising with the data.mean={mean} and data.std={std} that {ckpt_path} was trained with, not this "
+            f"config's {given[0]} and {given[1]}"
+        )
+    return mean, std
 
 
 def _own_split(saved: dict[str, Any], seed: int, data: Data) -> tuple[int, int | float, int | None]:
