@@ -1,5 +1,5 @@
 """Models, data splits and settings for tests, built as the tasks build them: a model config node or a builder's
-name and arguments turned into the `arch` dict that `vitexp.models.build_from_arch` takes; a composed config's data
+name and arguments turned into the `Arch` that `vitexp.models.build_from_arch` takes; a composed config's data
 splits and typed settings."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from torch import nn
 
 from vitexp.config import typed
 from vitexp.data import Splits, eval_transform, make_splits, train_transform
-from vitexp.models import arch_from_config, build_from_arch
+from vitexp.models import Arch, arch_from_config, build_from_arch
 from vitexp.schema import Data, Prune
 
 
 def build(builder: str, name: str, **kwargs: Any) -> nn.Module:
     """The module `builder` (one of `vitexp.models.BUILDERS`) makes from `name` and its arguments."""
-    return build_from_arch({"builder": builder, "name": name, "kwargs": kwargs})
+    return build_from_arch(Arch(builder, name, kwargs))
 
 
 def model_of(node: DictConfig) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import TINY, vitexp
 from vitexp import VitexpError, checkpoint
+from vitexp.models import Arch
 
 STATE = {"model": {"w": torch.arange(6.0)}, "arch": {"builder": "vit", "name": "x", "kwargs": {}}, "epoch": 3}
 
@@ -93,17 +94,23 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
 
 
 def test_the_training_state_is_the_layout_a_weights_only_load_reads(tmp_path):
-    state = checkpoint.TrainingState(model=STATE["model"], arch=STATE["arch"], epoch=3, step=9, config={"seed": 0})
+    arch = Arch("vit", "x", {})
+    state = checkpoint.TrainingState(model=STATE["model"], arch=arch, epoch=3, step=9, config={"seed": 0})
     saved = state.state_dict()
+    assert type(saved["arch"]) is dict and saved["arch"] == STATE["arch"]  # plain data on disk, the typed arch here
     assert list(saved) == list(checkpoint.KEYS) and saved[checkpoint.FORMAT] == checkpoint.FORMAT_VERSION
     for key in ("model", "arch", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "config"):
         assert key in saved  # the layout DESIGN.md names
     assert {"metrics", "wandb_run_id", "version"} <= saved.keys()
     checkpoint.save(saved, tmp_path / "last.pt")
     loaded = torch.load(tmp_path / "last.pt", weights_only=True)
-    again = checkpoint.TrainingState()
-    again.load_state_dict(loaded)
-    assert (again.epoch, again.step, again.config, again.version) == (3, 9, {"seed": 0}, saved["version"])
+    again = checkpoint.TrainingState.from_state_dict(loaded, "last.pt")
+    assert again.arch == arch and (again.epoch, again.step, again.config, again.version) == (
+        3,
+        9,
+        {"seed": 0},
+        saved["version"],
+    )
     assert torch.equal(again.model["w"], STATE["model"]["w"])
 
 

@@ -15,7 +15,7 @@ from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint
 from vitexp.config import plain
 from vitexp.export import write_folder
-from vitexp.models import arch_from_config
+from vitexp.models import Arch, arch_from_config, arch_of
 
 # a DeiT-Tiny-shaped timm ViT, shrunk to 16x16 one-channel images: 4x4 patches, one block of width 32
 SIZES = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -59,7 +59,12 @@ def _nothing_ran(marker: Path, victim: Path) -> None:
 
 def _timm_state() -> dict:
     model = build("timm", "deit_tiny_patch16_224", **DATA, kwargs=SIZES)
-    return {"model": model.state_dict(), "arch": model.vitexp_arch, "epoch": 0, "format": checkpoint.FORMAT_VERSION}
+    return {
+        "model": model.state_dict(),
+        "arch": arch_of(model).to_dict(),
+        "epoch": 0,
+        "format": checkpoint.FORMAT_VERSION,
+    }
 
 
 def _refused(path: Path, *names: str) -> str:
@@ -117,6 +122,23 @@ def test_a_mistyped_checkpoint_field_is_one_line_naming_it(case, tmp_path):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("case", [case for case, (_, names) in TAMPERED.items() if names.startswith("arch")])
+def test_the_arch_refuses_what_a_checkpoint_refuses(case):
+    edit, names = TAMPERED[case]
+    state = _timm_state()
+    edit(state)
+    with pytest.raises(VitexpError) as e:
+        Arch.from_dict(state["arch"], "tampered.pt")
+    assert str(e.value).startswith(f"tampered.pt: {names}") and "\n" not in str(e.value)
+
+
+def test_an_arch_round_trips_through_its_plain_dict():
+    state = _timm_state()
+    arch = Arch.from_dict(state["arch"], "honest.pt")
+    assert arch.to_dict() == state["arch"] and arch.to_dict() is not state["arch"]
+    assert arch.without_weights_source() == arch and arch.with_kwargs(pretrained=True) != arch
+
+
 def test_an_honest_checkpoint_still_loads(tmp_path):
     state = _timm_state()
     torch.save(state, tmp_path / "honest.pt")
@@ -152,7 +174,7 @@ def test_hub_and_folder_names_are_refused(tmp_path):
         state = _timm_state()
         if builder == "cnn":
             model = build("timm", "r", model_name="resnet18", small_input=True, **DATA)
-            state = {"model": model.state_dict(), "arch": model.vitexp_arch}
+            state = {"model": model.state_dict(), "arch": arch_of(model).to_dict()}
             state["arch"]["kwargs"][field] = value
         else:
             state["arch"][field] = value

@@ -13,7 +13,7 @@ from torch import nn
 from tests.builders import model_of
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp.distill import DistillationLoss, Distiller, TokenHead
-from vitexp.models import build_from_arch, vit_distilled
+from vitexp.models import arch_of, build_from_arch, vit_distilled
 
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
 TEACHER = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 2.0]])
@@ -90,7 +90,7 @@ def test_teacher_is_frozen_in_eval_mode_and_sees_its_own_preprocessing():
 
 def test_token_student_averages_its_heads_in_eval_and_rebuilds():
     cfg = compose_config(*TINY)
-    kwargs = {k: v for k, v in model_of(cfg.model).vitexp_arch["kwargs"].items()}
+    kwargs = dict(arch_of(model_of(cfg.model)).kwargs)
     model = vit_distilled("baseline", **kwargs)
     x = torch.randn(2, 1, 16, 16)
     model.train()
@@ -98,7 +98,7 @@ def test_token_student_averages_its_heads_in_eval_and_rebuilds():
     model.eval()
     heads = (TokenHead(model, "cls")(x), TokenHead(model, "dist")(x))
     torch.testing.assert_close(model(x), (heads[0] + heads[1]) / 2)
-    clone = build_from_arch(model.vitexp_arch).eval()
+    clone = build_from_arch(arch_of(model)).eval()
     clone.load_state_dict(model.state_dict())
     torch.testing.assert_close(clone(x), model(x))
 

@@ -252,7 +252,7 @@ def _resume(world: World, p: fz.Plant, run: Path) -> None:
         return
     fz.call("runs.resumed", p, [run], lambda: runs.resumed(world.cfg, point.config, point.overrides, str(run), command))
     if point.last is not None:
-        model = models.build_from_arch(world.ckpt["arch"])
+        model = models.build_from_arch(models.Arch.from_dict(world.ckpt["arch"], "last.pt"))
         fz.call("training.restore", p, [run], lambda: restore(point.last, model, _optimization(model), run))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from tests.builders import model_of
 from tests.conftest import compose_config
 from vitexp import VitexpError
-from vitexp.models import BUILDERS, arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
+from vitexp.models import BUILDERS, Arch, arch_of, build_from_arch, count_macs, count_params, inference_img_per_s
 
 
 def _same_function(model: nn.Module, x: torch.Tensor) -> None:
@@ -39,16 +39,16 @@ def test_one_builder_per_source_of_model():
 def test_a_pruned_vit_is_a_vit_with_a_layout_and_rebuilds():
     model = model_of(compose_config("data=cifar10", "model=pruned", "model.ratio=0.5", "model.depth=2").model)
     arch = arch_of(model)
-    assert arch["builder"] == "vit" and arch["kwargs"]["layout"] == [[2, 256], [2, 256]]
+    assert arch.builder == "vit" and arch.kwargs["layout"] == [[2, 256], [2, 256]]
     _same_function(model, torch.randn(2, 3, 32, 32))
     with pytest.raises(VitexpError, match=r"^model\.ratio=1\.5 is not valid: it must be a number in \[0, 1\)$"):
-        build_from_arch({**arch, "kwargs": {**arch["kwargs"], "ratio": 1.5}})
+        build_from_arch(arch.with_kwargs(ratio=1.5))
 
 
 def test_the_teacher_is_a_timm_model_by_name_with_a_small_input_stem():
     teacher = model_of(compose_config("data=cifar10", "task=distill").task.teacher)
     arch = arch_of(teacher)
-    assert (arch["builder"], arch["name"], arch["kwargs"]["small_input"]) == ("timm", "resnet18", True)
+    assert (arch.builder, arch.name, arch.kwargs["small_input"]) == ("timm", "resnet18", True)
     assert teacher.conv1.kernel_size == (3, 3) and isinstance(teacher.maxpool, nn.Identity)
     _same_function(teacher, torch.randn(2, 3, 32, 32))
 
@@ -56,7 +56,7 @@ def test_the_teacher_is_a_timm_model_by_name_with_a_small_input_stem():
 def test_unknown_builder_is_refused():
     for builder in ("os.system", "cnn", "pruned_vit"):
         with pytest.raises(VitexpError, match="unknown architecture"):
-            build_from_arch({"builder": builder, "name": "x", "kwargs": {}})
+            build_from_arch(Arch(builder, "x", {}))
 
 
 def test_inference_throughput_is_positive():

@@ -1,12 +1,14 @@
 """Independent oracles: for every data option a tiny trained checkpoint is scored by task=evaluate, by a plain loop
 written here (PIL, resize and crop, `(x - mean) / std` with the statistics the checkpoint records, forward, argmax)
-and by `vitexp.predict` on its ONNX export, and the three agree; the device and worker loaders give the same
-normalised batches on CIFAR's statistics; a distilled student's teacher is fed images normalised as it was trained."""
+and by `vitexp.predict` on its ONNX export, and the three agree; evaluate normalises with the statistics the
+checkpoint records whatever the command line's are; the device and worker loaders give the same normalised batches on
+CIFAR's statistics; a distilled student's teacher is fed images normalised as it was trained."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import tarfile
 from pathlib import Path
@@ -19,14 +21,18 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from tests.conftest import CIFAR_TAR, TINY, compose_config, vitexp
-from vitexp import shards
+from vitexp import VitexpError, shards
 from vitexp.checkpoint import load_model
+from vitexp.config import typed
 from vitexp.data import make_loader, split_indices
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.onnx_export import export_onnx
 from vitexp.predict import predict
+from vitexp.runs import Run
+from vitexp.tasks import evaluate
 from vitexp.tasks.distill import score_teacher
 from vitexp.tasks.recipe import read_recipe
+from vitexp.training import fit
 
 # CIFAR-10's statistics, written out here rather than read from conf/data/cifar10.yaml
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -67,14 +73,15 @@ def cifar_folder(tmp_path_factory) -> Path:
     return root
 
 
-def _plain_logits(ckpt: Path, images: list[Image.Image]) -> tuple[torch.Tensor, dict]:
+def _plain_logits(ckpt: Path, images: list[Image.Image], statistics: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """The checkpoint's logits for `images`, preprocessed here from the statistics and geometry it records: the short
-    side resized to floor(size / crop_pct), the centre crop, [0, 1], then (x - mean) / std."""
+    side resized to floor(size / crop_pct), the centre crop, [0, 1], then (x - mean) / std (`statistics`: other
+    mean and std instead of the recorded ones)."""
     model, saved = load_model(ckpt)
     data, kwargs = saved["config"]["data"], saved["arch"]["kwargs"]
     size, mode = kwargs["img_size"], "L" if kwargs["in_chans"] == 1 else "RGB"
     short = math.floor(size / data["crop_pct"])
-    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(-1, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in statistics or (data["mean"], data["std"]))
     batch = []
     for img in images:
         img = img.convert(mode)
@@ -126,19 +133,54 @@ def _train(tmp: Path, *args: str) -> Path:
     return tmp / "run" / "checkpoints" / "best.pt"
 
 
-def test_digits_evaluate_plain_loop_and_onnx_agree(tmp_path):
-    ckpt = _train(tmp_path)
-    evaluated = _evaluate(tmp_path, f"ckpt_path={ckpt}")
+def _digits_val_images(ckpt: Path, folder: Path) -> dict[str, tuple[Image.Image, int]]:
+    """The held-out digits of the run that wrote `ckpt` (name -> image, label), also written to `folder` as PNGs."""
     saved = torch.load(ckpt, weights_only=True)
     _, val_idx = split_indices(1797, saved["config"]["data"]["val_size"], None, saved["config"]["seed"])
-    digits, folder, images = load_digits(), tmp_path / "val_pngs", {}
-    for i in val_idx:  # the run's held-out images, as PNGs for predict
+    digits, images = load_digits(), {}
+    for i in val_idx:
         img = Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8), mode="L")
         (folder / f"{i:04d}.png").parent.mkdir(exist_ok=True)
         img.save(folder / f"{i:04d}.png")
         images[f"{i:04d}.png"] = (img, int(digits.target[i]))
-    saved = _score_three_ways(ckpt, images, folder, evaluated, tmp_path)
+    return images
+
+
+def test_digits_evaluate_plain_loop_and_onnx_agree(tmp_path):
+    ckpt = _train(tmp_path)
+    evaluated = _evaluate(tmp_path, f"ckpt_path={ckpt}")
+    folder = tmp_path / "val_pngs"
+    saved = _score_three_ways(ckpt, _digits_val_images(ckpt, folder), folder, evaluated, tmp_path)
     assert saved["config"]["data"]["mean"] == [0.5] and saved["config"]["data"]["std"] == [0.5]
+
+
+def test_evaluate_normalises_with_the_checkpoints_statistics_not_the_command_lines(tmp_path, caplog):
+    """A digits checkpoint trained (in-process) with other statistics than data=digits' [0.5] and [0.5], evaluated
+    with those defaults on the command line: scored as the plain loop scores it with the recorded statistics, and one
+    line says which statistics were used."""
+    odd = ["data.mean=[0.8]", "data.std=[0.1]"]
+    fit(read_recipe(compose_config(*SHORT, *odd)), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    cfg = compose_config(*SHORT, ALL_IMAGES, "task=evaluate", f"ckpt_path={ckpt}")
+    (tmp_path / "ev").mkdir()
+    with caplog.at_level(logging.WARNING, logger="vitexp"):
+        evaluated = evaluate.run(Run(cfg, typed(cfg), tmp_path / "ev"))
+    assert f"normalising with the data.mean=[0.8] and data.std=[0.1] that {ckpt} was trained with" in caplog.text
+    images = _digits_val_images(ckpt, tmp_path / "val_pngs")
+    labels = torch.tensor([label for _, label in images.values()])
+    logits, saved = _plain_logits(ckpt, [img for img, _ in images.values()])
+    assert (saved["config"]["data"]["mean"], saved["config"]["data"]["std"]) == ([0.8], [0.1])
+    assert evaluated["images"] == len(labels) and evaluated["split"] == "val"
+    assert evaluated["val_acc1"] == (logits.argmax(1) == labels).sum().item() / len(labels)
+    assert evaluated["val_loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    # what the command line's statistics would have scored: another loss, so the check above can fail
+    other, _ = _plain_logits(ckpt, [img for img, _ in images.values()], ([0.5], [0.5]))
+    assert evaluated["val_loss"] != pytest.approx(nn.functional.cross_entropy(other, labels).item(), rel=1e-3)
+    saved["config"]["data"]["std"] = [0.0]  # a record that cannot normalise: refused, not replaced by the config's
+    torch.save(saved, tmp_path / "flat.pt")
+    cfg = compose_config(*SHORT, "task=evaluate", f"ckpt_path={tmp_path / 'flat.pt'}")
+    with pytest.raises(VitexpError, match=r"flat\.pt records no data\.mean and data\.std as numbers \(a positive std"):
+        evaluate.run(Run(cfg, typed(cfg), tmp_path / "ev"))
 
 
 def _folder_images(split: Path) -> dict[str, tuple[Image.Image, int]]:

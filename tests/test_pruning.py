@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,8 +37,7 @@ def _settings(ratio, importance="magnitude", **changes):
 
 
 def _pruned_arch(model, ratio):
-    kwargs = dict(arch_of(model)["kwargs"])
-    return {"builder": "vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout_of(model)}}
+    return replace(arch_of(model).with_kwargs(ratio=ratio, layout=layout_of(model)), name="pruned")
 
 
 @pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
@@ -122,7 +122,7 @@ def test_pruned_checkpoint_evaluates_and_distils(pipeline, tmp_path):
 def test_bad_prune_input_is_one_line(tmp_path):
     path = tmp_path / "cnn.pt"
     model = timm_model("resnet10t", 16, 1, 10)
-    checkpoint.save({"model": model.state_dict(), "arch": model.vitexp_arch, "config": {}}, path)
+    checkpoint.save({"model": model.state_dict(), "arch": arch_of(model).to_dict(), "config": {}}, path)
     for args, fragment in (
         ([f"ckpt_path={path}"], "takes a ViT checkpoint"),
         ([f"ckpt_path={path}", "task.ratio=1.0"], "task.ratio=1.0 is not valid: it must be a number in [0, 1)"),
@@ -186,13 +186,13 @@ def test_global_layout_rebuilds_in_a_fresh_process_and_loads_weights_only(tmp_pa
     model = _globally_pruned()
     path = tmp_path / "pruned.pt"
     checkpoint.save(
-        {"model": model.state_dict(), "arch": _pruned_arch(model, 0.5), "x": X, "y": model(X).detach()}, path
+        {"model": model.state_dict(), "arch": _pruned_arch(model, 0.5).to_dict(), "x": X, "y": model(X).detach()}, path
     )
     code = (
         "import sys, torch\n"
-        "from vitexp.models import build_from_arch\n"
+        "from vitexp.models import Arch, build_from_arch\n"
         "saved = torch.load(sys.argv[1], weights_only=True)\n"
-        "model = build_from_arch(saved['arch']).eval()\n"
+        "model = build_from_arch(Arch.from_dict(saved['arch'], sys.argv[1])).eval()\n"
         "model.load_state_dict(saved['model'])\n"
         "torch.testing.assert_close(model(saved['x']), saved['y'])\n"
         "print([[b.attn.num_heads, b.mlp.fc1.out_features] for b in model.blocks])\n"
@@ -266,7 +266,7 @@ def test_a_pruned_model_compiled_after_its_unpruned_one_gets_static_shapes(monke
     recipe = read_recipe(compose_config(*TINY, "trainer.compile=true"), with_data=False)
     x = torch.randn(4, 1, 16, 16)
     for width in (64, 48, 32):  # the unpruned model, then pruned ones (new sizes of the same dimensions)
-        model = build_from_arch({**recipe.arch, "kwargs": {**recipe.arch["kwargs"], "embed_dim": width}})
+        model = build_from_arch(recipe.arch.with_kwargs(embed_dim=width))
         train_step, evaluate = _step_models(recipe, model)
         train_step(x).sum().backward()
         with torch.no_grad():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from timm.models import adapt_input_conv
 from tests.builders import build
 from tests.conftest import TINY, compose_config, vitexp
 from vitexp import VitexpError, checkpoint, engine
-from vitexp.models import build_from_arch
+from vitexp.models import arch_of, build_from_arch
 from vitexp.runs import resumed
 from vitexp.tasks.recipe import read_recipe
 from vitexp.training import optimization
@@ -64,8 +65,8 @@ def test_weights_file_resampled_to_another_size_and_channels(weights):
     same = _deit(pretrained=str(path))  # same classes: the classifier is kept
     assert torch.equal(same.head.weight, source.head.weight)
     # the checkpoint's arch rebuilds it without the file
-    assert model.vitexp_arch["kwargs"]["pretrained"] is False
-    assert build_from_arch(model.vitexp_arch).pos_embed.shape == model.pos_embed.shape
+    assert arch_of(model).kwargs["pretrained"] is False
+    assert build_from_arch(arch_of(model)).pos_embed.shape == model.pos_embed.shape
 
 
 def test_pretrained_file_trains_on_digits_at_48_pixels(weights, tmp_path):
@@ -239,7 +240,7 @@ def test_export_round_trip_in_plain_timm(trained, tmp_path):
 def test_export_refuses_what_timm_cannot_describe(tmp_path):
     model = build("vit", "pruned", ratio=0.5, img_size=16, in_chans=1, num_classes=10, **SIZES)
     path = tmp_path / "pruned.pt"
-    checkpoint.save({"model": model.state_dict(), "arch": model.vitexp_arch, "epoch": 0, "config": {}}, path)
+    checkpoint.save({"model": model.state_dict(), "arch": arch_of(model).to_dict(), "epoch": 0, "config": {}}, path)
     proc = subprocess.run(
         [sys.executable, "-m", "vitexp.export", str(path), "--out", str(tmp_path / "x")],
         capture_output=True,
@@ -308,12 +309,12 @@ def test_timm_deit_prunes_and_distils_and_evaluate_reproduces(trained, tmp_path)
 
 
 def test_a_timm_arch_takes_only_a_flat_dict_of_plain_values():
-    arch = _deit().vitexp_arch
+    arch = arch_of(_deit())
     build_from_arch(arch)
     for evil in ({"act_layer": {"_target_": "os.system"}}, {"act_layer": object()}):
         with pytest.raises(VitexpError, match="not plain values"):
-            build_from_arch({**arch, "kwargs": {**arch["kwargs"], "kwargs": evil}})
+            build_from_arch(arch.with_kwargs(kwargs=evil))
     with pytest.raises(VitexpError, match="not plain values"):  # a dict anywhere else
-        build_from_arch({**arch, "kwargs": {**arch["kwargs"], "layout": {"_target_": "os.system"}}})
+        build_from_arch(arch.with_kwargs(layout={"_target_": "os.system"}))
     with pytest.raises(VitexpError, match="not a timm model name"):
-        build_from_arch({**arch, "name": "hf-hub:someone/model"})
+        build_from_arch(replace(arch, name="hf-hub:someone/model"))

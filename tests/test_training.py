@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_the_checkpoint_state_restores_model_optimizer_schedule_and_run_state(re
 
 
 def test_a_sub_run_trains_another_model_as_task_train_and_is_skipped_once_done(recipe, tmp_path):
-    arch = {**recipe.arch, "name": "helper", "kwargs": {**recipe.arch["kwargs"], "depth": 1}}
+    arch = replace(recipe.arch.with_kwargs(depth=1), name="helper")
     best = train_in(recipe, tmp_path / "teacher", arch, 1)
     saved = checkpoint.load(best)
     assert saved["arch"]["kwargs"]["depth"] == 1 and saved["config"]["trainer"]["max_epochs"] == 1

@@ -3,6 +3,7 @@ read without executing anything from the file, loaded into a model."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import shutil
@@ -10,13 +11,16 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from vitexp import VitexpError, __version__, engine, files
+
+if TYPE_CHECKING:  # vitexp.models (timm) is imported where a model or an arch is built, not with this module
+    from vitexp.models import Arch
 
 # The layout of the checkpoint dict; a file of another layout is refused with a clear error, not misread. Format 2:
 # every timm model by name is the `timm` builder's, and a pruned vitexp ViT is a `vit` with a `layout`.
@@ -43,10 +47,6 @@ FORMAT = "format"
 # The fields of a mid-epoch `position` besides its epoch (`Position`)
 BATCH = "batch"
 SUMS = "sums"
-# The fields of a checkpoint's `arch`: a builder of `vitexp.models.BUILDERS`, a name, and the builder's arguments
-BUILDER = "builder"
-NAME = "name"
-KWARGS = "kwargs"
 KEYS = (
     MODEL,
     ARCH,
@@ -97,8 +97,8 @@ class TrainingState:
     vitexp version and layout `format` that wrote it. A state of a part the run has not (a GradScaler, an EMA) is
     None; a pruned model's file holds no optimizer, scheduler or generators."""
 
-    model: dict[str, torch.Tensor] = field(default_factory=dict)
-    arch: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, torch.Tensor]
+    arch: Arch  # written as the plain dict `Arch.to_dict` makes
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
@@ -119,17 +119,22 @@ class TrainingState:
         """The checkpoint dict, keyed by `KEYS` (`WEIGHTS_KEYS` for a file that is not `resumable`): tensors and
         plain containers that `torch.load(weights_only=True)` reads."""
         state = {key: getattr(self, key) for key in (KEYS if resumable else WEIGHTS_KEYS)}
+        state[ARCH] = self.arch.to_dict()
         if state.get(POSITION) is not None:
             state[POSITION] = self.position.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the fields a checkpoint dict holds (one `load` checked); a key it lacks keeps its default."""
-        for key in KEYS:
-            if key in state:
-                setattr(self, key, state[key])
-        if isinstance(self.position, dict):
-            self.position = Position.from_state(self.position)
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], source: str | Path) -> TrainingState:
+        """The fields a checkpoint dict holds (one `load` checked; `source` names it); a key it lacks keeps its
+        default. Its `arch` becomes an `Arch`, its `position` a `Position`."""
+        from vitexp.models import Arch
+
+        values = {key: state[key] for key in KEYS if key in state}
+        values[ARCH] = Arch.from_dict(state[ARCH], str(source))
+        if isinstance(values.get(POSITION), dict):
+            values[POSITION] = Position.from_state(values[POSITION])
+        return cls(**values)
 
 
 def save(
@@ -190,7 +195,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
     """The fields every reader of a checkpoint takes: its layout's format and version, the weights, the `arch`."""
-    from vitexp.models import check_arch
+    from vitexp.models import Arch
 
     version, layout = checkpoint.get(VERSION), checkpoint.get(FORMAT, FORMAT_VERSION)
     if version is not None and not isinstance(version, str):
@@ -209,7 +214,7 @@ def _check_fields(checkpoint: dict[str, Any], path: Path) -> None:
                 f"{path}: model.{files.printable(key, 80)} is a {type(value).__name__}, not a tensor named by a "
                 f"string; pass a checkpoint vitexp wrote"
             )
-    check_arch(checkpoint[ARCH], str(path))
+    Arch.from_dict(checkpoint[ARCH], str(path))
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -240,13 +245,38 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         ) from None
 
 
+def recorded_statistics(saved: dict[str, Any], source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a checkpoint's model was trained with: its config's data.mean and data.std, checked to be
+    numbers (a positive std for each mean); `source` names the checkpoint in errors."""
+    try:
+        data = saved[CONFIG]["data"]
+        mean, std = tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
+    except (KeyError, TypeError, ValueError):
+        mean = std = ()
+    if not (mean and len(mean) == len(std) and all(math.isfinite(v) for v in mean + std) and min(std) > 0):
+        raise VitexpError(
+            f"{source} records no data.mean and data.std as numbers (a positive std for each mean); pass a "
+            f"checkpoint vitexp wrote"
+        )
+    return mean, std
+
+
+def load_arch(path: str | Path) -> Arch:
+    """The `arch` of the checkpoint `path` (read and checked by `load`), without building its model."""
+    from vitexp.models import Arch
+
+    return Arch.from_dict(load(path)[ARCH], str(path))
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The module a checkpoint holds, rebuilt from its `arch` with its weights (on the CPU), and the checkpoint."""
-    from vitexp.models import build_from_arch, without_weights_source
+    """The module a checkpoint holds, rebuilt from its `arch` with its weights (on the CPU), and the checkpoint (plain
+    data as `load` read it; `vitexp.models.arch_of(module)`: its arch, typed)."""
+    from vitexp.models import Arch, build_from_arch
 
     checkpoint = load(path)
     # the weights are the checkpoint's: pretrained weights an arch might name are never read
-    model = build_from_arch(without_weights_source(checkpoint[ARCH]), where=f"{path}: arch.kwargs")
+    arch = Arch.from_dict(checkpoint[ARCH], str(path)).without_weights_source()
+    model = build_from_arch(arch, where=f"{path}: arch.kwargs")
     load_weights(model, checkpoint[MODEL], str(path))
     return model, checkpoint
 
@@ -358,9 +388,7 @@ def load_training_state(path: str | Path) -> TrainingState:
     """A last.pt to resume from: `load`, every field a resume reads checked, as a `TrainingState`."""
     saved = load(path)
     check_resume_fields(saved, path)
-    state = TrainingState()
-    state.load_state_dict(saved)
-    return state
+    return TrainingState.from_state_dict(saved, path)
 
 
 def load_part(source: str | Path, name: str, load: Callable[[], Any]) -> None:

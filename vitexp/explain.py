@@ -328,10 +328,11 @@ def _load(source: Path, data_root: Path | None) -> tuple[nn.Module, dict[str, An
     """The checkpoint's model (eval, CPU) and its card: the evaluation preprocessing and, as predict finds them, the
     class names (numbers when its data is not found)."""
     from vitexp import checkpoint
+    from vitexp.models import arch_of
     from vitexp.onnx_export import model_card, validation_images
 
     model, saved = checkpoint.load_model(source)
-    card = model_card(saved)
+    card = model_card(saved, arch_of(model))
     try:
         card["classes"] = validation_images(saved, card, data_root, count=1)[0]
     except VitexpError as e:

@@ -19,15 +19,17 @@ from timm.models import save_for_hf
 from torch import nn
 
 from vitexp import VitexpError, checkpoint, files, onnx_export
+from vitexp.models import Arch, arch_of
 
 # The timm architecture a vitexp-built ViT is written as: its own arguments (all of them) replace the entrypoint's.
 TIMM_TWINS = {"vit": "vit_tiny_patch16_224", "vit_distilled": "deit_tiny_distilled_patch16_224"}
 
 
-def timm_module(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
+def timm_module(model: nn.Module) -> nn.Module:
     """The checkpoint's model as a module timm's factory made, with the same weights: what timm's folder can
     describe. Pruned layouts and small-input CNN stems have no timm arguments and are refused."""
-    builder, kwargs = arch[checkpoint.BUILDER], arch[checkpoint.KWARGS]
+    arch = arch_of(model)
+    builder, kwargs = arch.builder, arch.kwargs
     reshaped = kwargs.get("layout") or kwargs.get("embed_width") or kwargs.get("small_input")
     if builder == "timm" and not reshaped:
         return model  # built by timm.create_model, which recorded its arguments
@@ -42,10 +44,11 @@ def timm_module(model: nn.Module, arch: dict[str, Any]) -> nn.Module:
     )
 
 
-def data_config(saved: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """The preprocessing the checkpoint was trained with (its data's mean, std and image size), for config.json."""
+def data_config(saved: dict[str, Any], arch: Arch) -> dict[str, Any]:
+    """The preprocessing the checkpoint was trained with (its data's mean, std and image size), for config.json;
+    `arch`: its model's (`vitexp.models.arch_of`)."""
     data = (saved.get(checkpoint.CONFIG) or {}).get("data") or {}
-    kwargs = saved[checkpoint.ARCH][checkpoint.KWARGS]
+    kwargs = arch.kwargs
     size = kwargs["img_size"]
     hw = (size, size) if isinstance(size, int) else tuple(size)
     try:
@@ -73,8 +76,8 @@ def export(path: str | Path, out: str | Path) -> float:
     logits of the checkpoint's model and of the folder loaded back through timm, on a fixed random batch."""
     files.check_output_folder(out, list(TIMM_FILES))  # before any work
     model, saved = checkpoint.load_model(path)
-    module = timm_module(model, saved[checkpoint.ARCH]).eval()
-    config = data_config(saved, module)
+    module = timm_module(model).eval()
+    config = data_config(saved, arch_of(model))
     write_folder(module, config, Path(out))
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.randn(4, *config["input_size"], generator=torch.Generator().manual_seed(0))

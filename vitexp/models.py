@@ -1,5 +1,6 @@
-"""Model builders over timm: one registry of them (`BUILDERS`) that model configs and checkpoints name, one way from a
-config node (`arch_from_config`) or a checkpoint's `arch` to a module (`build_from_arch`), and model statistics."""
+"""Model builders over timm: one registry of them (`BUILDERS`) that model configs and checkpoints name, the typed `Arch`
+a module is rebuilt from, one way from a config node (`arch_from_config`) or a checkpoint's `arch` to a module
+(`build_from_arch`), and model statistics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import timm
@@ -48,6 +50,59 @@ _TIMM_FACTORY = (
 _FROM_DATA = frozenset({"img_size", "in_chans", "num_classes"})
 
 
+@dataclass(frozen=True)
+class Arch:
+    """What a fresh process rebuilds a module from: a builder of `BUILDERS`, the name that labels the model in runs
+    and checkpoints, and the builder's keyword arguments (plain values, never objects or code to run). A checkpoint
+    holds it as the plain dict `to_dict` writes and `from_dict` checks."""
+
+    builder: str
+    name: str
+    kwargs: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's `arch` entry (builder, name, kwargs): plain containers, a copy of this arch's."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, arch: Any, source: str) -> Arch:
+        """A checkpoint's `arch` entry, checked field by field (a builder of `BUILDERS`, a name, the arguments it
+        takes as plain values, no timm argument that loads files) before anything is built; `source` names the file
+        in errors."""
+        if not isinstance(arch, dict):
+            raise VitexpError(f"{source}: arch is {_kind(arch)}, not a dict of builder, name and kwargs; refused")
+        builder, name, kwargs = arch.get("builder"), arch.get("name"), arch.get("kwargs")
+        if not isinstance(builder, str) or builder not in BUILDERS:
+            raise VitexpError(
+                f"{source}: arch.builder={printable(repr(builder))} names an unknown architecture; known builders: "
+                f"{', '.join(BUILDERS)}"
+            )
+        extra = sorted(map(str, set(arch) - {"builder", "name", "kwargs"}))
+        if extra:
+            raise VitexpError(f"{source}: arch.{printable(extra[0])} is not a field of arch (builder, name, kwargs)")
+        if not isinstance(name, str):
+            raise VitexpError(f"{source}: arch.name is {_kind(name)}, not a string; refused")
+        if not isinstance(kwargs, dict):
+            what = "missing" if "kwargs" not in arch else f"{_kind(kwargs)}, not a dict"
+            raise VitexpError(f"{source}: arch.kwargs is {what}; refused")
+        if builder == "timm" and kwargs.get("model_name") is None:  # else `name` only labels the model
+            check_timm_name(name, f"{source}: arch.name")
+        check_arguments(builder, name, kwargs, f"{source}: arch.kwargs")
+        return cls(builder, name, kwargs)
+
+    def with_kwargs(self, **changes: Any) -> Arch:
+        """This arch with the builder arguments `changes` set (the others kept)."""
+        return replace(self, kwargs={**self.kwargs, **changes})
+
+    def without_weights_source(self) -> Arch:
+        """This arch with its pretrained weights left out (a resumed run or `ckpt_path` brings the weights)."""
+        return self.with_kwargs(pretrained=False) if "pretrained" in self.kwargs else self
+
+    def config_node(self) -> dict[str, Any]:
+        """The model config node that `arch_from_config` turns into this arch (builder, name and the arguments)."""
+        return {"builder": self.builder, "name": self.name, **self.kwargs}
+
+
 def vit(
     name: str,
     *,
@@ -64,7 +119,7 @@ def vit(
     than `embed_dim` (`task.prune_embed=true`; heads keep `embed_dim / num_heads` channels). `where`: the config node
     errors name."""
     model = VisionTransformer(**kwargs)
-    arch = dict(kwargs)
+    recorded = dict(kwargs)
     if ratio is not None or layout:
         from vitexp.pruning import uniform_layout
 
@@ -74,11 +129,11 @@ def vit(
             if layout
             else uniform_layout(blocks, model.blocks[0].attn.num_heads, hidden, ratio)
         )
-        arch |= {"ratio": ratio, "layout": layout} if ratio is not None else {"layout": layout}
+        recorded |= {"ratio": ratio, "layout": layout} if ratio is not None else {"layout": layout}
     _prune(model, layout, embed_width, name, where)
     if embed_width:
-        arch["embed_width"] = int(embed_width)
-    model.vitexp_arch = {"builder": "vit", "name": name, "kwargs": arch}
+        recorded["embed_width"] = int(embed_width)
+    model.vitexp_arch = Arch("vit", name, recorded)
     return model
 
 
@@ -87,7 +142,7 @@ def vit_distilled(name: str, **kwargs: Any) -> VisionTransformerDistilled:
     in eval mode their average."""
     model = VisionTransformerDistilled(**kwargs)
     model.set_distilled_training(True)
-    model.vitexp_arch = {"builder": "vit_distilled", "name": name, "kwargs": dict(kwargs)}
+    model.vitexp_arch = Arch("vit_distilled", name, dict(kwargs))
     return model
 
 
@@ -138,14 +193,8 @@ def timm_model(
     _prune(model, layout, embed_width, name, where)
     given = {"model_name": model_name, "small_input": small_input, "embed_width": embed_width}
     kept = {k: v for k, v in given.items() if v}
-    model.vitexp_arch = {
-        "builder": "timm",
-        "name": name,
-        "kwargs": {"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False}
-        | named
-        | {"kwargs": args, "layout": layout}
-        | kept,
-    }
+    recorded = {"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "pretrained": False}
+    model.vitexp_arch = Arch("timm", name, recorded | named | {"kwargs": args, "layout": layout} | kept)
     return model
 
 
@@ -206,13 +255,6 @@ def _create(
         raise VitexpError(f"timm's {model_name} refused its arguments ({printable(e)}); fix {where}.kwargs") from None
 
 
-def without_weights_source(arch: dict[str, Any]) -> dict[str, Any]:
-    """`arch` with its pretrained weights left out (a resumed run or `ckpt_path` brings the weights)."""
-    if "pretrained" not in arch["kwargs"]:
-        return arch
-    return {**arch, "kwargs": {**arch["kwargs"], "pretrained": False}}
-
-
 def train_only_head(model: nn.Module, head_only: bool) -> None:
     """Freeze every parameter but the classifier's (timm's `get_classifier()`: a linear probe), or none."""
     heads = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -232,8 +274,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def arch_of(model: nn.Module) -> dict[str, Any]:
-    """The plain dict from which `build_from_arch` rebuilds `model` in a fresh process."""
+def arch_of(model: nn.Module) -> Arch:
+    """The arch from which `build_from_arch` rebuilds `model` in a fresh process."""
     arch = getattr(model, "vitexp_arch", None)
     if arch is None:
         raise VitexpError(f"{type(model).__name__} was not built by a vitexp builder; build models with vitexp.models")
@@ -360,43 +402,15 @@ def check_arguments(builder: str, name: str, kwargs: dict[str, Any], where: str 
         check_timm_kwargs(model_name, kwargs.get("kwargs"), f"{where}.kwargs")
 
 
-def check_arch(arch: Any, source: str) -> dict[str, Any]:
-    """A checkpoint's `arch`, checked field by field (a builder of `BUILDERS`, a name, the arguments it takes as
-    plain values, no timm argument that loads files) before anything is built; `source` names the file in errors."""
-    if not isinstance(arch, dict):
-        raise VitexpError(f"{source}: arch is {_kind(arch)}, not a dict of builder, name and kwargs; refused")
-    builder = arch.get("builder")
-    if not isinstance(builder, str) or builder not in BUILDERS:
+def build_from_arch(arch: Arch, *, where: str = "model") -> nn.Module:
+    """Rebuild the exact module an `arch` describes (a checkpoint's, or `arch_from_config`'s): one of `BUILDERS`, a
+    name, and keyword arguments that are plain values, never objects or code to run. `where`: the config node (or
+    checkpoint field) the arguments come from, as errors name it."""
+    builder, name, kwargs = arch.builder, arch.name, arch.kwargs
+    if builder not in BUILDERS:
         raise VitexpError(
-            f"{source}: arch.builder={printable(repr(builder))} names an unknown architecture; known builders: "
-            f"{', '.join(BUILDERS)}"
+            f"{where} names an unknown architecture {printable(repr(builder))}; known builders: {', '.join(BUILDERS)}"
         )
-    extra = sorted(map(str, set(arch) - {"builder", "name", "kwargs"}))
-    if extra:
-        raise VitexpError(f"{source}: arch.{printable(extra[0])} is not a field of arch (builder, name, kwargs)")
-    if not isinstance(arch.get("name"), str):
-        raise VitexpError(f"{source}: arch.name is {_kind(arch.get('name'))}, not a string; refused")
-    if not isinstance(arch.get("kwargs"), dict):
-        what = "missing" if "kwargs" not in arch else f"{_kind(arch['kwargs'])}, not a dict"
-        raise VitexpError(f"{source}: arch.kwargs is {what}; refused")
-    if builder == "timm" and arch["kwargs"].get("model_name") is None:  # else `name` only labels the model
-        check_timm_name(arch["name"], f"{source}: arch.name")
-    check_arguments(builder, arch["name"], arch["kwargs"], f"{source}: arch.kwargs")
-    return arch
-
-
-def build_from_arch(arch: dict[str, Any], *, where: str = "model") -> nn.Module:
-    """Rebuild the exact module an `arch` dict describes (a checkpoint's, or `arch_from_config`'s): one of
-    `BUILDERS`, a name, and keyword arguments that are plain values, never objects or code to run. `where`: the
-    config node (or checkpoint field) the arguments come from, as errors name it."""
-    builder = arch.get("builder") if isinstance(arch, dict) else None
-    if not isinstance(builder, str) or builder not in BUILDERS:
-        raise VitexpError(
-            f"{where} names an unknown architecture {printable(repr(arch))}; known builders: {', '.join(BUILDERS)}"
-        )
-    name, kwargs = arch.get("name"), arch.get("kwargs")
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise VitexpError(f"architecture {printable(repr(name))} has arguments that are {_PLAIN}; refused")
     check_arguments(builder, name, kwargs, where)
     if kwargs.get("ratio") is not None:  # model.ratio's rule, for an arch from a file too
         schema.check_value(schema.PrunedModel, "ratio", kwargs["ratio"], f"{where}.ratio")
@@ -418,10 +432,11 @@ def build_from_arch(arch: dict[str, Any], *, where: str = "model") -> nn.Module:
         ) from None
 
 
-def arch_from_config(node: dict[str, Any]) -> dict[str, Any]:
-    """The `arch` dict of a model config node (`builder`, `name` and the builder's arguments)."""
+def arch_from_config(node: dict[str, Any]) -> Arch:
+    """The arch of a model config node (`builder`, `name` and the builder's arguments): `Arch.config_node`'s
+    inverse."""
     kwargs = {k: v for k, v in node.items() if k not in ("builder", "name")}
-    return {"builder": node["builder"], "name": node["name"], "kwargs": kwargs}
+    return Arch(node["builder"], node["name"], kwargs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -431,12 +446,12 @@ def count_params(model: nn.Module) -> int:
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) the model expects."""
-    kwargs = arch_of(model)["kwargs"]
-    size, chans = kwargs.get("img_size"), kwargs.get("in_chans")
+    arch = arch_of(model)
+    size, chans = arch.kwargs.get("img_size"), arch.kwargs.get("in_chans")
     size = [size, size] if type(size) is int else size
     if type(chans) is not int or not isinstance(size, (list, tuple)) or [type(s) for s in size] != [int, int]:
         raise VitexpError(
-            f"the arch of {printable(arch_of(model)['name'])} records no img_size and in_chans as integers; pass a "
+            f"the arch of {printable(arch.name)} records no img_size and in_chans as integers; pass a "
             f"checkpoint vitexp wrote"
         )
     return chans, size[0], size[1]

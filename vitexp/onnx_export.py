@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitexp import VitexpError, __version__, checkpoint, files
+from vitexp.models import Arch, arch_of
 from vitexp.predict import CARD_FILE, CARD_FORMAT, INPUT, MODEL_FILE, OUTPUT, Engine, check_card, onnx_engine, require
 from vitexp.schema import Data, ImageData
 
@@ -62,7 +63,7 @@ def export_onnx(path: str | Path, out: str | Path, *, data_root: str | Path | No
     files.check_output_folder(out, [MODEL_FILE, CARD_FILE])  # before any work
     model, saved = checkpoint.load_model(path)
     model.eval()
-    card = model_card(saved)
+    card = model_card(saved, arch_of(model))
     classes, images = validation_images(saved, card, data_root)
     card["classes"] = classes
     if len(classes) != card["num_classes"]:
@@ -79,10 +80,11 @@ def export_onnx(path: str | Path, out: str | Path, *, data_root: str | Path | No
     return ExportReport(Path(out), diffs, limit, card["opset"], len(classes))
 
 
-def model_card(saved: dict[str, Any]) -> dict[str, Any]:
+def model_card(saved: dict[str, Any], arch: Arch) -> dict[str, Any]:
     """What a user of the exported model needs besides the weights: the input it takes (mode, size, channels) and
-    the evaluation preprocessing (mean, std, interpolation, crop_pct), read from the checkpoint's arch and config."""
-    kwargs = saved[checkpoint.ARCH][checkpoint.KWARGS]
+    the evaluation preprocessing (mean, std, interpolation, crop_pct), read from the checkpoint's config and `arch`
+    (its model's, `vitexp.models.arch_of`)."""
+    kwargs = arch.kwargs
     data = _data_config(saved)
     size, chans, num_classes = kwargs.get("img_size"), kwargs.get("in_chans"), kwargs.get("num_classes")
     size = size[0] if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1] else size
@@ -104,7 +106,7 @@ def model_card(saved: dict[str, Any]) -> dict[str, Any]:
         "model_file": MODEL_FILE,
         "input": INPUT,
         "output": OUTPUT,
-        "model": str(saved[checkpoint.ARCH].get(checkpoint.NAME)),
+        "model": arch.name,
         "image_mode": MODES[chans],
         "input_size": [chans, size, size],
         "num_classes": num_classes,
@@ -247,7 +249,7 @@ def checkpoint_engine(path: Path, engine: str, data_root: Path | None) -> tuple[
     its card, and the engine's name; class names from its data, or numbers when that data is not found."""
     model, saved = checkpoint.load_model(path)
     model.eval()
-    card = model_card(saved)
+    card = model_card(saved, arch_of(model))
     try:
         card["classes"] = validation_images(saved, card, data_root, count=1)[0]
     except VitexpError as e:

@@ -23,13 +23,13 @@ from vitexp import VitexpError, checkpoint, distributed, early_stopping, engine,
 from vitexp.data import Splits, set_epoch
 from vitexp.hardware import Machine, precision_name, seed_everything
 from vitexp.models import (
+    Arch,
     arch_of,
     build_from_arch,
     count_macs,
     count_params,
     inference_img_per_s,
     train_only_head,
-    without_weights_source,
 )
 from vitexp.records import EpochLog, completed, read_metrics, write_results
 from vitexp.schema import Config, EarlyStopping, Train, Trainer
@@ -45,7 +45,7 @@ class Recipe:
 
     settings: Config  # the loop reads its settings here; checkpoints keep them as plain data (`config`)
     machine: Machine  # the `auto` choices of settings.trainer made for this machine
-    arch: dict[str, Any]  # the model to build (vitexp.models.BUILDERS)
+    arch: Arch  # the model to build
     splits: Splits | None  # None: a benchmark of the step alone
     loaders: tuple[Iterable | None, Iterable | None]  # train, val, built once from `splits` and `data`
     optimizer: Callable[..., torch.optim.Optimizer]  # (param groups) -> optimizer
@@ -163,7 +163,7 @@ def _start_model(recipe: Recipe, last: checkpoint.TrainingState | None) -> nn.Mo
     init = recipe.settings.ckpt_path
     # pretrained weights are read only when nothing else brings them (a resumed run's last.pt, ckpt_path)
     fresh = last is None and not init
-    arch = recipe.arch if fresh else without_weights_source(recipe.arch)
+    arch = recipe.arch if fresh else recipe.arch.without_weights_source()
     model = build_from_arch(arch, where=recipe.model_key).to(recipe.machine.device)
     if recipe.settings.trainer.grad_checkpointing:
         grad_checkpointing(model, recipe.model_key)
@@ -333,7 +333,7 @@ def _announce(recipe: Recipe, model: nn.Module, out: Path) -> dict[str, int]:
     machine, splits = recipe.machine, recipe.splits
     sizes = {"params": count_params(model), "macs": count_macs(model)}
     log.info(
-        f"{recipe.arch['name']}: {sizes['params'] / 1e6:.2f}M params, {sizes['macs'] / 1e6:.1f}M MACs/img | "
+        f"{recipe.arch.name}: {sizes['params'] / 1e6:.2f}M params, {sizes['macs'] / 1e6:.1f}M MACs/img | "
         f"{recipe.settings.data.name}: {len(splits.train)} train, {len(splits.val)} val | {machine.device}, "
         f"{precision_name(machine.amp)}{', compiled' if machine.compile else ''}"
         f"{', data on device' if recipe.settings.data.on_device else ''} | {out}"
@@ -430,13 +430,13 @@ def finish(
         plots.learning_curves(
             rows,
             out / "plots" / "learning_curves.png",
-            f"{recipe.settings.task.name} {recipe.arch['name']} {out.name}",
+            f"{recipe.settings.task.name} {recipe.arch.name} {out.name}",
             root=root,
         )
     last_row = rows[-1] if rows else {}
     results = {
         "task": recipe.settings.task.name,
-        "model": recipe.arch["name"],
+        "model": recipe.arch.name,
         "data": recipe.settings.data.name,
         "epochs": last_row.get("epoch", 0),
         "best_val_acc1": state.best_acc1,
@@ -461,7 +461,9 @@ def finish(
     if recipe.settings.logger.log_checkpoints and not prefix and distributed.is_main():
         epoch = checkpoint.load(best)[checkpoint.EPOCH]
         tracking.log_checkpoint(
-            best, ["best", f"epoch-{epoch}"], {"epoch": epoch, "val_acc1": state.best_acc1, "arch": arch_of(model)}
+            best,
+            ["best", f"epoch-{epoch}"],
+            {"epoch": epoch, "val_acc1": state.best_acc1, "arch": arch_of(model).to_dict()},
         )
     log.info(
         f"done: best val/acc1 {state.best_acc1:.4f}, {results['infer_img_per_s']:.0f} img/s inference, "
@@ -470,7 +472,7 @@ def finish(
     return results
 
 
-def sub_run(recipe: Recipe, arch: dict[str, Any], epochs: int, model_key: str = "model") -> Recipe:
+def sub_run(recipe: Recipe, arch: Arch, epochs: int, model_key: str = "model") -> Recipe:
     """The recipe of a model trained on the side (a teacher to distil, a model to prune): this run's data, optimizer,
     loss and loop, for `arch` from scratch and `epochs`, as task=train."""
     settings = recipe.settings
@@ -478,20 +480,20 @@ def sub_run(recipe: Recipe, arch: dict[str, Any], epochs: int, model_key: str = 
         settings,
         task=Train(name="train", loss=getattr(settings.task, "loss", None)),
         # the model node as the arch holds it (a teacher's has keys no model option has)
-        model={"builder": arch["builder"], "name": arch["name"], **arch["kwargs"]},
+        model=arch.config_node(),
         trainer=replace(settings.trainer, max_epochs=epochs),
         ckpt_path=None,
     )
     return replace(recipe, settings=settings, arch=arch, wrap=None, views=lambda model: {}, model_key=model_key)
 
 
-def train_in(recipe: Recipe, folder: Path, arch: dict[str, Any], epochs: int, model_key: str = "model") -> Path:
+def train_in(recipe: Recipe, folder: Path, arch: Arch, epochs: int, model_key: str = "model") -> Path:
     """Train `arch` with this recipe for `epochs` in `folder` (a sub-run); resumes or skips it when an earlier
     attempt got that far. Returns its best.pt. `folder` lies in the job's run folder (its parent)."""
     best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
     if completed(folder):
         return best
-    log.info(f"training {arch['name']} for {epochs} epochs in {folder}")
+    log.info(f"training {arch.name} for {epochs} epochs in {folder}")
     fit(
         sub_run(recipe, arch, epochs, model_key),
         folder,

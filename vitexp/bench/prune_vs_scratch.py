@@ -71,7 +71,7 @@ def compare(
                 tune = finetune_recipe(recipe, pruned, epochs, teacher, task.alpha)
                 kind = "kd" if teacher else "ft"
                 rows.append(_arm(tune, out / f"{allocation}_{kind}_{epochs}ep", method, allocation, epochs))
-        scratch = checkpoint.load(shapes[allocations[0]])[checkpoint.ARCH]
+        scratch = checkpoint.load_arch(shapes[allocations[0]])
         best = train_in(recipe, out / f"scratch_{allocations[0]}_{epochs}ep", scratch, epochs)
         rows.append(_row("scratch", allocations[0], epochs, *_read(best.parent.parent)))
     _add_speed(

@@ -70,16 +70,16 @@ def run(run: Run) -> dict[str, Any]:
         figures, _ = engine.train_one_epoch(step_model, data, recipe.loss, opt, 0, step, limit_batches=n)
         return figures["throughput/img_s"]
 
-    plain_vit = arch_of(model)["builder"] == "vit"
+    plain_vit = arch_of(model).builder == "vit"
     if task.anchor and not plain_vit:
-        log.warning(f"model={printable(recipe.arch['name'])} is not a plain ViT; the reference loop is skipped")
+        log.warning(f"model={printable(recipe.arch.name)} is not a plain ViT; the reference loop is skipped")
     if machine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(machine.device)
     timed(task.warmup_steps, 0)  # compilation, allocator and cache warm-up
     ours, anchor = [], []
     for r in range(task.repeats):  # interleaved, so that drifting clocks or neighbours hit both alike
         if task.anchor and plain_vit:
-            kwargs, bf16 = dict(arch_of(model)["kwargs"]), machine.amp == torch.bfloat16
+            kwargs, bf16 = dict(arch_of(model).kwargs), machine.amp == torch.bfloat16
             anchor.append(
                 anchor_img_per_s(
                     kwargs,
@@ -95,7 +95,7 @@ def run(run: Run) -> dict[str, Any]:
     results = _figures(recipe, model, step_model, ours, anchor, flops_per_batch)
     write_results(run.out, results)
     log.info(
-        f"{printable(recipe.arch['name'])} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
+        f"{printable(recipe.arch.name)} {task.mode} batch {batch}: {results['img_per_s']:.1f} img/s "
         f"({results['step_ms']} ms/step, peak memory {results['peak_mem_mb']} MB), MFU {100 * results['mfu']:.1f}% of a measured {results['peak_tflops']} TFLOP/s"
         + (f", reference loop {results['anchor_img_per_s']} img/s (ratio {results['ratio']})" if anchor else "")
     )
@@ -125,7 +125,7 @@ def _figures(
     return {
         "task": "benchmark",
         "mode": settings.task.mode,
-        "model": recipe.arch["name"],
+        "model": recipe.arch.name,
         "img_per_s": round(img_per_s, 1),
         "step_ms": round(1000 * batch / round(img_per_s, 1), 2),
         "train_tflops": round(achieved / 1e12, 4),

@@ -13,7 +13,7 @@ from vitexp import VitexpError, checkpoint
 from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller, TeacherOnly, TokenHead
 from vitexp.files import printable
-from vitexp.models import arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
+from vitexp.models import Arch, arch_from_config, arch_of, build_from_arch, count_macs, count_params, input_shape
 from vitexp.runs import Run
 from vitexp.schema import Data
 from vitexp.tasks.recipe import read_recipe
@@ -42,25 +42,23 @@ def run(run: Run) -> dict[str, Any]:
     else:
         arch = arch_from_config(asdict(task.teacher))
         teacher_path = train_in(recipe, run.out / "teacher", arch, task.teacher_epochs, model_key="task.teacher")
-    teacher, saved, statistics, size = given or _teacher(teacher_path, data)
+    teacher, statistics, size = given or _teacher(teacher_path, data)
     teacher = teacher.to(recipe.machine.device)
 
     def with_teacher(student: nn.Module) -> Distiller:
         return Distiller(student, teacher, recipe.settings.data.mean, recipe.settings.data.std, *statistics, size)
 
     teacher_acc = score_teacher(recipe, TeacherOnly(with_teacher(nn.Identity())))
-    log.info(
-        f"teacher {printable(saved[checkpoint.ARCH][checkpoint.NAME])} ({teacher_path}): val/acc1 {teacher_acc:.4f}"
-    )
+    log.info(f"teacher {printable(arch_of(teacher).name)} ({teacher_path}): val/acc1 {teacher_acc:.4f}")
     student = replace(
         recipe,
-        arch={**recipe.arch, "builder": "vit_distilled"} if token else recipe.arch,
+        arch=replace(recipe.arch, builder="vit_distilled") if token else recipe.arch,
         loss=DistillationLoss(recipe.loss, task.distill_type, task.alpha, task.tau),
         wrap=with_teacher,
         views=lambda m: {"val/acc1_cls": TokenHead(m, "cls"), "val/acc1_dist": TokenHead(m, "dist")} if token else {},
     )
     figures = {
-        "teacher": saved[checkpoint.ARCH][checkpoint.NAME],
+        "teacher": arch_of(teacher).name,
         "teacher_ckpt": str(teacher_path),
         "teacher_val_acc1": teacher_acc,
         "teacher_params": count_params(teacher),
@@ -69,19 +67,19 @@ def run(run: Run) -> dict[str, Any]:
     return fit(student, run.out, run.last, extra_results=figures, after_epoch=run.after_epoch)
 
 
-def _teacher(path: str | Path, data: Data) -> tuple[nn.Module, dict[str, Any], tuple, int]:
-    """The teacher in `path`, its checkpoint, the normalisation it was trained with and its input size; a teacher
-    for other classes or channels than `data` is a one-line error."""
+def _teacher(path: str | Path, data: Data) -> tuple[nn.Module, tuple, int]:
+    """The teacher in `path`, the normalisation it was trained with and its input size; a teacher for other classes
+    or channels than `data` is a one-line error."""
     teacher, saved = checkpoint.load_model(path)
-    return teacher, saved, _teacher_statistics(saved, path), _fits(teacher, path, data)
+    return teacher, checkpoint.recorded_statistics(saved, f"teacher {path}"), _fits(teacher, path, data)
 
 
-def _built_teacher(arch: dict[str, Any], data: Data) -> tuple[nn.Module, dict[str, Any], tuple, int]:
+def _built_teacher(arch: Arch, data: Data) -> tuple[nn.Module, tuple, int]:
     """`task.teacher` as built, without training (`teacher_epochs=0`): its own weights (`pretrained`) and this
     data's normalisation."""
     teacher = build_from_arch(arch, where="task.teacher")
     statistics = tuple(map(float, data.mean)), tuple(map(float, data.std))
-    return teacher, {"arch": arch_of(teacher)}, statistics, _fits(teacher, "task.teacher", data)
+    return teacher, statistics, _fits(teacher, "task.teacher", data)
 
 
 def _fits(teacher: nn.Module, where: str | Path, data: Data) -> int:
@@ -93,17 +91,6 @@ def _fits(teacher: nn.Module, where: str | Path, data: Data) -> int:
             f"has {data.num_classes} and {data.in_chans}; pick a teacher for this data"
         )
     return size
-
-
-def _teacher_statistics(saved: dict[str, Any], path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation the teacher was trained with, from its checkpoint's config (plain numbers only)."""
-    try:
-        data = saved[checkpoint.CONFIG]["data"]
-        return tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
-    except (KeyError, TypeError, ValueError):
-        raise VitexpError(
-            f"teacher {path} records no data.mean and data.std as numbers; pass a checkpoint vitexp wrote"
-        ) from None
 
 
 def score_teacher(recipe: Recipe, scorer: nn.Module) -> float:

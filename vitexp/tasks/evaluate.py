@@ -15,7 +15,7 @@ from vitexp.checkpoint import check_resume_fields
 from vitexp.data import eval_transform, make_loader, make_splits
 from vitexp.files import printable
 from vitexp.hardware import Machine, choose, seed_everything
-from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
+from vitexp.models import arch_of, count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.records import write_results
 from vitexp.runs import Run
 from vitexp.schema import Config, Data
@@ -41,10 +41,12 @@ def run(run: Run) -> dict[str, Any]:
             f"(and data.root)"
         )
     seed, val_size, train_subset = _own_split(saved, settings.seed, data)
+    mean, std = _normalisation(saved, str(ckpt_path), data, chans)
     seed_everything(seed)
     machine = choose(settings.trainer, fused=settings.optim.fused)
     model.to(machine.device)
-    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size)  # the size it was trained at
+    # the size and the normalisation it was trained with
+    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size, mean=mean, std=std)
     transform = eval_transform(seen)
     splits = make_splits(seen, seed, transform, transform)
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
@@ -61,7 +63,7 @@ def run(run: Run) -> dict[str, Any]:
         progress=machine.progress,
         on_batch=wrong,
     )
-    name = saved[checkpoint.ARCH][checkpoint.NAME]
+    name = arch_of(model).name
     plots.confusion_matrix(
         confusion, splits.classes, out / "plots" / "confusion_matrix.png", f"{name} on {split}", root=out
     )
@@ -70,7 +72,7 @@ def run(run: Run) -> dict[str, Any]:
         dataset,
         wrong.order(),
         splits.classes,
-        (data.mean, data.std),
+        (seen.mean, seen.std),
         out / "plots" / "mistakes.png",
         title=f"{name} on {split}",
         root=out,
@@ -78,7 +80,7 @@ def run(run: Run) -> dict[str, Any]:
     results = _results(settings, machine, model, saved, split, metrics, confusion, splits.classes)
     results |= {"wall_s": time.perf_counter() - started, "status": "completed"}
     write_results(out, results)
-    _report(results, saved, data, split, metrics, confusion, splits.classes)
+    _report(results, data, split, metrics, confusion, splits.classes)
     return results
 
 
@@ -96,7 +98,7 @@ def _results(
     per_class = _per_class(confusion)
     return {
         "task": settings.task.name,
-        "model": saved[checkpoint.ARCH][checkpoint.NAME],
+        "model": arch_of(model).name,
         "data": settings.data.name,
         "split": split,
         "ckpt_path": str(settings.ckpt_path),
@@ -119,7 +121,6 @@ def _per_class(confusion: torch.Tensor) -> list[float]:
 
 def _report(
     results: dict[str, Any],
-    saved: dict[str, Any],
     data: Data,
     split: str,
     metrics: dict[str, float],
@@ -129,7 +130,7 @@ def _report(
     """One log line: the scores, size, speed and the three weakest classes."""
     worst = ", ".join(f"{c} {a:.3f}" for a, c in sorted(zip(_per_class(confusion), classes))[:3])
     log.info(
-        f"{saved['arch']['name']} epoch {saved['epoch']} on {data.name} {split} ({results['images']} images): loss "
+        f"{results['model']} epoch {results['ckpt_epoch']} on {data.name} {split} ({results['images']} images): loss "
         f"{metrics['loss']:.4f} | acc1 {metrics['acc1']:.4f} | acc5 {metrics['acc5']:.4f} | "
         f"{results['params'] / 1e6:.2f}M params | {results['macs'] / 1e6:.1f}M MACs | "
         f"{results['infer_img_per_s']:.0f} img/s | weakest: {worst}"
@@ -140,6 +141,24 @@ def _trained_on(saved: dict[str, Any]) -> dict[str, Any]:
     config = saved.get("config")
     data = config.get("data") if isinstance(config, dict) else None
     return data if isinstance(data, dict) else {}
+
+
+def _normalisation(saved: dict[str, Any], ckpt_path: str, data: Data, chans: int) -> tuple[list[float], list[float]]:
+    """The mean and std the checkpoint's model was trained with, as timm's validate takes a model's pretrained cfg:
+    this config's data.mean and data.std, where they differ, are not applied, and one line says so."""
+    mean, std = (list(values) for values in checkpoint.recorded_statistics(saved, ckpt_path))
+    if len(mean) not in (1, chans):
+        raise VitexpError(
+            f"{ckpt_path} records data.mean for {len(mean)} channels but its model takes {chans}; pass a checkpoint "
+            f"vitexp wrote"
+        )
+    given = [float(m) for m in data.mean], [float(s) for s in data.std]
+    if given != (mean, std):
+        log.warning(
+            f"normalising with the data.mean={mean} and data.std={std} that {ckpt_path} was trained with, not this "
+            f"config's {given[0]} and {given[1]}"
+        )
+    return mean, std
 
 
 def _own_split(saved: dict[str, Any], seed: int, data: Data) -> tuple[int, int | float, int | None]:

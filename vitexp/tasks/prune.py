@@ -19,7 +19,7 @@ from vitexp.data import make_loader
 from vitexp.distill import DistillationLoss, Distiller
 from vitexp.files import printable
 from vitexp.hardware import seed_everything
-from vitexp.models import count_macs, count_params, inference_img_per_s, input_shape
+from vitexp.models import Arch, arch_of, count_macs, count_params, inference_img_per_s, input_shape
 from vitexp.pruning import embed_width, layout_of, prune
 from vitexp.records import write_results
 from vitexp.runs import Run
@@ -79,14 +79,14 @@ def prune_checkpoint(
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     """Prune the ViT in `source`, measuring it before and after each round; writes checkpoints/pruned.pt,
     prune.json and the accuracy-vs-MACs plot. Returns the figures for results.json and the plot's points."""
-    model, trained = checkpoint.load_model(source)
+    model, _ = checkpoint.load_model(source)
     if type(model) is not VisionTransformer:
         raise VitexpError(f"{source} holds a {type(model).__name__} model; task=prune takes a ViT checkpoint")
     model.to(recipe.machine.device)
-    before, width0 = measure(model, "before pruning"), embed_width(model)
+    trained, before, width0 = arch_of(model), measure(model, "before pruning"), embed_width(model)
     rounds = _prune_rounds(recipe, model, pruning, measure)
     width = embed_width(model)
-    arch = _pruned_arch(trained[checkpoint.ARCH], pruning.ratio, layout_of(model), width if width != width0 else None)
+    arch = _pruned_arch(trained, pruning.ratio, layout_of(model), width if width != width0 else None)
     stages = (("before", before), ("pruned", rounds[-1]))
     figures = {f"{stage}_{k}": v for stage, f in stages for k, v in f.items() if k != "layout"}
     figures |= {
@@ -155,20 +155,18 @@ def finetune_recipe(recipe: Recipe, pruned: Path, epochs: int, teacher: str | No
     checkpoint) with weight `alpha` when given."""
     settings = recipe.settings
     settings = replace(settings, ckpt_path=str(pruned), trainer=replace(settings.trainer, max_epochs=epochs))
-    tune = replace(recipe, settings=settings, arch=checkpoint.load(pruned)[checkpoint.ARCH])
+    tune = replace(recipe, settings=settings, arch=checkpoint.load_arch(pruned))
     return _distilled_from(tune, teacher, alpha) if teacher else tune
 
 
-def _pruned_arch(
-    trained: dict[str, Any], ratio: float, layout: list[list[int]], width: int | None = None
-) -> dict[str, Any]:
-    """The pruned model's `arch`: the trained one with the `layout`, and `width` when `task.prune_embed` narrowed
-    the residual stream; a vitexp ViT is named `pruned` and records the `ratio` (a timm model keeps its name)."""
+def _pruned_arch(trained: Arch, ratio: float, layout: list[list[int]], width: int | None = None) -> Arch:
+    """The pruned model's arch: the trained one with the `layout`, and `width` when `task.prune_embed` narrowed the
+    residual stream; a vitexp ViT is named `pruned` and records the `ratio` (a timm model keeps its name)."""
     narrowed = {"embed_width": width} if width else {}
-    kwargs = {k: v for k, v in trained["kwargs"].items() if k not in ("ratio", "layout")}
-    if trained["builder"] == "timm":
-        return {**trained, "kwargs": {**kwargs, "layout": layout, **narrowed}}
-    return {"builder": "vit", "name": "pruned", "kwargs": {**kwargs, "ratio": ratio, "layout": layout, **narrowed}}
+    kwargs = {k: v for k, v in trained.kwargs.items() if k not in ("ratio", "layout")}
+    if trained.builder == "timm":
+        return replace(trained, kwargs={**kwargs, "layout": layout, **narrowed})
+    return Arch("vit", "pruned", {**kwargs, "ratio": ratio, "layout": layout, **narrowed})
 
 
 def _distilled_from(tune: Recipe, source: str, alpha: float) -> Recipe:
