@@ -268,6 +268,45 @@ def test_epoch_sums_round_trip_and_merge_across_rank_counts():
     assert merged["pending"].tolist() == [4.0, 4.0] and merged["interval"].tolist() == [20.0, 12.0, 3.0]
 
 
+def _saved_rank(loss: float, images: int, pending: float, norm: float) -> dict:
+    """One saved rank's running figures after one step and a logged batch whose step is still to come."""
+    sums = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
+    sums.add_batch(torch.tensor(loss), images, logging=True)
+    sums.add_step(torch.tensor(norm), logging=True)
+    sums.add_batch(torch.tensor(pending), images, logging=True)
+    sums.steps, sums.skipped = 1, 2
+    return sums.state_dict()
+
+
+def test_running_sums_saved_on_three_ranks_resume_on_two(monkeypatch):
+    # the norm is the global gradient's, the same on every rank; images and losses differ per rank
+    saved = [_saved_rank(1.0, 2, 5.0, 7.0), _saved_rank(2.0, 4, 6.0, 7.0), _saved_rank(3.0, 8, 0.5, 7.0)]
+    before = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in saved]
+    monkeypatch.setattr(engine.distributed, "world_size", lambda: 2)
+    first, second = engine.sums_for_rank(saved, 0), engine.sums_for_rank(saved, 1)
+    # rank 0: loss * images and images summed by hand over the three saved ranks
+    assert first["loss"].item() == 1.0 * 2 + 2.0 * 4 + 3.0 * 8 and first["counted"].item() == 2 + 4 + 8
+    assert first["pending"].tolist() == [5.0 * 2 + 6.0 * 4 + 0.5 * 8, 2 + 4 + 8]
+    assert first["interval"].tolist() == [(1 + 5) * 2 + (2 + 6) * 4 + (3 + 0.5) * 8, 2 * (2 + 4 + 8), 7.0] and first[
+        "seen"
+    ] == 2 * (2 + 4 + 8)
+    # rank 1: no images and no losses, the same global norm and step counts
+    assert second["loss"].item() == 0 and second["counted"].item() == 0 and second["seen"] == 0
+    assert second["pending"].tolist() == [0.0, 0.0] and second["interval"].tolist() == [0.0, 0.0, 7.0]
+    for merged in (first, second):
+        assert merged["norm"].item() == 7.0 and (merged["steps"], merged["skipped"], merged["interval_steps"]) == (
+            1,
+            2,
+            1,
+        )
+        assert merged.keys() == saved[0].keys()
+    for s, b in zip(saved, before):  # the loaded file's figures are left as they were
+        assert all(torch.equal(s[k], v) if torch.is_tensor(v) else s[k] == v for k, v in b.items())
+    resumed = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
+    resumed.load_state_dict(first)
+    assert resumed.running_loss() == 34.0 / 14 and resumed.interval_means() == (72.0 / 28, 7.0)
+
+
 def _grad_norms(model, loader):
     """Each batch's gradient norm for the frozen model, computed here."""
     norms = []
