@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import TINY, vitexp
-from vitexp import VitexpError, checkpoint
+from vitexp import VitexpError, checkpoint, engine
 
 STATE = {"model": {"w": torch.arange(6.0)}, "arch": {"builder": "vit", "name": "x", "kwargs": {}}, "epoch": 3}
 
@@ -155,3 +157,258 @@ def test_a_version_that_is_not_a_string_is_named(tmp_path):
     torch.save({**STATE, "version": 3}, path)
     with pytest.raises(VitexpError, match=r"v\.pt: version is a int, not a string; pass one vitexp wrote$"):
         checkpoint.load(path)
+
+
+# ---- the checks of a loaded file, without a training run: hand-made checkpoints and tiny modules
+
+
+def _sums(**changes) -> dict:
+    """One rank's running sums as a mid-epoch save writes them, with `changes`."""
+    return {**engine.EpochSums(torch.device("cpu"), skip_nonfinite=False).state_dict(), **changes}
+
+
+def _resumable(**changes) -> dict:
+    """A checkpoint dict with every field a resume reads, as vitexp writes them, with `changes`."""
+    state = checkpoint.TrainingState(
+        model=STATE["model"],
+        arch=STATE["arch"],
+        optimizer={"state": {}, "param_groups": []},
+        scheduler={"last_epoch": 3},
+        rng=checkpoint.rng_state(),
+        epoch=3,
+        step=12,
+        config={"seed": 0},
+        metrics={"best_val_acc1": 0.5, "val/loss": 1},
+        val_images=40,
+        position=checkpoint.Position(epoch=3, batch=2, sums=[_sums()]),
+    ).state_dict()
+    return {**state, **changes}
+
+
+def _refusal(key: str, why: str, source: str = "src.pt") -> str:
+    return re.escape(
+        f"{source} is not a checkpoint vitexp wrote: its {key} {why}; start a new run (ckpt_path=<it> keeps its weights)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("epoch", -1, "is -1, not int >= 0"),
+        ("epoch", True, "is True, not int >= 0"),
+        ("epoch", 1.0, "is a float, not int >= 0"),
+        ("step", "3", "is a str, not int >= 0"),
+        ("config", [], "is a list, not dict"),
+        ("metrics", None, "is a NoneType, not dict"),
+        ("rng", 5, "is 5, not dict"),
+        ("optimizer", None, "is a NoneType, not dict"),
+        ("scheduler", (), "is a tuple, not dict"),
+        ("scaler", 0, "is 0, not dict or None"),
+        ("ema", [], "is a list, not dict or None"),
+        ("val_images", -2, "is -2, not int or None >= 0"),
+        ("val_images", 2.5, "is a float, not int or None >= 0"),
+        ("position", [], "is a list, not dict or None"),
+        ("early_stopping", "on", "is a str, not dict or None"),
+    ],
+)
+def test_a_resume_field_of_the_wrong_type_is_named_with_what_it_should_be(key, value, why):
+    with pytest.raises(VitexpError, match=f"^{_refusal(key, why)}$"):
+        checkpoint.check_resume_fields(_resumable(**{key: value}), "src.pt")
+
+
+def test_a_missing_resume_field_is_refused_and_the_optional_ones_may_be_none():
+    saved = _resumable()
+    del saved["rng"]
+    with pytest.raises(VitexpError, match=f"^{_refusal('rng', 'is a NoneType, not dict')}$"):
+        checkpoint.check_resume_fields(saved, "src.pt")
+    none = dict.fromkeys(("scaler", "ema", "val_images", "position", "early_stopping"))
+    checkpoint.check_resume_fields(_resumable(**none), "src.pt")
+    checkpoint.check_resume_fields(_resumable(epoch=0, step=0, val_images=0), "src.pt")  # 0 is a number
+    checkpoint.check_resume_fields(_resumable(metrics={}), "src.pt")  # no epoch ended yet
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [{"best_val_acc1": 0.5, "val/acc1": True}, {"best_val_acc1": "0.5"}, {"val/acc1": 0.5}, {"best_val_acc1": None}],
+    ids=["a bool", "a string", "no best", "None"],
+)
+def test_metrics_that_are_not_numbers_or_lack_the_best_are_refused(metrics):
+    with pytest.raises(
+        VitexpError, match=_refusal("metrics", "holds values that are not numbers (or no best_val_acc1)")
+    ):
+        checkpoint.check_resume_fields(_resumable(metrics=metrics), "src.pt")
+    checkpoint.check_resume_fields(_resumable(metrics=metrics), "src.pt", [checkpoint.EPOCH])  # not asked for
+
+
+def test_only_the_fields_asked_for_are_checked_and_the_source_is_printable():
+    saved = {"epoch": 2}  # evaluate reads the epoch of a file that may hold nothing else
+    checkpoint.check_resume_fields(saved, "src.pt", [checkpoint.EPOCH])
+    escaped = _refusal("step", "is a NoneType, not int >= 0", source=r"a\nb.pt")  # the newline as \n, one line
+    with pytest.raises(VitexpError, match=f"^{escaped}$"):
+        checkpoint.check_resume_fields(saved, "a\nb.pt", [checkpoint.EPOCH, checkpoint.STEP])
+    bad = _resumable(position={"epoch": 1})
+    checkpoint.check_resume_fields(bad, "src.pt", [checkpoint.EPOCH, checkpoint.METRICS])
+
+
+NOT_A_PLACE = "is not a mid-epoch place (epoch, batch and each rank's running sums)"
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"epoch": -1, "batch": 2, "sums": [_sums()]},
+        {"epoch": 3, "batch": True, "sums": [_sums()]},
+        {"epoch": 3, "batch": 2.0, "sums": [_sums()]},
+        {"batch": 2, "sums": [_sums()]},
+        {"epoch": 3, "sums": [_sums()]},
+        {"epoch": 3, "batch": 2},
+        {"epoch": 3, "batch": 2, "sums": []},
+        {"epoch": 3, "batch": 2, "sums": (_sums(),)},
+        {"epoch": 3, "batch": 2, "sums": [_sums(), [1]]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(), _sums(extra=1)]},
+        {"epoch": 3, "batch": 2, "sums": [{k: v for k, v in _sums().items() if k != "seen"}]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(interval=torch.zeros(2))]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(loss=0.0)]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(seen=torch.tensor(4))]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(seen=True)]},
+        {"epoch": 3, "batch": 2, "sums": [_sums(steps=1.0)]},
+    ],
+    ids=lambda p: ",".join(f"{k}={v!r}"[:40] for k, v in p.items()),
+)
+def test_a_position_that_is_not_a_mid_epoch_place_is_refused(position):
+    with pytest.raises(VitexpError, match=f"^{_refusal('position', NOT_A_PLACE)}$"):
+        checkpoint.check_resume_fields(_resumable(position=position), "src.pt")
+
+
+def test_a_mid_epoch_place_as_a_save_writes_it_is_taken():
+    sums = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
+    sums.add_batch(torch.tensor(2.0), 4, logging=True)
+    two_ranks = {"epoch": 0, "batch": 0, "sums": [sums.state_dict(), _sums()]}
+    checkpoint.check_resume_fields(_resumable(position=two_ranks), "src.pt")
+
+
+def test_a_mid_epoch_training_state_round_trips_through_load_training_state(tmp_path):
+    saved = _resumable(scaler={"scale": 8.0}, early_stopping={"bad_epochs": 1}, wandb_run_id="abc")
+    saved[checkpoint.POSITION]["sums"][0]["seen"] = 16
+    checkpoint.save(saved, tmp_path / "last.pt")
+    state = checkpoint.load_training_state(tmp_path / "last.pt")
+    assert isinstance(state.position, checkpoint.Position)
+    assert (state.position.epoch, state.position.batch, state.position.sums[0]["seen"]) == (3, 2, 16)
+    assert (state.epoch, state.step, state.val_images, state.metrics) == (3, 12, 40, saved["metrics"])
+    assert (state.scaler, state.early_stopping, state.wandb_run_id) == ({"scale": 8.0}, {"bad_epochs": 1}, "abc")
+    assert state.optimizer == saved["optimizer"] and state.scheduler == {"last_epoch": 3} and state.ema is None
+    assert torch.equal(state.rng["torch"], saved["rng"]["torch"]) and torch.equal(state.model["w"], STATE["model"]["w"])
+    again = state.state_dict()  # written again as it was read
+    assert again.keys() == saved.keys() and again[checkpoint.POSITION] == {
+        "epoch": 3,
+        "batch": 2,
+        "sums": state.position.sums,
+    }
+    weights = state.state_dict(resumable=False)  # a pruned model's file: weights and where they stand, no run state
+    assert (
+        list(weights)
+        == list(checkpoint.WEIGHTS_KEYS)
+        == ["model", "arch", "epoch", "step", "config", "metrics", "version", "format"]
+    )
+
+
+def test_load_training_state_refuses_a_mistyped_field_and_names_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(_resumable(step=-3), path)
+    with pytest.raises(VitexpError, match=f"^{_refusal('step', 'is -3, not int >= 0', str(path))}$"):
+        checkpoint.load_training_state(path)
+
+
+def test_a_training_state_without_a_position_keeps_the_defaults_of_what_the_file_lacks():
+    state = checkpoint.TrainingState(epoch=7)
+    state.load_state_dict({"step": 5, "position": None, "unknown": 1})
+    assert (state.epoch, state.step, state.position, state.config) == (7, 5, None, {})
+    assert not hasattr(state, "unknown") and state.state_dict()[checkpoint.POSITION] is None
+
+
+class _Net(nn.Module):
+    """A body and a classifier under `head` (timm's name; `fc` and `classifier` in other timm families)."""
+
+    def __init__(self, classes: int = 3, width: int = 4, head: str = "head") -> None:
+        super().__init__()
+        self.body = nn.Linear(2, width)
+        self.add_module(head, nn.Linear(width, classes, bias=False))
+
+
+@pytest.mark.parametrize("head", ["head", "fc", "classifier"])
+def test_weights_for_another_number_of_classes_name_both_counts(head):
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load_weights(_Net(3, head=head), _Net(5, head=head).state_dict(), "best.pt")
+    assert str(e.value) == (
+        "best.pt predicts 5 classes but this model has 3 (data.num_classes); pick the data= it was trained on"
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "detail"),
+    [
+        (_Net(3, width=5).state_dict(), "0 missing, 0 unexpected, 3 mismatched tensors"),  # body and head
+        ({"body.weight": torch.zeros(4, 2)}, "2 missing, 0 unexpected, 0 mismatched tensors"),
+        (
+            {**_Net().state_dict(), "extra": torch.zeros(1), "more": torch.zeros(1)},
+            "0 missing, 2 unexpected, 0 mismatched tensors",
+        ),
+        (
+            {**_Net(5).state_dict(), "extra": torch.zeros(1)},
+            "0 missing, 1 unexpected, 1 mismatched tensors, e.g. head.weight (5, 4) vs (3, 4)",
+        ),
+        (
+            {k: v for k, v in _Net(5).state_dict().items() if k != "body.bias"},
+            "1 missing, 0 unexpected, 1 mismatched tensors, e.g. head.weight (5, 4) vs (3, 4)",
+        ),
+        (
+            {**_Net().state_dict(), "body.weight": torch.zeros(4, 3)},
+            "0 missing, 0 unexpected, 1 mismatched tensors, e.g. body.weight (4, 3) vs (4, 2)",
+        ),
+    ],
+    ids=["width", "missing", "unexpected", "head and unexpected", "head and missing", "body"],
+)
+def test_weights_that_do_not_fit_say_what_differs(weights, detail):
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load_weights(_Net(), weights, "w.pt")
+    message = str(e.value)
+    assert message.startswith(f"w.pt does not fit this model ({detail}")
+    assert message.endswith("); pick the model= it was trained with"), message
+    assert (", e.g. " in message) == (" 0 mismatched" not in detail)  # an example of a mismatch when there is one
+
+
+def test_a_scalar_head_of_another_shape_is_not_read_as_a_class_count():
+    net = _Net()
+    net.head.register_buffer("scale", torch.ones(1))
+    weights = {**net.state_dict(), "head.scale": torch.tensor(1.0)}
+    with pytest.raises(
+        VitexpError,
+        match=r"^w\.pt does not fit this model \(0 missing, 0 unexpected, 1 mismatched tensors, e\.g\. head\.scale \(\) vs \(1,\)\)",
+    ):
+        checkpoint.load_weights(net, weights, "w.pt")
+
+
+def test_weights_load_bitwise_and_a_tensor_torch_cannot_copy_is_one_line():
+    source, target = _Net(), _Net()
+    checkpoint.load_weights(target, source.state_dict(), "w.pt")
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+    weights = {**source.state_dict(), "body.weight": torch.zeros(4, 2).to_sparse()}
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load_weights(target, weights, "w.pt")
+    message = str(e.value)  # torch's last line, its tab escaped, cut at 160 characters
+    assert message.startswith('w.pt does not fit this model (\\tWhile copying the parameter named "body.weight"'), (
+        message
+    )
+    assert (
+        message.endswith("...); pass one vitexp wrote")
+        and len(message) == len("w.pt does not fit this model (); pass one vitexp wrote") + 160
+    )
+
+
+def test_a_load_error_without_words_is_named_by_its_type():
+    class Refuses(_Net):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            raise RuntimeError("  ")
+
+    with pytest.raises(VitexpError, match=r"^w\.pt does not fit this model \(RuntimeError\); pass one vitexp wrote$"):
+        checkpoint.load_weights(Refuses(), _Net().state_dict(), "w.pt")
