@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tests.builders import build
 from tests.conftest import TINY, vitexp
-from vitexp import VitexpError, checkpoint, engine
+from vitexp import VitexpError, checkpoint, engine, files
+from vitexp.models import arch_of
 
 STATE = {"model": {"w": torch.arange(6.0)}, "arch": {"builder": "vit", "name": "x", "kwargs": {}}, "epoch": 3}
 
@@ -412,3 +417,212 @@ def test_a_load_error_without_words_is_named_by_its_type():
 
     with pytest.raises(VitexpError, match=r"^w\.pt does not fit this model \(RuntimeError\); pass one vitexp wrote$"):
         checkpoint.load_weights(Refuses(), _Net().state_dict(), "w.pt")
+
+
+TINY_VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 3, "embed_dim": 8, "depth": 1, "num_heads": 1}
+
+
+def test_load_model_rebuilds_the_module_with_its_weights(tmp_path):
+    model = build("vit", "tiny", **TINY_VIT).eval()
+    path = tmp_path / "best.pt"
+    checkpoint.save({"model": model.state_dict(), "arch": arch_of(model), "epoch": 2}, path)
+    clone, saved = checkpoint.load_model(path)
+    assert saved["epoch"] == 2 and saved["arch"] == arch_of(model)
+    assert clone.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), model.state_dict().values()))
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(clone.eval()(x), model(x))
+
+
+def test_load_model_names_the_file_when_its_arch_or_weights_do_not_build(tmp_path):
+    model = build("vit", "tiny", **TINY_VIT)
+    path = tmp_path / "best.pt"
+    checkpoint.save({"model": {}, "arch": arch_of(model)}, path)
+    with pytest.raises(
+        VitexpError, match=rf"^{re.escape(str(path))} does not fit this model \(\d+ missing, 0 unexpected"
+    ):
+        checkpoint.load_model(path)
+    arch = {**arch_of(model), "kwargs": {**TINY_VIT, "img_size": 10}}
+    checkpoint.save({"model": model.state_dict(), "arch": arch}, path)
+    with pytest.raises(
+        VitexpError, match=rf"by {re.escape(str(path))}: arch\.kwargs\.patch_size=4; use data\.img_size=8 or 12$"
+    ):
+        checkpoint.load_model(path)
+
+
+def test_load_names_what_is_wrong_with_a_file_in_one_line(tmp_path):
+    with pytest.raises(
+        VitexpError,
+        match=rf"^checkpoint not found: {re.escape(str(tmp_path))}; pass the path of a \.pt file written by vitexp$",
+    ):
+        checkpoint.load(tmp_path)  # a folder is not a checkpoint file
+    path, truncated = tmp_path / "last.pt", tmp_path / "truncated.pt"
+    checkpoint.save(STATE, path)
+    truncated.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(Exception) as torch_says:
+        torch.load(truncated, weights_only=True)
+    kind = type(torch_says.value).__name__
+    with pytest.raises(
+        VitexpError,
+        match=rf"^cannot read checkpoint {re.escape(str(truncated))}: the file is truncated or corrupt \({kind}\)$",
+    ):
+        checkpoint.load(truncated)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "arch": {}, "x": Payload()}, evil)
+    with pytest.raises(pickle.UnpicklingError) as torch_says:
+        torch.load(evil, weights_only=True)
+    first = files.printable(str(torch_says.value).strip().splitlines()[0])  # torch's own reason, its first line
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load(evil)
+    assert str(e.value) == f"refused to load {evil}: it holds objects other than tensors and plain data ({first})"
+
+
+def test_a_refusal_without_words_is_named_by_its_type(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(STATE, path)
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError(" ")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(VitexpError, match=r"plain data \(UnpicklingError\)$"):
+        checkpoint.load(path)
+
+
+def test_a_path_the_user_typed_may_be_a_symlink_and_weights_load_on_the_cpu(tmp_path):
+    checkpoint.save(STATE, tmp_path / "last.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "last.pt")
+    loaded = checkpoint.load(tmp_path / "link.pt")
+    assert torch.equal(loaded["model"]["w"], STATE["model"]["w"]) and loaded["model"]["w"].device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"format": True},
+            "has checkpoint format True, this vitexp reads format 2; use the vitexp version that wrote it (None)",
+        ),
+        (
+            {"format": "2", "version": "1.0"},
+            "has checkpoint format '2', this vitexp reads format 2; use the vitexp version that wrote it (1.0)",
+        ),
+        (
+            {"format": "9" * 80, "version": "1" * 80},
+            f"has checkpoint format '{'9' * 56}..., this vitexp reads format 2; use the vitexp version that wrote it ({'1' * 57}...)",
+        ),
+        ({"model": [1]}, ": model is a list, not a dict of tensors; pass one vitexp wrote"),
+        (
+            {"model": {5: torch.zeros(1)}},
+            ": model.5 is a Tensor, not a tensor named by a string; pass a checkpoint vitexp wrote",
+        ),
+        (
+            {"model": {"w": [1.0]}},
+            ": model.w is a list, not a tensor named by a string; pass a checkpoint vitexp wrote",
+        ),
+        (
+            {"model": {"x" * 100: 1}},
+            f": model.{'x' * 77}... is a int, not a tensor named by a string; pass a checkpoint vitexp wrote",
+        ),
+        ({"arch": []}, ": arch is a list ([]), not a dict of builder, name and kwargs; refused"),
+    ],
+    ids=["format bool", "format str", "long format", "model list", "int key", "list value", "long key", "arch list"],
+)
+def test_a_file_of_another_layout_is_refused_naming_the_field(changes, message, tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({**STATE, **changes}, path)
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load(path)
+    assert str(e.value) == f"{path}{'' if message.startswith(':') else ' '}{message}"
+
+
+def test_a_file_without_a_format_is_read_as_this_format(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({**STATE, "format": 2, "version": None}, path)
+    assert checkpoint.load(path)["epoch"] == 3
+    torch.save({k: v for k, v in STATE.items() if k != "format"}, path)
+    assert checkpoint.load(path)["epoch"] == 3
+
+
+def test_a_save_removes_the_temp_files_a_killed_writer_left_of_that_file_only(tmp_path, monkeypatch):
+    stale, other = tmp_path / ".last.pt.k1ll3d.tmp", tmp_path / ".best.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half"), other.write_bytes(b"half")
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    checkpoint.save(STATE, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.k1ll3d.tmp", "last.pt"]
+    assert synced == [(tmp_path / "last.pt").stat().st_size]  # the whole file reached the disk before the rename
+
+
+def test_a_save_refuses_a_symlinked_folder_inside_the_run_folder(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(VitexpError, match="checkpoints is a symlink"):
+        checkpoint.save(STATE, tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "run")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize(("free", "why"), [((1 << 20) - 1, "no space left on device"), (1 << 20, "the write failed")])
+def test_a_write_torch_reports_as_a_runtime_error_says_whether_the_disk_is_full(free, why, tmp_path, monkeypatch):
+    def fails(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", fails)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda folder: SimpleNamespace(total=1 << 30, used=(1 << 30) - free, free=free)
+    )
+    with pytest.raises(VitexpError) as e:
+        checkpoint.save(STATE, tmp_path / "last.pt")
+    assert str(e.value) == f"cannot write {tmp_path / 'last.pt'} ({why}): free disk space or pick another hydra.run.dir"
+
+
+def test_every_generator_continues_exactly_after_a_restore_from_a_file(tmp_path):
+    random.gauss(0, 1), np.random.standard_normal()  # each leaves a cached second normal in its state
+    path = tmp_path / "rng.pt"
+    checkpoint.save({**STATE, "rng": checkpoint.rng_state()}, path)
+
+    def draw():
+        return (
+            random.gauss(0, 1),
+            random.random(),
+            np.random.standard_normal(),
+            np.random.rand(3).tolist(),
+            torch.rand(4),
+        )
+
+    expected = draw()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    got = draw()
+    assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])
+    assert checkpoint.load(path)["rng"]["cuda"] == (
+        [] if not torch.cuda.is_available() else checkpoint.rng_state()["cuda"]
+    )
+
+
+@pytest.mark.parametrize("error", [KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError])
+def test_a_part_that_does_not_fit_the_run_is_one_line(error):
+    def load():
+        raise error("deep inside torch")
+
+    with pytest.raises(VitexpError) as e:
+        checkpoint.load_part("runs/a\nb/last.pt", "scaler", load)
+    assert str(e.value) == (
+        f"runs/a\\nb/last.pt: its scaler state does not fit this run ({error.__name__}); resume with the settings it "
+        "was saved with, or start a new run with ckpt_path=<it>"
+    )
+
+
+def test_load_part_loads_a_state_that_fits_and_names_one_that_does_not():
+    source, target = (
+        torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.5),
+        torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1),
+    )
+    checkpoint.load_part("last.pt", "optimizer", lambda: target.load_state_dict(source.state_dict()))
+    assert target.param_groups[0]["lr"] == 0.5
+    two = torch.optim.SGD([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(VitexpError, match=r"^last\.pt: its optimizer state does not fit this run \(ValueError\); "):
+        checkpoint.load_part("last.pt", "optimizer", lambda: two.load_state_dict(source.state_dict()))
+    with pytest.raises(ZeroDivisionError):  # not a state that does not fit: a bug, left as it is
+        checkpoint.load_part("last.pt", "optimizer", lambda: 1 / 0)
