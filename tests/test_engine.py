@@ -302,6 +302,8 @@ def test_running_sums_saved_on_three_ranks_resume_on_two(monkeypatch):
         assert merged.keys() == saved[0].keys()
     for s, b in zip(saved, before):  # the loaded file's figures are left as they were
         assert all(torch.equal(s[k], v) if torch.is_tensor(v) else s[k] == v for k, v in b.items())
+    alone = engine.sums_for_rank(saved[:1], 1)  # one saved rank on two: the second starts empty
+    assert alone["seen"] == 0 and alone["interval"].tolist() == [0.0, 0.0, 7.0] and alone["steps"] == 1
     resumed = engine.EpochSums(torch.device("cpu"), skip_nonfinite=True)
     resumed.load_state_dict(first)
     assert resumed.running_loss() == 34.0 / 14 and resumed.interval_means() == (72.0 / 28, 7.0)

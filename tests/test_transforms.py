@@ -159,14 +159,14 @@ def _same_draws(ours, theirs, images: list[Image.Image]) -> None:
     [("rand-m9-mstd0.5-inc1", "bicubic"), ("augmix-m5-w4-d2", "nearest"), ("original", "bilinear"), ("v0r", "bicubic")],
 )
 def test_a_policy_gets_the_parameters_timm_create_transform_gives_it(policy, interpolation):
-    mean = [0.31, 1.2, 0.47]  # a mean above 1: the fill is clamped to 255, as timm's own factory does
+    mean = [0.8, 1.2, 0.47]  # a mean above 1: the fill is clamped to 255, as timm's own factory does
     ours = _policy(train_transform(_data(auto_augment=policy, interpolation=interpolation, mean=mean)))
     theirs = _policy(
         create_transform(24, is_training=True, auto_augment=policy, interpolation=interpolation, mean=mean)
     )
     assert type(ours) is type(theirs) and _described(ours) == _described(theirs)
     op = ours.ops[0] if hasattr(ours, "ops") else ours.policy[0][0]
-    assert op.hparams["translate_const"] == 10 and op.hparams["img_mean"] == (79, 255, 120)  # 0.45 of 24, 255 * mean
+    assert op.hparams["translate_const"] == 10 and op.hparams["img_mean"] == (204, 255, 120)  # 0.45 of 24, 255 * mean
     assert op.kwargs["resample"] == PIL_MODES[interpolation]
     assert op.hparams.get("translate_pct") == (0.3 if policy.startswith("augmix") else None)
     _same_draws(ours, theirs, [_photo(24, 24, seed) for seed in range(3)])
@@ -200,8 +200,8 @@ def test_the_imagenet_preset_is_timm_create_transform_with_the_documented_settin
 
 def test_the_cifar_preset_erases_with_noise_at_its_probability():
     """timm's RandomErasing (per-pixel noise, `re_prob`) after the still preset, seeded alike."""
-    still, erasing = train_transform(_data()), RandomErasing(0.5, mode="pixel", device="cpu")
-    ours = train_transform(_data(re_prob=0.5))
+    still, erasing = train_transform(_data()), RandomErasing(0.25, mode="pixel", device="cpu")
+    ours = train_transform(_data(re_prob=0.25))
     erased = 0
     for seed in range(6):
         img = _photo(24, 24, seed)
