@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from vitexp import VitexpError, engine
 
@@ -536,6 +538,17 @@ def test_the_running_loss_is_over_the_images_counted():
     assert sums.running_loss() == (3.0 + 3 * 1.0) / 4
 
 
+@pytest.fixture
+def own_tqdm_lock():
+    """tqdm's bars drawn under a lock of this process only: its default lock is shared with every process forked
+    from the one that made it, and a fork-based mutation-testing worker stopped while drawing would keep it."""
+    shared = tqdm.get_lock()
+    tqdm.set_lock(threading.RLock())
+    yield
+    tqdm.set_lock(shared)
+
+
+@pytest.mark.usefixtures("own_tqdm_lock")
 def test_the_progress_bar_counts_from_the_start_and_shows_the_running_loss_every_ten_steps(capsys):
     model, _, opt, losses = _frozen(n=88)  # 11 batches of 8
     rest = DataLoader(TensorDataset(*[t[8:] for t in _data(88)]), batch_size=8)  # placed at batch 1: ten steps
