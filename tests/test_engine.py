@@ -412,6 +412,7 @@ class _Recorder(nn.Sequential):
         yield
 
 
+@pytest.mark.filterwarnings("error")  # without a dtype autocast is off, not asked for float32 (which a CPU refuses)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_the_forward_runs_under_autocast_at_the_given_precision(dtype):
     model, (x, y) = _Recorder(), _data(16)

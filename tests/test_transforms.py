@@ -203,7 +203,7 @@ def test_the_cifar_preset_erases_with_noise_at_its_probability():
     still, erasing = train_transform(_data()), RandomErasing(0.25, mode="pixel", device="cpu")
     ours = train_transform(_data(re_prob=0.25))
     erased = 0
-    for seed in range(6):
+    for seed in range(10):  # python's first draw decides: under 0.25 for 4 of these seeds, under 0.5 for 6
         img = _photo(24, 24, seed)
         torch.manual_seed(seed), random.seed(seed)
         expected = erasing(still(img))
@@ -211,7 +211,7 @@ def test_the_cifar_preset_erases_with_noise_at_its_probability():
         out = ours(img)
         assert torch.equal(out, expected)
         erased += not torch.equal(out, still(img))
-    assert 0 < erased < 6
+    assert 0 < erased < 10
 
 
 @pytest.mark.parametrize(
