@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+from timm.data.random_erasing import RandomErasing
 
 from tests.builders import data_of
 from vitexp import VitexpError, schema
@@ -121,6 +125,93 @@ def test_imagenet_preset_crops_a_random_area_and_jitters_colour():
 def test_timm_policies_build_and_keep_the_shape(policy):
     out = train_transform(_data(auto_augment=policy))(_photo(24, 24))
     assert out.shape == (3, 24, 24)
+
+
+POLICIES = (RandAugment, AutoAugment, AugMixAugment)
+
+
+def _policy(transform) -> object:
+    (policy,) = [t for t in transform.transforms if isinstance(t, POLICIES)]
+    return policy
+
+
+def _described(policy) -> object:
+    """A timm policy as comparable values: every op's name, functions, probability, magnitude and parameters."""
+    if isinstance(policy, AutoAugment):
+        return [[vars(op) for op in sub] for sub in policy.policy]
+    layers = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(policy).items() if k != "ops"}
+    return layers, [vars(op) for op in policy.ops]
+
+
+def _same_draws(ours, theirs, images: list[Image.Image]) -> None:
+    """Both transforms, seeded alike (python, numpy and torch generators), give the same pixels for every image."""
+    for i, img in enumerate(images):
+        outs = []
+        for transform in (ours, theirs):
+            random.seed(i), np.random.seed(i), torch.manual_seed(i)
+            out = transform(img)
+            outs.append(torch.from_numpy(np.array(out)) if isinstance(out, Image.Image) else out)
+        assert torch.equal(*outs), i
+
+
+@pytest.mark.parametrize(
+    ("policy", "interpolation"),
+    [("rand-m9-mstd0.5-inc1", "bicubic"), ("augmix-m5-w4-d2", "nearest"), ("original", "bilinear"), ("v0r", "bicubic")],
+)
+def test_a_policy_gets_the_parameters_timm_create_transform_gives_it(policy, interpolation):
+    mean = [0.8, 1.2, 0.47]  # a mean above 1: the fill is clamped to 255, as timm's own factory does
+    ours = _policy(train_transform(_data(auto_augment=policy, interpolation=interpolation, mean=mean)))
+    theirs = _policy(
+        create_transform(24, is_training=True, auto_augment=policy, interpolation=interpolation, mean=mean)
+    )
+    assert type(ours) is type(theirs) and _described(ours) == _described(theirs)
+    op = ours.ops[0] if hasattr(ours, "ops") else ours.policy[0][0]
+    assert op.hparams["translate_const"] == 10 and op.hparams["img_mean"] == (204, 255, 120)  # 0.45 of 24, 255 * mean
+    assert op.kwargs["resample"] == PIL_MODES[interpolation]
+    assert op.hparams.get("translate_pct") == (0.3 if policy.startswith("augmix") else None)
+    _same_draws(ours, theirs, [_photo(24, 24, seed) for seed in range(3)])
+
+
+def test_the_imagenet_preset_is_timm_create_transform_with_the_documented_settings():
+    settings = {"scale": [0.35, 0.9], "ratio": [0.6, 1.6], "hflip": 0.3, "re_prob": 0.5, "interpolation": "bicubic"}
+    for augment in (
+        {"auto_augment": "rand-m7-mstd0.5", "color_jitter": 0.4},
+        {"auto_augment": None, "color_jitter": 0.3},
+    ):
+        options = {**settings, **augment}
+        ours = train_transform(_data("imagenet", **options))
+        theirs = create_transform(
+            24,
+            is_training=True,
+            **{**options, "scale": (0.35, 0.9), "ratio": (0.6, 1.6)},
+            mean=MEAN,
+            std=STD,
+            re_mode="pixel",
+        )
+        crop, erasing = ours.transforms[0], ours.transforms[-1]
+        assert (crop.scale, crop.ratio, erasing.probability, erasing.mode) == ((0.35, 0.9), (0.6, 1.6), 0.5, "pixel")
+        assert (
+            (_described(_policy(ours)) == _described(_policy(theirs)))
+            if augment["auto_augment"]
+            else "Jitter" in repr(ours)
+        )
+        _same_draws(ours, theirs, [_photo(48, 32, seed) for seed in range(4)])
+
+
+def test_the_cifar_preset_erases_with_noise_at_its_probability():
+    """timm's RandomErasing (per-pixel noise, `re_prob`) after the still preset, seeded alike."""
+    still, erasing = train_transform(_data()), RandomErasing(0.25, mode="pixel", device="cpu")
+    ours = train_transform(_data(re_prob=0.25))
+    erased = 0
+    for seed in range(10):  # python's first draw decides: under 0.25 for 4 of these seeds, under 0.5 for 6
+        img = _photo(24, 24, seed)
+        torch.manual_seed(seed), random.seed(seed)
+        expected = erasing(still(img))
+        torch.manual_seed(seed), random.seed(seed)
+        out = ours(img)
+        assert torch.equal(out, expected)
+        erased += not torch.equal(out, still(img))
+    assert 0 < erased < 10
 
 
 @pytest.mark.parametrize(

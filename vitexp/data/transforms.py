@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from timm.data import auto_augment_transform, create_transform, rand_augment_transform, str_to_interp_mode
+from timm.data import (
+    auto_augment_transform,
+    create_transform,
+    rand_augment_transform,
+    str_to_interp_mode,
+    str_to_pil_interp,
+)
 from timm.data.auto_augment import augment_and_mix_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
@@ -55,14 +61,19 @@ def train_transform(data: Data) -> transforms.Compose:
 
 
 def _auto_augment(policy: str, img_size: int, mean: list[float], interpolation: str) -> Callable:
-    """timm's augmentation policy named `policy`, with the parameters timm's create_transform gives it."""
-    fill = tuple(round(255 * m) for m in mean)
-    params = {"translate_const": int(img_size * 0.45), "img_mean": fill}
+    """timm's augmentation policy named `policy`, with the parameters timm's create_transform gives it (the
+    policy's geometric ops resample with `interpolation`; AugMix translates by at most 30%)."""
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    params = {
+        "translate_const": int(img_size * 0.45),
+        "img_mean": fill,
+        "interpolation": str_to_pil_interp(interpolation),
+    }
     try:
         if policy.startswith("rand"):
             return rand_augment_transform(policy, params)
         if policy.startswith("augmix"):
-            return augment_and_mix_transform(policy, params)
+            return augment_and_mix_transform(policy, {**params, "translate_pct": 0.3})
         return auto_augment_transform(policy, params)
     except (AssertionError, KeyError, ValueError, IndexError) as e:
         raise VitexpError(
