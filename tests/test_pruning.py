@@ -257,16 +257,20 @@ def test_prune_vs_scratch_bench_runs_end_to_end(pipeline, tmp_path):
     dense = pipeline / "unpruned" / "checkpoints" / "best.pt"
     prune_vs_scratch.main(
         [*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--seeds", "2", "--out", str(tmp_path)]
+        + ["--target_model", "model.depth=1", "--no-distill"]
     )
     results = json.loads((tmp_path / "results.json").read_text())
     methods = [(r["method"], r["allocation"]) for r in results["summary"]]
     assert methods[0] == ("dense", "-") and ("scratch", "uniform") in methods
-    for arm in ("prune + fine-tune", "prune + KD"):
-        assert (arm, "uniform") in methods and (arm, "global") in methods
+    assert ("prune + fine-tune", "uniform") in methods and ("prune + fine-tune", "global") in methods
+    # the 2-block dense model pruned to a 1-block model's MACs, against that model trained 2 + 1 epochs
+    target = {r["method"]: r for r in results["summary"] if "target" in r["method"]}
+    assert target["wide pruned to target + fine-tune"]["macs"] <= target["target from scratch (2 + N epochs)"]["macs"]
+    assert (tmp_path / "seed0" / "target_scratch_3ep" / "checkpoints" / "best.pt").is_file()
     assert all(r["n"] == 2 for r in results["summary"]) and {r["seed"] for r in results["runs"]} == {0, 1}
     assert all(0 <= r["val_acc1"] <= 1 and r["img_per_s_eager_b256"] > 0 for r in results["runs"])
     assert (tmp_path / "plots" / "prune_vs_scratch.png").is_file() and (tmp_path / "table.md").is_file()
-    assert (tmp_path / "seed1" / "global_kd_1ep" / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "seed1" / "global_ft_1ep" / "checkpoints" / "best.pt").is_file()
 
 
 def test_a_pruned_model_compiled_after_its_unpruned_one_gets_static_shapes(monkeypatch):

@@ -75,9 +75,8 @@ def compare(
         seeded = replace(recipe, settings=replace(recipe.settings, seed=seed))
         arms, shapes = _seed_arms(seeded, source, budgets, allocations, out / f"seed{seed}", measure, distill=distill)
         if target is not None:
-            arms += _target_arms(seeded, source, target, budgets, out / f"seed{seed}", measure)
-            shapes["target"] = out / f"seed{seed}" / "target_scratch" / "checkpoints" / "best.pt"
-            shapes["pruned to target"] = out / f"seed{seed}" / "pruned_to_target" / "checkpoints" / "pruned.pt"
+            more, timed = _target_arms(seeded, source, target, budgets, out / f"seed{seed}", measure)
+            arms, shapes = arms + more, shapes | timed
         rows += [{**row, "seed": seed} for row in arms]
         # speed depends on the shape only: the first seed's shapes are timed
         models |= {k: checkpoint.load_model(p)[0] for k, p in shapes.items() if k not in models}
@@ -118,9 +117,9 @@ def _seed_arms(
 
 def _target_arms(
     recipe: Recipe, source: str, target: dict[str, Any], budgets: Sequence[int], out: Path, measure: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """The dense model pruned (uniformly) to the `target` model's MACs and fine-tuned N epochs, against the target
-    trained from scratch for the dense model's epochs + N: the same total epochs."""
+    trained from scratch for the dense model's epochs + N: the same total epochs. Rows, and the two shapes' files."""
     task, dense = recipe.settings.task, checkpoint.load(source)
     dense_epochs = dense[checkpoint.CONFIG]["trainer"]["max_epochs"]
     macs = count_macs(build_from_arch(target))
@@ -140,7 +139,7 @@ def _target_arms(
         best = train_in(recipe, out / f"target_scratch_{total}ep", target, total)
         rows.append(_row(f"target from scratch ({dense_epochs} + N epochs)", "-", epochs, *_read(best.parent.parent)))
         rows[-1]["shape"] = "target"
-    return rows
+    return rows, {shape: pruned, "target": best}
 
 
 def ratio_for_macs(model: nn.Module, macs: int, round_to: int) -> float:
@@ -286,13 +285,25 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def _target_arch(overrides: Sequence[str], target: str) -> dict[str, Any]:
+    """The arch of the model that `target` describes ("baseline", or overrides such as "model=baseline
+    model.depth=4"), composed with the run's overrides other than the dense model's own."""
+    own = [o.split() if "=" in o else [f"model={o}"] for o in [target]][0]
+    keys = [o.lstrip("+~").split("=")[0] for o in overrides]
+    others = [o for o, k in zip(overrides, keys) if k != "model" and not k.startswith("model.")]
+    return arch_from_config(OmegaConf.to_container(_compose([*others, *own]).model, resolve=True))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every arm for every seed and write the table (mean ± std), results.json and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=_ints, default=[1, 3, 10], help="epochs, comma-separated")
     parser.add_argument("--allocations", type=_allocations, default=["uniform", "global"], help="comma-separated")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm: seed, seed + 1, ...")
-    parser.add_argument("--target_model", help="a model option (e.g. baseline): prune to its MACs, train it too")
+    parser.add_argument(
+        "--target_model",
+        help="a smaller model: a model option (baseline) or overrides ('model=baseline model.depth=4')",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/prune_vs_scratch"))
     parser.add_argument("--no-distill", action="store_true", help="leave out the prune + KD arms")
     parser.add_argument("--compile", action="store_true", help="also measure speed under torch.compile")
@@ -304,10 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = _compose(overrides)
     if not cfg.ckpt_path:
         raise VitexpError("prune_vs_scratch needs ckpt_path=<a trained dense best.pt>; train one with python -m vitexp")
-    target = None
-    if args.target_model:
-        model = _compose([*overrides, f"model={args.target_model}"]).model
-        target = arch_from_config(OmegaConf.to_container(model, resolve=True))
+    target = _target_arch(overrides, args.target_model) if args.target_model else None
     seeds = range(cfg.seed, cfg.seed + args.seeds)
     distill = not args.no_distill
     rows = compare(
