@@ -1,16 +1,19 @@
 """Is pruning worth it? For one trained dense checkpoint and budgets of N epochs: prune (uniform and global) and
-fine-tune N epochs, the same distilling the dense model, and the pruned shape trained from scratch for N epochs;
-one table and one plot (accuracy vs budget, accuracy vs measured speed), the dense model as the reference.
+fine-tune N epochs, the same distilling the dense model, and the pruned shape trained from scratch for N epochs,
+every arm for `--seeds` seeds; one table and one plot (mean ± std over seeds: accuracy vs budget, accuracy vs
+measured speed), the dense model as the reference. `--target_model` adds the dense model pruned to a smaller
+model's MACs and fine-tuned N epochs, against that model trained from scratch for the dense run's epochs + N.
 
     python -m vitexp.bench.prune_vs_scratch ckpt_path=<dense best.pt> --budgets 1,3,10 --out <folder>
     python -m vitexp.bench.prune_vs_scratch ckpt_path=<best.pt> data=cifar10 data.root=<dir> task.ratio=0.3
+    python -m vitexp.bench.prune_vs_scratch ckpt_path=<vit_tiny best.pt> model=vit_tiny --target_model baseline
 
 Overrides are Hydra overrides of the real config (task=prune is implied): `data.*`, `optim.*`, `trainer.*` and
 `task.ratio`, `task.importance`, `task.round_to`, `task.rounds`, `task.alpha` apply to every arm, and must match
 the data the checkpoint was trained on. Each arm is the task layer's own code (prune_checkpoint, finetune_recipe,
 fit, train_in) in a folder of its own under `--out`; a finished arm is read back, not rerun. Speed is measured
 once per shape, dense and pruned interleaved (vitexp.bench.prune_speed). Writes `table.md`, `results.json` and
-`plots/prune_vs_scratch.png` in `--out` and prints the table.
+`plots/prune_vs_scratch.png` in `--out` and prints the table; the arms of seed N lie in `--out`/seed<N>.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def compare(
         seeded = replace(recipe, settings=replace(recipe.settings, seed=seed))
         arms, shapes = _seed_arms(seeded, source, budgets, allocations, out / f"seed{seed}", measure, distill=distill)
         if target is not None:
-            more, timed = _target_arms(seeded, source, target, budgets, out / f"seed{seed}", measure)
+            more, timed = _target_arms(seeded, source, target, allocations[0], budgets, out / f"seed{seed}", measure)
             arms, shapes = arms + more, shapes | timed
         rows += [{**row, "seed": seed} for row in arms]
         # speed depends on the shape only: the first seed's shapes are timed
@@ -116,9 +119,15 @@ def _seed_arms(
 
 
 def _target_arms(
-    recipe: Recipe, source: str, target: dict[str, Any], budgets: Sequence[int], out: Path, measure: Any
+    recipe: Recipe,
+    source: str,
+    target: dict[str, Any],
+    allocation: str,
+    budgets: Sequence[int],
+    out: Path,
+    measure: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """The dense model pruned (uniformly) to the `target` model's MACs and fine-tuned N epochs, against the target
+    """The dense model pruned (`allocation`) to the `target` model's MACs and fine-tuned N epochs, against the target
     trained from scratch for the dense model's epochs + N: the same total epochs. Rows, and the two shapes' files."""
     task, dense = recipe.settings.task, checkpoint.load(source)
     dense_epochs = dense[checkpoint.CONFIG]["trainer"]["max_epochs"]
@@ -126,14 +135,14 @@ def _target_arms(
     ratio = ratio_for_macs(build_from_arch(dense[checkpoint.ARCH]), macs, task.round_to)
     folder = out / "pruned_to_target"
     seed_everything(recipe.settings.seed)
-    pruning = replace(task, ratio=ratio, allocation="uniform")
+    pruning = replace(task, ratio=ratio, allocation=allocation)
     figures, _ = prune_checkpoint(recipe, source, pruning, measure, folder)
     pruned, shape = folder / "checkpoints" / "pruned.pt", "pruned to target"
     acc, macs = figures["pruned_val_acc1"], figures["pruned_macs"]
-    rows = [_row(f"wide pruned to target ({ratio:.3f})", "uniform", 0, acc, macs, shape=shape)]
+    rows = [_row(f"wide pruned to target ({ratio:.3f})", allocation, 0, acc, macs, shape=shape)]
     for epochs in budgets:
         tune = finetune_recipe(recipe, pruned, epochs, None, task.alpha)
-        row = _arm(tune, out / f"target_pruned_ft_{epochs}ep", "wide pruned to target + fine-tune", "uniform", epochs)
+        row = _arm(tune, out / f"target_pruned_ft_{epochs}ep", "wide pruned to target + fine-tune", allocation, epochs)
         rows.append(row | {"shape": shape})
         total = dense_epochs + epochs
         best = train_in(recipe, out / f"target_scratch_{total}ep", target, total)
