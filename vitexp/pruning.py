@@ -20,9 +20,9 @@ IMPORTANCE = {
 }
 # Scores that rank heads and channels across blocks (task.allocation=global). Torch-Pruning's importances divide
 # each group's scores by the group's mean, so a block's ranks describe only its own spread. First-order Taylor
-# without that normaliser estimates each unit's loss change, one scale for every block: measured on the digits at
-# ratio 0.5, its layout kept 83.9% val top-1 before fine-tuning against uniform's 60.3%. Weight norms differ
-# between blocks for reasons other than importance (raw magnitude ranking: 41.9%), so magnitude keeps the normaliser.
+# without that normaliser estimates each unit's loss change, one scale for every block (on the digits at ratio 0.5:
+# 82.5% val top-1 before fine-tuning against uniform's 60.3%, docs/pruning.md). Weight norms differ between blocks
+# for reasons other than importance (a raw magnitude ranking kept 41.9%), so magnitude keeps the normaliser.
 RANKING = {
     "magnitude": IMPORTANCE["magnitude"],
     "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer=None),
