@@ -157,6 +157,25 @@ def test_global_allocation_takes_from_the_weakest_blocks_at_uniforms_macs():
     model(X).sum().backward()
 
 
+def test_global_taylor_ranks_blocks_by_loss_change_not_by_each_blocks_own_spread():
+    """Block 1's MLP output scaled by 1e-3 changes the loss 1000x less when a channel goes: unnormalised Taylor
+    scores rank all of its channels last, so it keeps the floor (8); a per-block normaliser would hide the scale.
+    Block 2's heads are scaled alike (value rows), so it keeps one head. Totals and MACs stay uniform's."""
+    torch.manual_seed(0)
+    model, uniform = _model(), _model()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight.mul_(1e-3)
+        model.blocks[2].attn.qkv.weight.view(3, 4, 64, -1)[2].mul_(1e-3)
+        model.blocks[2].attn.proj.weight.mul_(1e-3)
+    calibration = [(torch.randn(8, 3, 32, 32), torch.arange(8))]
+    prune(model, _settings(0.5, "taylor", allocation="global", round_to=8), X[:1], calibration)
+    prune(uniform, _settings(0.5, round_to=8), X[:1])
+    layout = layout_of(model)
+    assert layout[1][1] == 8 and layout[2][0] == 1, layout
+    assert sum(h for h, _ in layout) == 6 and sum(w for _, w in layout) == 768
+    assert count_macs(model) == count_macs(uniform)
+
+
 def test_rounding_gives_multiples_and_keeps_the_budget():
     torch.manual_seed(1)
     scores = [(torch.rand(4), torch.rand(512) * (i + 1)) for i in range(5)]
@@ -237,16 +256,21 @@ def test_prune_speed_bench_times_every_shape(capsys):
 def test_prune_vs_scratch_bench_runs_end_to_end(pipeline, tmp_path):
     dense = pipeline / "unpruned" / "checkpoints" / "best.pt"
     prune_vs_scratch.main(
-        [*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--out", str(tmp_path)]
+        [*TINY, "trainer.compile=false", f"ckpt_path={dense}", "--budgets", "1", "--seeds", "2", "--out", str(tmp_path)]
+        + ["--target_model", "model.depth=1", "--no-distill"]
     )
-    rows = json.loads((tmp_path / "results.json").read_text())
-    methods = [(r["method"], r["allocation"]) for r in rows]
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = [(r["method"], r["allocation"]) for r in results["summary"]]
     assert methods[0] == ("dense", "-") and ("scratch", "uniform") in methods
-    for arm in ("prune + fine-tune", "prune + KD"):
-        assert (arm, "uniform") in methods and (arm, "global") in methods
-    assert all(0 <= r["val_acc1"] <= 1 and r["img_per_s_eager_b256"] > 0 for r in rows)
+    assert ("prune + fine-tune", "uniform") in methods and ("prune + fine-tune", "global") in methods
+    # the 2-block dense model pruned to a 1-block model's MACs, against that model trained 2 + 1 epochs
+    target = {r["method"]: r for r in results["summary"] if "target" in r["method"]}
+    assert target["wide pruned to target + fine-tune"]["macs"] <= target["target from scratch (2 + N epochs)"]["macs"]
+    assert (tmp_path / "seed0" / "target_scratch_3ep" / "checkpoints" / "best.pt").is_file()
+    assert all(r["n"] == 2 for r in results["summary"]) and {r["seed"] for r in results["runs"]} == {0, 1}
+    assert all(0 <= r["val_acc1"] <= 1 and r["img_per_s_eager_b256"] > 0 for r in results["runs"])
     assert (tmp_path / "plots" / "prune_vs_scratch.png").is_file() and (tmp_path / "table.md").is_file()
-    assert (tmp_path / "global_kd_1ep" / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "seed1" / "global_ft_1ep" / "checkpoints" / "best.pt").is_file()
 
 
 def test_a_pruned_model_compiled_after_its_unpruned_one_gets_static_shapes(monkeypatch):
