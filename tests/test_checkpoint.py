@@ -634,3 +634,36 @@ def test_load_part_loads_a_state_that_fits_and_names_one_that_does_not():
         checkpoint.load_part("last.pt", "optimizer", lambda: two.load_state_dict(source.state_dict()))
     with pytest.raises(ZeroDivisionError):  # not a state that does not fit: a bug, left as it is
         checkpoint.load_part("last.pt", "optimizer", lambda: 1 / 0)
+
+
+def test_the_recorded_statistics_are_the_configs_numbers_or_one_line():
+    saved = {"config": {"data": {"mean": [0.5, 0.25], "std": [0.2, 1]}}}
+    assert checkpoint.recorded_statistics(saved, "a.pt") == ((0.5, 0.25), (0.2, 1.0))
+    refused = re.escape("a.pt records no data.mean and data.std as numbers (a positive std for each mean); pass a ")
+    bad = [
+        {},
+        {"config": None},
+        {"config": {"data": {"std": [1]}}},
+        {"config": {"data": {"mean": [0.5]}}},
+        {"config": {"data": {"mean": ["x"], "std": [1]}}},
+        {"config": {"data": {"mean": [], "std": []}}},
+        {"config": {"data": {"mean": [0.5, 0.5], "std": [1]}}},
+        {"config": {"data": {"mean": [float("nan")], "std": [1]}}},
+        {"config": {"data": {"mean": [0.5], "std": [float("inf")]}}},
+        {"config": {"data": {"mean": [0.5], "std": [0.0]}}},
+        {"config": {"data": {"mean": [0.5, 0.5], "std": [1, -1]}}},
+    ]
+    for record in bad:
+        with pytest.raises(VitexpError, match=f"^{refused}checkpoint vitexp wrote$"):
+            checkpoint.recorded_statistics(record, "a.pt")
+
+
+def test_load_arch_reads_the_typed_arch_without_building_and_names_the_file(tmp_path):
+    path = tmp_path / "best.pt"
+    checkpoint.save(STATE, path)
+    state = torch.get_rng_state()
+    assert checkpoint.load_arch(path) == Arch("vit", "x", {})
+    assert torch.equal(torch.get_rng_state(), state)  # nothing built, nothing drawn
+    checkpoint.save({**STATE, "arch": {"builder": "evil", "name": "x", "kwargs": {}}}, path)
+    with pytest.raises(VitexpError, match=rf"^{re.escape(str(path))}: arch\.builder"):
+        checkpoint.load_arch(path)
