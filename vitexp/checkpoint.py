@@ -261,6 +261,24 @@ def recorded_statistics(saved: dict[str, Any], source: str) -> tuple[tuple[float
     return mean, std
 
 
+def trained_split(saved: dict[str, Any], data: Any) -> tuple[int | None, Any]:
+    """The held-out split of the run that wrote `saved` when it trained on the data set `data` names: its split seed
+    (its `data.split_seed`, else its `seed`) and `data.val_size`, checked to be plain numbers; `data`'s own when it
+    trained on another data set (or records none)."""
+    config = saved.get(CONFIG) if isinstance(saved.get(CONFIG), dict) else {}
+    trained = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if trained.get("name") != data.name:
+        return data.split_seed, data.val_size
+    seed = trained.get("split_seed")
+    seed, size = (config.get("seed") if seed is None else seed), trained.get("val_size")
+    if type(seed) is not int or seed < 0 or type(size) not in (int, float) or not 0 < size:
+        raise VitexpError(
+            f"{data.name} split settings in the checkpoint are not plain numbers (seed {files.printable(seed, 40)}, "
+            f"val_size {files.printable(size, 40)}); pass a checkpoint vitexp wrote"
+        )
+    return seed, size
+
+
 def load_arch(path: str | Path) -> Arch:
     """The `arch` of the checkpoint `path` (read and checked by `load`), without building its model."""
     from vitexp.models import Arch

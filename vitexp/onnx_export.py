@@ -144,6 +144,7 @@ def validation_images(
         "interpolation": card["interpolation"],
         "val_size": data.get("val_size"),
         "train_subset": data.get("train_subset"),
+        "split_seed": data.get("split_seed"),  # absent in checkpoints from before it existed: the run's seed
     }
     if seen["name"] == "digits":
         typed = Data(**seen)

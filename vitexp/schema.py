@@ -172,6 +172,7 @@ class Data:
     persistent_workers: bool = MISSING
     val_size: Any = _val_size()  # a count (int) or a fraction (float): not one type
     train_subset: int | None = _optional_count()
+    split_seed: int | None = must("null or a whole number >= 0", lambda v: v is None or (_integer(v) and v >= 0))
     augment: Augment = field(default_factory=Augment)
     device_augment: DeviceAugment = field(default_factory=DeviceAugment)
     mixup: Mixup = field(default_factory=Mixup)

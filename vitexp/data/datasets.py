@@ -79,7 +79,8 @@ def split_indices(n: int, val_size: int | float, train_subset: int | None, seed:
 
 def make_splits(data: Data, seed: int, train_transform: Callable, eval_transform: Callable) -> Splits:
     """The splits of `data` (image files under `data.root` for an image data option, else the embedded digits),
-    val split off train by `seed` where the data has no val/ of its own."""
+    val split off train by `data.split_seed` (null: `seed`) where the data has no val/ of its own."""
+    seed = seed if data.split_seed is None else data.split_seed
     if isinstance(data, ImageData):
         return image_splits(data, seed, train_transform, eval_transform)
     return digits_splits(data, seed, train_transform, eval_transform)

@@ -40,15 +40,15 @@ def run(run: Run) -> dict[str, Any]:
             f"has {data.in_chans} and {data.num_classes}; pass data={printable(_trained_on(saved).get('name'))} "
             f"(and data.root)"
         )
-    seed, val_size, train_subset = _own_split(saved, settings.seed, data)
+    split_seed, val_size = checkpoint.trained_split(saved, data)  # the images its run held out
     mean, std = _normalisation(saved, str(ckpt_path), data, chans)
-    seed_everything(seed)
+    seed_everything(settings.seed if split_seed is None else split_seed)
     machine = choose(settings.trainer, fused=settings.optim.fused)
     model.to(machine.device)
     # the size and the normalisation it was trained with
-    seen = replace(data, val_size=val_size, train_subset=train_subset, img_size=size, mean=mean, std=std)
+    seen = replace(data, split_seed=split_seed, val_size=val_size, img_size=size, mean=mean, std=std)
     transform = eval_transform(seen)
-    splits = make_splits(seen, seed, transform, transform)
+    splits = make_splits(seen, settings.seed, transform, transform)
     split, dataset = ("test", splits.test) if splits.test is not None else ("val", splits.val)
     pin = machine.device.type == "cuda"
     loader = make_loader(dataset, data.eval_batch_size, data.num_workers, train=False, pin_memory=pin)
@@ -159,19 +159,3 @@ def _normalisation(saved: dict[str, Any], ckpt_path: str, data: Data, chans: int
             f"config's {given[0]} and {given[1]}"
         )
     return mean, std
-
-
-def _own_split(saved: dict[str, Any], seed: int, data: Data) -> tuple[int, int | float, int | None]:
-    """The seed and split sizes of the training run's own held-out split when the checkpoint was trained on this
-    data set (so that no image it trained on is scored), else this config's; the file's values are checked."""
-    trained = _trained_on(saved)
-    if trained.get("name") != data.name:
-        return seed, data.val_size, data.train_subset
-    values = saved[checkpoint.CONFIG].get("seed"), trained.get("val_size"), trained.get("train_subset")
-    seed_ok, subset_ok = isinstance(values[0], int), values[2] is None or isinstance(values[2], int)
-    size_ok = isinstance(values[1], (int, float)) and not isinstance(values[1], bool)
-    if not (seed_ok and size_ok and subset_ok):
-        raise VitexpError(
-            f"{data.name} split settings in the checkpoint are not plain numbers; pass a checkpoint vitexp wrote"
-        )
-    return values
