@@ -43,7 +43,7 @@ from vitexp.bench.prune_speed import speeds  # noqa: E402
 from vitexp.config import config_dir, register_resolvers, validate, version_base  # noqa: E402
 from vitexp.data import make_loader  # noqa: E402
 from vitexp.hardware import seed_everything  # noqa: E402
-from vitexp.models import arch_from_config, build_from_arch, count_macs  # noqa: E402
+from vitexp.models import Arch, arch_from_config, build_from_arch, count_macs  # noqa: E402
 from vitexp.pruning import apply_layout, layout_of, uniform_layout  # noqa: E402
 from vitexp.records import completed  # noqa: E402
 from vitexp.schema import Prune, choices  # noqa: E402
@@ -63,7 +63,7 @@ def compare(
     distill: bool,
     compiled: bool,
     seeds: Sequence[int] = (0,),
-    target: dict[str, Any] | None = None,
+    target: Arch | None = None,
 ) -> list[dict[str, Any]]:
     """Run every arm for every budget and seed in `out/seed<N>`; returns one row per (method, allocation, budget,
     seed), dense first. `target`: a smaller model's arch, for the wide-pruned-to-its-MACs arm against it from
@@ -121,7 +121,7 @@ def _seed_arms(
 def _target_arms(
     recipe: Recipe,
     source: str,
-    target: dict[str, Any],
+    target: Arch,
     allocation: str,
     budgets: Sequence[int],
     out: Path,
@@ -132,7 +132,7 @@ def _target_arms(
     task, dense = recipe.settings.task, checkpoint.load(source)
     dense_epochs = dense[checkpoint.CONFIG]["trainer"]["max_epochs"]
     macs = count_macs(build_from_arch(target))
-    ratio = ratio_for_macs(build_from_arch(dense[checkpoint.ARCH]), macs, task.round_to)
+    ratio = ratio_for_macs(build_from_arch(checkpoint.load_arch(source)), macs, task.round_to)
     folder = out / "pruned_to_target"
     seed_everything(recipe.settings.seed)
     pruning = replace(task, ratio=ratio, allocation=allocation)
@@ -294,7 +294,7 @@ def _compose(overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _target_arch(overrides: Sequence[str], target: str) -> dict[str, Any]:
+def _target_arch(overrides: Sequence[str], target: str) -> Arch:
     """The arch of the model that `target` describes ("baseline", or overrides such as "model=baseline
     model.depth=4"), composed with the run's overrides other than the dense model's own."""
     own = [o.split() if "=" in o else [f"model={o}"] for o in [target]][0]
