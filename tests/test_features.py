@@ -75,7 +75,9 @@ def test_ckpt_every_n_minutes_saves_mid_epoch_when_the_clock_says_so(tmp_path, m
     saves = []
     real = checkpoint.save
     monkeypatch.setattr(
-        checkpoint, "save", lambda ckpt, path, root=None: (saves.append(ckpt.get("position")), real(ckpt, path, root))
+        checkpoint,
+        "save",
+        lambda ckpt, path, root=None, **names: (saves.append(ckpt.get("position")), real(ckpt, path, root, **names)),
     )
     fit(_recipe(*FP32, "trainer.ckpt_every_n_minutes=1"), tmp_path)
     mid = [(p["epoch"], p["batch"]) for p in saves if p is not None]
@@ -87,7 +89,9 @@ def test_without_ckpt_every_n_minutes_no_mid_epoch_checkpoint(tmp_path, monkeypa
     saves = []
     real = checkpoint.save
     monkeypatch.setattr(
-        checkpoint, "save", lambda ckpt, path, root=None: (saves.append(ckpt.get("position")), real(ckpt, path, root))
+        checkpoint,
+        "save",
+        lambda ckpt, path, root=None, **names: (saves.append(ckpt.get("position")), real(ckpt, path, root, **names)),
     )
     fit(_recipe(*FP32), tmp_path)
     assert saves and all(p is None for p in saves)

@@ -9,8 +9,9 @@
 (or `main([...])` in a child process, as `tests/cli.py` runs it)
 
 Events: an optimizer step (before it runs), an evaluation pass (after its first batch), a checkpoint write
-(after half of its bytes reached the disk). A run that ends without SIGKILL writes the number of optimizer steps it
-completed to ./inject_steps.json, to be compared with the step counts its checkpoints hold.
+(after half of its bytes reached the disk; for a checkpoint's second name, best.pt and last.pt being one file,
+after its hard link is made and before it is renamed into place). A run that ends without SIGKILL writes the number
+of optimizer steps it completed to ./inject_steps.json, to be compared with the step counts its checkpoints hold.
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ def main(argv: list[str]) -> None:
         die()
 
     torch.save = half_save
+    from vitexp import files
+
+    second_name = files.second_name
+
+    def dying_second_name(source, path, root=None):  # a checkpoint's other names (best.pt and last.pt: one file)
+        if not hit("save"):
+            return second_name(source, path, root)
+        os.link(source, Path(path).parent / f".{Path(path).name}.killed.tmp")  # linked, not yet renamed
+        die()
+
+    files.second_name = dying_second_name
     sys.argv = ["vitexp", *overrides]
     from vitexp.__main__ import main as vitexp_main
 
