@@ -4,6 +4,7 @@ keeps the split its checkpoint's run held out, so that no seed validates on imag
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 
 import pytest
@@ -61,3 +62,13 @@ def test_a_checkpoint_whose_split_is_not_plain_numbers_is_one_line(tmp_path, con
     with pytest.raises(VitexpError, match=r"^digits split settings in the checkpoint are not plain numbers \(seed "):
         checkpoint.trained_split({"config": config}, data)
     assert checkpoint.trained_split({}, data) == (None, 360)  # no record: this config's own
+
+
+def test_the_refusal_names_both_values_as_data(tmp_path):
+    data = typed(compose_config()).data
+    record = {"seed": "s\x1b" + "x" * 60, "data": {"name": "digits", "val_size": [1]}}
+    message = "digits split settings in the checkpoint are not plain numbers (seed s\\x1b" + "x" * 32
+    with pytest.raises(
+        VitexpError, match=rf"^{re.escape(message)}\.\.\., val_size \[1\]\); pass a checkpoint vitexp wrote$"
+    ):
+        checkpoint.trained_split({"config": record}, data)
