@@ -19,7 +19,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import nn
 
-from vitexp import VitexpError
+from vitexp import VitexpError, run_on_files
 from vitexp.files import check_output_folder, make_folder, plot_text, printable, save_figure, write_csv
 from vitexp.images import UNREADABLE
 
@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per pass")
     parser.add_argument("--data-root", type=Path, default=None, help="a checkpoint's data folder, for class names")
     args = parser.parse_args(argv)
-    try:
-        rows, skipped = explain(
+    rows, skipped = run_on_files(
+        lambda: explain(
             args.checkpoint,
             args.images,
             args.out,
@@ -424,11 +424,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             data_root=args.data_root,
         )
-    except VitexpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for line in skipped:
-        print(f"skipped {line}")
+    )
     print(f"wrote {args.out}: {len(rows)} images explained by {args.method}; {len(skipped)} files skipped")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from vitexp import VitexpError
+from vitexp import VitexpError, run_on_files
 from vitexp.files import check_output, open_regular, printable, read_bytes, read_json, reason, write_csv
 from vitexp.images import MAX_IMAGE_BYTES, UNREADABLE, open_image, to_mode
 
@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--data-root", type=Path, default=None, help="a checkpoint's data folder, for class names")
     args = parser.parse_args(argv)
-    try:
-        rows, skipped = predict(
+    rows, skipped = run_on_files(
+        lambda: predict(
             args.model,
             args.images,
             args.out,
@@ -341,11 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             data_root=args.data_root,
         )
-    except VitexpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for line in skipped:
-        print(f"skipped {line}")
+    )
     print(f"wrote {args.out}: {rows} images, top-{args.topk} classes; {len(skipped)} files skipped")
 
 
