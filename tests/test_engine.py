@@ -102,6 +102,30 @@ def test_evaluate_counts_top1_top5_and_confusion():
     assert abs(metrics["loss"] - expected.item()) < 1e-6
 
 
+class _Slow(nn.Module):
+    """The identity, after `pauses[i]` seconds on the i-th call."""
+
+    def __init__(self, pauses):
+        super().__init__()
+        self.pauses = list(pauses)
+
+    def forward(self, x):
+        time.sleep(self.pauses.pop(0))
+        return x
+
+
+def test_evaluate_times_the_forward_passes_after_the_first_batch():
+    x, y = torch.randn(12, 3), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # three batches: the first one's 2 s are set-up
+    metrics, _ = engine.evaluate(_Slow([2.0, 0.05, 0.05]), loader, torch.device("cpu"), num_classes=3)
+    # 8 images in at least 0.1 s; had the first batch counted, 12 images in more than 2 s (under 6 a second)
+    assert 20 < metrics["forward_img_per_s"] <= 80
+    one, _ = engine.evaluate(_Slow([0.05]), DataLoader(TensorDataset(x, y), batch_size=12), torch.device("cpu"), 3)
+    assert 0 < one["forward_img_per_s"] <= 12 / 0.05  # a single batch is all there is to time
+    none, _ = engine.evaluate(nn.Identity(), loader, torch.device("cpu"), 3, limit_batches=0)
+    assert none["forward_img_per_s"] == 0.0 and none["images"] == 0
+
+
 def test_per_step_logging_reports_interval_means_every_n_steps():
     x, y = _data(48)
     model, opt, sched = _setup()

@@ -14,7 +14,7 @@ from torch import nn
 
 from tests.builders import prune_settings
 from tests.conftest import TINY, compose_config, metric_rows
-from vitexp import VitexpError, checkpoint, stop
+from vitexp import VitexpError, checkpoint, engine, stop, training
 from vitexp.config import validate
 from vitexp.distill import Distiller, TeacherOnly
 from vitexp.models import build_from_arch
@@ -63,6 +63,28 @@ def test_a_fit_stopped_in_its_first_epoch_and_resumed_equals_an_uninterrupted_on
     ours, theirs = (checkpoint.load(f / "checkpoints" / "last.pt") for f in (tmp_path, reference))
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
     assert ours["step"] == theirs["step"]
+
+
+def test_the_inference_figure_is_the_last_validation_passs_own(recipe, tmp_path, monkeypatch):
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("the model was timed again after training")
+
+    passes, evaluate = [], engine.evaluate
+
+    def spy(*args, **kwargs):
+        metrics, confusion = evaluate(*args, **kwargs)
+        passes.append(metrics["forward_img_per_s"])
+        return metrics, confusion
+
+    monkeypatch.setattr(training, "inference_img_per_s", no_second_measurement)
+    monkeypatch.setattr(engine, "evaluate", spy)
+    results = fit(recipe, tmp_path)
+    assert len(passes) == 2 and results["infer_img_per_s"] == passes[-1] > 0
+    assert all("forward" not in key for key in metric_rows(tmp_path / "metrics.csv")[0])
+    # resumed from the last checkpoint of a finished run, nothing is validated: two batches are timed instead
+    monkeypatch.setattr(training, "inference_img_per_s", lambda *args, **kwargs: 123.0)
+    again = fit(recipe, tmp_path, checkpoint.load_training_state(tmp_path / "checkpoints" / "last.pt"))
+    assert again["infer_img_per_s"] == 123.0 and len(passes) == 2
 
 
 def test_the_checkpoint_state_restores_model_optimizer_schedule_and_run_state(recipe, tmp_path):

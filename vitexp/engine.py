@@ -354,20 +354,24 @@ def evaluate(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Mean cross-entropy, top-1 and top-5 accuracy over `loader` and the number of images, and the confusion
     matrix (rows: true class); with `reduce`, over every rank's share of the split. `on_batch(b, logits, targets)`
-    sees each batch's float logits (e.g. to collect the mistakes), so that nothing needs a second pass."""
+    sees each batch's float logits (e.g. to collect the mistakes), so that nothing needs a second pass.
+    `forward_img_per_s` in the figures: this rank's images a second in the model's forward passes, loading left out
+    (after the first batch, which sets up the kernels of its shape, when there is more than one)."""
     model.eval()
     batches, n_batches = _limited(loader, limit_batches)
     # loss, top-1, top-5, images, then the confusion matrix: one tensor, so that one reduce sums them all
     totals = torch.zeros(4 + num_classes * num_classes, device=device, dtype=torch.float64)
-    k, batch = min(5, num_classes), 0
+    k, batch, timed = min(5, num_classes), 0, []
     try:
         bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress)
         for b, (images, targets) in enumerate(bar):
             batch = images.shape[0]
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            tick = time.perf_counter()
             with _autocast(device, autocast_dtype):
                 logits = model(images).float()
+            timed.append((batch, _settled(logits) - tick))
             topk = logits.topk(k, dim=1).indices
             totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
             totals[1] += (topk[:, 0] == targets).sum()
@@ -382,4 +386,18 @@ def evaluate(
     loss_total, top1, top5, n_total = totals[:4].tolist()
     n = max(n_total, 1)
     metrics = {"loss": loss_total / n, "acc1": top1 / n, "acc5": top5 / n, "images": int(n_total)}
+    metrics["forward_img_per_s"] = _img_per_s(timed[1:] or timed)
     return metrics, totals[4:].round().long().view(num_classes, num_classes).cpu()
+
+
+def _settled(output: torch.Tensor) -> float:
+    """The clock once `output` is computed (a GPU's queued work waited for)."""
+    if output.device.type == "cuda":
+        torch.cuda.synchronize(output.device)
+    return time.perf_counter()
+
+
+def _img_per_s(timed: list[tuple[int, float]]) -> float:
+    """Images a second over (images, seconds) pairs; 0.0 for none."""
+    seconds = sum(s for _, s in timed)
+    return sum(n for n, _ in timed) / seconds if seconds > 0 else 0.0

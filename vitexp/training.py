@@ -35,6 +35,7 @@ from vitexp.records import EpochLog, completed, read_metrics, write_results
 from vitexp.schema import Config, EarlyStopping, Train, Trainer
 
 log = logging.getLogger("vitexp")
+INFER = "val/forward_img_per_s"  # a figure of the validation pass that results.json keeps, not metrics.csv
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def fit(
     one_epoch = functools.partial(
         engine.train_one_epoch, train_model, train_loader, recipe.loss, opt, limit_batches=trainer.limit_train_batches
     )
+    inference = None  # the forward images/s of this process's last validation pass
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, trainer.max_epochs + 1):
             if state.early.get(early_stopping.REASON):
@@ -122,7 +124,7 @@ def fit(
             if skipped := train.pop("skipped_steps", 0):
                 log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
             metrics = {"epoch": epoch, **train, **validate(recipe, eval_model, model, opt.ema, settings.reduce)}
-            state.val_images = metrics.pop("val/images")
+            state.val_images, inference = metrics.pop("val/images"), metrics.pop(INFER)
             # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             records.epoch(metrics, trainer.max_epochs)
@@ -134,7 +136,8 @@ def fit(
             if after_epoch is not None:
                 after_epoch(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
-    return finish(recipe, model, out, state, started, prefix, {**sizes, **(extra_results or {})}, root)
+    extra = {**sizes, **(extra_results or {})}
+    return finish(recipe, model, out, state, started, prefix, extra, root, inference)
 
 
 def _record(state: RunState, metrics: dict[str, Any], epoch: int, early: EarlyStopping) -> bool:
@@ -352,6 +355,7 @@ def validate(recipe: Recipe, eval_model: nn.Module, model: nn.Module, ema: Any, 
 
     val = score(eval_model)
     figures = {"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/images": val["images"]}
+    figures[INFER] = val["forward_img_per_s"]
     views = {"val_ema/acc1": ema.module} if ema is not None else {}
     for name, view in {**views, **recipe.views(model)}.items():
         figures[name] = score(view)["acc1"]
@@ -422,9 +426,11 @@ def finish(
     prefix: str,
     extra: dict[str, Any],
     root: Path,
+    inference: float | None = None,
 ) -> dict[str, Any]:
     """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done; `extra`:
-    figures known before (the model's size) and the caller's, joined to results.json."""
+    figures known before (the model's size) and the caller's, joined to results.json; `inference`: the forward
+    images/s of the last validation pass (None when this process ran none: then two batches are timed)."""
     rows = read_metrics(out / "metrics.csv", root)
     if distributed.is_main():
         plots.learning_curves(
@@ -444,9 +450,10 @@ def finish(
         "val_acc5": last_row.get("val/acc5"),
         "val_images": state.val_images,  # a run killed after its last checkpoint has it from there
         "processes": distributed.world_size(),
-        # a glance, not a benchmark (task=benchmark is one): two training-size batches, not five of eval_batch_size,
-        # which took longer than a short run's validation passes on a CPU
-        "infer_img_per_s": inference_img_per_s(model, recipe.settings.data.batch_size, recipe.machine.amp, iters=2),
+        # a glance, not a benchmark (task=benchmark is one): the last validation pass's forward passes, or two
+        # training-size batches when this process ran no validation (a resumed run that was already done)
+        "infer_img_per_s": inference
+        or inference_img_per_s(model, recipe.settings.data.batch_size, recipe.machine.amp, iters=2),
         "train_img_per_s": last_row.get("throughput/img_s"),
         "device": str(recipe.machine.device),
         "precision": precision_name(recipe.machine.amp),
