@@ -102,6 +102,17 @@ def test_evaluate_counts_top1_top5_and_confusion():
     assert abs(metrics["loss"] - expected.item()) < 1e-6
 
 
+def test_evaluate_gives_the_same_loss_for_any_batch_size():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(1000, 10, generator=g) * 4, torch.randint(0, 10, (1000,), generator=g)
+    loaders = [DataLoader(TensorDataset(logits, targets), batch_size=b) for b in (1000, 512, 128, 7)]
+    scores = [engine.evaluate(nn.Identity(), loader, torch.device("cpu"), 10)[0] for loader in loaders]
+    scores = [{k: v for k, v in s.items() if k != "forward_img_per_s"} for s in scores]  # a clock's, not a score
+    assert all(s == scores[0] for s in scores[1:]), scores  # bit for bit, the loss included
+    each = nn.functional.cross_entropy(logits, targets, reduction="none").double()
+    assert scores[0]["loss"] == math.fsum(each.tolist()) / 1000  # the exact sum of the images' float32 losses
+
+
 class _Slow(nn.Module):
     """The identity, after `pauses[i]` seconds on the i-th call."""
 

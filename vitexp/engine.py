@@ -373,7 +373,8 @@ def evaluate(
                 logits = model(images).float()
             timed.append((batch, _settled(logits) - tick))
             topk = logits.topk(k, dim=1).indices
-            totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
+            # each image's loss summed in float64: exact for any grouping, so the mean does not depend on the batch
+            totals[0] += nn.functional.cross_entropy(logits, targets, reduction="none").double().sum()
             totals[1] += (topk[:, 0] == targets).sum()
             totals[2] += (topk == targets[:, None]).any(dim=1).sum()
             totals[3] += targets.shape[0]
