@@ -93,3 +93,8 @@ def test_ratio_for_macs_is_the_smallest_ratio_under_the_target():
 def test_no_seeds_is_a_one_line_error(tmp_path):
     with pytest.raises(VitexpError, match="--seeds 0 must be at least 1"):
         prune_vs_scratch.main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_the_wide_model_is_pruned_to_the_target_by_global_allocation_when_it_is_measured():
+    assert prune_vs_scratch._wide(["uniform", "global"]) == "global"
+    assert prune_vs_scratch._wide(["uniform"]) == "uniform"

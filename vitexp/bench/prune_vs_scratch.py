@@ -2,7 +2,8 @@
 fine-tune N epochs, the same distilling the dense model, and the pruned shape trained from scratch for N epochs,
 every arm for `--seeds` seeds; one table and one plot (mean ± std over seeds: accuracy vs budget, accuracy vs
 measured speed), the dense model as the reference. `--target_model` adds the dense model pruned to a smaller
-model's MACs and fine-tuned N epochs, against that model trained from scratch for the dense run's epochs + N.
+model's MACs (by global allocation when it is among `--allocations`) and fine-tuned N epochs, against that model
+trained from scratch for the dense run's epochs + N.
 
     python -m vitexp.bench.prune_vs_scratch ckpt_path=<dense best.pt> --budgets 1,3,10 --out <folder>
     python -m vitexp.bench.prune_vs_scratch ckpt_path=<best.pt> data=cifar10 data.root=<dir> task.ratio=0.3
@@ -78,13 +79,21 @@ def compare(
         seeded = replace(recipe, settings=replace(recipe.settings, seed=seed))
         arms, shapes = _seed_arms(seeded, source, budgets, allocations, out / f"seed{seed}", measure, distill=distill)
         if target is not None:
-            more, timed = _target_arms(seeded, source, target, allocations[0], budgets, out / f"seed{seed}", measure)
+            more, timed = _target_arms(
+                seeded, source, target, _wide(allocations), budgets, out / f"seed{seed}", measure
+            )
             arms, shapes = arms + more, shapes | timed
         rows += [{**row, "seed": seed} for row in arms]
         # speed depends on the shape only: the first seed's shapes are timed
         models |= {k: checkpoint.load_model(p)[0] for k, p in shapes.items() if k not in models}
     _add_speed(rows, models, recipe, compiled=compiled)
     return rows
+
+
+def _wide(allocations: Sequence[str]) -> str:
+    """The allocation that prunes the wide model to the target's MACs: global (docs/pruning.md's choice when the
+    pruned model is fine-tuned) when it is among `allocations`, else the first."""
+    return "global" if "global" in allocations else allocations[0]
 
 
 def _seed_arms(
