@@ -176,6 +176,37 @@ def test_global_taylor_ranks_blocks_by_loss_change_not_by_each_blocks_own_spread
     assert count_macs(model) == count_macs(uniform)
 
 
+def test_global_taylor_ranks_again_after_each_step_of_a_round(monkeypatch):
+    """Each of a round's `GLOBAL_STEPS` steps scores the model as the steps before left it and removes a further
+    quarter of the round's share; magnitude, and uniform allocation, rank once a round."""
+    from vitexp import pruning
+
+    seen, scores = [], pruning.block_scores
+
+    def spy(model, *args):
+        seen.append([list(map(int, block)) for block in layout_of(model)])
+        return scores(model, *args)
+
+    monkeypatch.setattr(pruning, "block_scores", spy)
+    calibration = [(torch.randn(8, 3, 32, 32), torch.arange(8))]
+    rounds = []
+    layouts = prune(
+        _model(),
+        _settings(0.5, "taylor", allocation="global", rounds=2),
+        X[:1],
+        calibration,
+        after_round=rounds.append,
+    )
+    assert pruning.GLOBAL_STEPS == 4 and len(seen) == 8 and rounds == [1, 2] and len(layouts) == 2
+    # each step starts from uniform's totals at its share so far: 1/16 of the heads and channels more at every step
+    totals = [[sum(column) for column in zip(*layout)] for layout in seen]
+    assert totals == [[sum(c) for c in zip(*uniform_layout(3, 4, 512, 0.5 * s / 8))] for s in range(8)]
+    assert totals[0] == [12, 1536] and [sum(c) for c in zip(*layouts[-1])] == [6, 768]
+    seen.clear()
+    prune(_model(), _settings(0.5, "magnitude", allocation="global", rounds=2), X[:1])
+    assert len(seen) == 2
+
+
 def test_rounding_gives_multiples_and_keeps_the_budget():
     torch.manual_seed(1)
     scores = [(torch.rand(4), torch.rand(512) * (i + 1)) for i in range(5)]

@@ -28,6 +28,11 @@ RANKING = {
     "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer=None),
     "random": IMPORTANCE["random"],
 }
+# Global allocation by Taylor scores takes each round in this many steps, the scores recomputed on the model pruned
+# so far: once a block has lost units, its others carry more of the loss, which one ranking up front cannot see (on
+# the CIFAR-10 subset at ratio 0.5, 3 seeds: 45.9% after 3 epochs of fine-tuning against 44.8% in one step and
+# uniform's 43.7%, docs/pruning.md). Magnitude scores do not change as others go, so they rank once a round.
+GLOBAL_STEPS = 4
 
 
 def layout_of(model: VisionTransformer) -> list[list[int]]:
@@ -153,13 +158,15 @@ def prune(
 ) -> list[list[list[int]]]:
     """Remove `settings.ratio` of the heads and MLP channels in place, in `settings.rounds` rounds: the same share
     from every block (`allocation` uniform) or the least important across all blocks (`global`, equal totals, so
-    equal MACs), ranked by `importance`; MLP widths are multiples of `round_to`; `prune_embed` narrows the residual
-    stream too.
+    equal MACs; by Taylor scores in `GLOBAL_STEPS` steps a round), ranked by `importance`; MLP widths are multiples
+    of `round_to`; `prune_embed` narrows the residual stream too.
 
     `calibration` batches give the gradients Taylor importance needs; `after_round(r)` runs after round r
     (e.g. to measure it). Returns the layout after each round.
     """
-    ratio, importance, round_to, steps = settings.ratio, settings.importance, settings.round_to, settings.rounds
+    ratio, importance, round_to = settings.ratio, settings.importance, settings.round_to
+    per_round = GLOBAL_STEPS if settings.allocation == "global" and importance == "taylor" else 1
+    steps = settings.rounds * per_round
     hidden = min(block.mlp.fc1.out_features for block in model.blocks)
     if round_to > hidden:  # the schema checks the range; the width is this model's
         raise VitexpError(f"task.round_to={round_to} must be at most the MLP width ({hidden})")
@@ -175,9 +182,9 @@ def prune(
     }
     depth, heads0, hidden0, embed0 = len(model.blocks), *layout_of(model)[0], embed_width(model)
     layouts = []
-    for round_ in range(1, steps + 1):
-        # after round r, (1 - ratio * r / steps) of the original heads and channels are kept
-        share = ratio * round_ / steps
+    for step in range(1, steps + 1):
+        # after step s, (1 - ratio * s / steps) of the original heads and channels are kept
+        share = ratio * step / steps
         target = uniform_layout(depth, heads0, hidden0, share, round_to)
         if importance == "taylor":
             model.zero_grad()
@@ -189,10 +196,11 @@ def prune(
         in_width = model.blocks[0].attn.qkv.in_features
         embed = 1 - (round(embed0 * (1 - share)) + 0.5) / in_width if settings.prune_embed else 0
         _prune_to(model, target, importance, example, ignored, tokens, max(0.0, embed))
-        layouts.append(layout_of(model))
         model.zero_grad(set_to_none=True)
-        if after_round is not None:
-            after_round(round_)
+        if step % per_round == 0:
+            layouts.append(layout_of(model))
+            if after_round is not None:
+                after_round(step // per_round)
     return layouts
 
 
