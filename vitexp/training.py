@@ -101,7 +101,7 @@ def fit(
     _set_trainable(recipe, model, state.epoch + 1)  # before DDP, which records the parameters that train
     train_model, eval_model = _step_models(recipe, model)
     records, settings = EpochLog(out, state.epoch, prefix, root), step_settings(trainer, recipe.machine)
-    sizes = _announce(recipe, model, out)
+    extra = {**_announce(recipe, model, out), **(extra_results or {})}  # joined to results.json
     config = recipe.config
     saver = StepCheckpoints(
         trainer.ckpt_every_n_steps, trainer.ckpt_every_n_minutes, out, model, opt, state, config, root
@@ -109,7 +109,6 @@ def fit(
     one_epoch = functools.partial(
         engine.train_one_epoch, train_model, train_loader, recipe.loss, opt, limit_batches=trainer.limit_train_batches
     )
-    inference = None  # the forward images/s of this process's last validation pass
     with stop.deferred():  # a signal is honoured after the optimizer step it arrives in (or at the epoch's end)
         for epoch in range(state.epoch + 1, trainer.max_epochs + 1):
             if state.early.get(early_stopping.REASON):
@@ -124,7 +123,7 @@ def fit(
             if skipped := train.pop("skipped_steps", 0):
                 log.warning(f"epoch {epoch}: skipped {skipped} optimizer steps with a non-finite loss or gradient")
             metrics = {"epoch": epoch, **train, **validate(recipe, eval_model, model, opt.ema, settings.reduce)}
-            state.val_images, inference = metrics.pop("val/images"), metrics.pop(INFER)
+            state.val_images, extra[INFER] = metrics.pop("val/images"), metrics.pop(INFER)
             # logged before the checkpoints: a run killed in between repeats this epoch on resume, never loses its row
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             records.epoch(metrics, trainer.max_epochs)
@@ -136,8 +135,7 @@ def fit(
             if after_epoch is not None:
                 after_epoch(epoch, state.metrics)
     distributed.barrier()  # rank 0's metrics.csv and checkpoints are complete before anyone reads them
-    extra = {**sizes, **(extra_results or {})}
-    return finish(recipe, model, out, state, started, prefix, extra, root, inference)
+    return finish(recipe, model, out, state, started, prefix, extra, root)
 
 
 def _record(state: RunState, metrics: dict[str, Any], epoch: int, early: EarlyStopping) -> bool:
@@ -426,11 +424,11 @@ def finish(
     prefix: str,
     extra: dict[str, Any],
     root: Path,
-    inference: float | None = None,
 ) -> dict[str, Any]:
     """The learning-curve plot, results.json (and the W&B summary and artifact) once the last epoch is done; `extra`:
-    figures known before (the model's size) and the caller's, joined to results.json; `inference`: the forward
-    images/s of the last validation pass (None when this process ran none: then two batches are timed)."""
+    figures known before (the model's size) and the caller's, joined to results.json, and under `INFER` the forward
+    images/s of the last validation pass (absent when this process ran none: then two batches are timed)."""
+    inference = extra.pop(INFER, None)
     rows = read_metrics(out / "metrics.csv", root)
     if distributed.is_main():
         plots.learning_curves(
