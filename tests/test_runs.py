@@ -3,18 +3,21 @@ and Hydra's errors in one line."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError
 
 from tests.conftest import REPO, TINY, compose_config
-from vitexp.__main__ import _one_line
+from vitexp.__main__ import _long_lived_frozen, _one_line
 
 # `python -m vitexp ARGS` that records, per rank, each composition of the config, each job it runs and each typing
 # of a config into its settings, in order.
@@ -128,3 +131,31 @@ def _raised(exception: Exception, cause: Exception | None = None) -> Exception:
 )
 def test_composition_errors_are_one_line_from_their_fields(error, line):
     assert _one_line(error) == line
+
+
+class _Node:
+    """An object that can be weakly referenced and put in a cycle."""
+
+
+@pytest.mark.parametrize("mode", ["RUN", "MULTIRUN"])
+def test_a_job_runs_with_the_startup_objects_frozen_and_a_sweep_job_hands_them_back(mode):
+    """`main` turns the collector off for the imports and the composition; a job freezes what they left (no
+    collection walks it during training, in a forked loader worker or at exit) and turns the collector on; a job of a
+    sweep run in this process unfreezes and collects its garbage after itself, so the next job does not freeze it."""
+    hydra, before = HydraConfig.instance(), HydraConfig.instance().cfg
+    hydra.set_config(compose_config(*TINY, f"hydra.mode={mode}", hydra=True))
+    gc.disable()
+    try:
+        with _long_lived_frozen():
+            assert gc.isenabled() and gc.get_freeze_count() > 0
+            node = _Node()
+            node.cycle, gone = node, weakref.ref(node)
+            del node  # garbage now, freed only by a collection
+        if mode == "MULTIRUN":
+            assert gc.get_freeze_count() == 0 and gone() is None
+        else:
+            assert gc.get_freeze_count() > 0  # until the process exits
+    finally:
+        gc.unfreeze()
+        gc.enable()
+        hydra.cfg = before
