@@ -4,6 +4,7 @@ class folders, the figures it reads from a vitexp run folder and how it sums up 
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 from pathlib import Path
 
@@ -52,9 +53,9 @@ def test_figures_from_a_run_folder_and_the_rounds_summed_up(tmp_path: Path) -> N
     )
     epochs = whole_run.vitexp_epochs(tmp_path, train_images=1280)
     assert [e["val_s"] for e in epochs] == pytest.approx([12.0 - 12.8, 1.0, 0.5])
-    fig = whole_run.summarise(40.0, epochs)
+    fig = whole_run.summarise(40.0, epochs, 71.04)
     # steady: the epochs after the first; start/end: the whole minus the epochs
-    assert fig == {"whole_s": 40.0, "img_s": 128.0, "val_s": 0.5, "start_end_s": 6.5, "acc1": 0.4}
+    assert fig == {"whole_s": 40.0, "cpu_s": 71.0, "img_s": 128.0, "val_s": 0.5, "start_end_s": 6.5, "acc1": 0.4}
     plain = {"whole_s": 30.0, "img_s": 120.0, "val_s": 1.0, "start_end_s": 2.0, "acc1": 0.3}
     assert whole_run.best([fig, {**fig, "whole_s": 39.0}])["whole_s"] == 39.0
     assert whole_run.ratios(plain, fig) == {"whole": 0.75, "train_img_s": round(128 / 120, 3), "val": 2.0}
@@ -70,13 +71,13 @@ def test_the_default_job_against_another_checkout(tmp_path: Path, monkeypatch, c
     ]
     calls = []
 
-    def fake_timed(cmd: list[str], source: Path | None = None) -> tuple[float, str]:
+    def fake_timed(cmd: list[str], source: Path | None = None) -> tuple[float, float, str]:
         folder = Path(cmd[-1].split("=", 1)[1])
         folder.mkdir(parents=True)
         seconds = 20.0 if source else 10.0  # the older checkout takes twice as long an epoch
         (folder / "metrics.csv").write_text(f"epoch,val/acc1,time/epoch_s,throughput/img_s\n1,0.5,{seconds},700.0\n")
         calls.append(source)
-        return seconds + 5, ""
+        return seconds + 5, 2 * seconds, ""
 
     monkeypatch.setattr(whole_run, "timed", fake_timed)
     arms = whole_run.digits_round(args, overrides, tmp_path)
@@ -84,4 +85,12 @@ def test_the_default_job_against_another_checkout(tmp_path: Path, monkeypatch, c
     assert arms["vitexp"]["val_s"] == pytest.approx(10.0 - whole_run.DIGITS_TRAIN_IMAGES / 700.0, abs=0.01)
     summary = whole_run.report([arms], args, overrides)
     assert summary["before_over_vitexp"]["whole"] == round(25 / 15, 3) and summary["job"] == "digits"
-    assert "before: whole 25.0 s" in capsys.readouterr().out
+    assert "before: whole 25.0 s (40 CPU s)" in capsys.readouterr().out
+
+
+def test_a_command_is_timed_in_wall_and_cpu_seconds_its_own_children_included() -> None:
+    """The CPU seconds count the command's children (a loader's workers) as well as the command."""
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}]); print('done')"
+    whole, cpu, stdout = whole_run.timed([sys.executable, "-c", spin + child])
+    assert stdout == "done\n" and cpu >= 0.6 and whole >= cpu / 2

@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -122,12 +123,14 @@ def vitexp_epochs(run: Path, train_images: int) -> list[dict]:
     return figures
 
 
-def summarise(whole_s: float, epochs: list[dict]) -> dict:
-    """One run's figures: whole seconds, steady training images/s (median over the epochs after the first, which
-    starts the workers), median validation seconds, start/end seconds (whole minus the epochs), last val top-1."""
+def summarise(whole_s: float, epochs: list[dict], cpu_s: float) -> dict:
+    """One run's figures: whole seconds, CPU seconds (of the command and its loader workers), steady training
+    images/s (median over the epochs after the first, which starts the workers), median validation seconds, start/end
+    seconds (whole minus the epochs), last val top-1."""
     steady = epochs[1:] or epochs
     return {
         "whole_s": round(whole_s, 2),
+        "cpu_s": round(cpu_s, 1),
         "img_s": round(statistics.median(e["img_s"] for e in steady), 1),
         "val_s": round(statistics.median(e["val_s"] for e in epochs), 2),
         "start_end_s": round(whole_s - sum(e["epoch_s"] for e in epochs), 2),
@@ -150,27 +153,34 @@ def ratios(plain: dict, vitexp: dict) -> dict:
     }
 
 
-def timed(cmd: list[str], source: Path | None = None) -> tuple[float, str]:
-    """Run `cmd` (with the vitexp of the checkout `source` when given); its wall seconds and stdout (a failure ends
-    the bench with its stderr)."""
+def timed(cmd: list[str], source: Path | None = None) -> tuple[float, float, str]:
+    """Run `cmd` (with the vitexp of the checkout `source` when given); its wall seconds, its CPU seconds (user and
+    system, its loader workers included: the work done, which other load on the machine moves less than the wall
+    time) and stdout (a failure ends the bench with its stderr)."""
     env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
-    started = time.perf_counter()
+    cpu, started = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    whole = time.perf_counter() - started
+    whole, cpu = time.perf_counter() - started, _children_cpu() - cpu
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return whole, proc.stdout
+    return whole, cpu, proc.stdout
+
+
+def _children_cpu() -> float:
+    """User and system seconds of this process's finished children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def one_round(tree: Path, args: argparse.Namespace, overrides: list[str], out: Path) -> dict[str, dict]:
     """Both arms once, plain first; each arm's summary."""
     train_images = (args.per_class * 10 // BATCH) * BATCH
-    whole, stdout = timed(
+    whole, cpu, stdout = timed(
         [sys.executable, "-m", "vitexp.bench.whole_run", "--plain", str(tree), f"--epochs={args.epochs}"]
     )
-    plain = summarise(whole, json.loads(stdout.strip().splitlines()[-1])["epochs"])
-    whole, _ = timed(vitexp_command(tree, args.epochs, out, overrides))
-    return {"plain": plain, "vitexp": summarise(whole, vitexp_epochs(out, train_images))}
+    plain = summarise(whole, json.loads(stdout.strip().splitlines()[-1])["epochs"], cpu)
+    whole, cpu, _ = timed(vitexp_command(tree, args.epochs, out, overrides))
+    return {"plain": plain, "vitexp": summarise(whole, vitexp_epochs(out, train_images), cpu)}
 
 
 def digits_command(epochs: int, out: Path, overrides: list[str]) -> list[str]:
@@ -183,8 +193,8 @@ def digits_round(args: argparse.Namespace, overrides: list[str], out: Path) -> d
     arms = {}
     for arm, source in ([("before", args.against)] if args.against else []) + [("vitexp", None)]:
         folder = out / arm
-        whole, _ = timed(digits_command(args.epochs, folder, overrides), source)
-        arms[arm] = summarise(whole, vitexp_epochs(folder, DIGITS_TRAIN_IMAGES))
+        whole, cpu, _ = timed(digits_command(args.epochs, folder, overrides), source)
+        arms[arm] = summarise(whole, vitexp_epochs(folder, DIGITS_TRAIN_IMAGES), cpu)
     return arms
 
 
@@ -208,7 +218,7 @@ def report(rounds: list[dict[str, dict]], args: argparse.Namespace, overrides: l
     best_of = {arm: best([r[arm] for r in rounds]) for arm in rounds[0]}
     for arm, fig in best_of.items():
         print(
-            f"{arm}: whole {fig['whole_s']:.1f} s, train {fig['img_s']:.1f} img/s, validation {fig['val_s']:.2f} s, "
+            f"{arm}: whole {fig['whole_s']:.1f} s ({fig['cpu_s']:.0f} CPU s), train {fig['img_s']:.1f} img/s, validation {fig['val_s']:.2f} s, "
             f"start/end {fig['start_end_s']:.1f} s, val top-1 {fig['acc1']:.3f}"
         )
     reference = "plain" if "plain" in best_of else "before" if "before" in best_of else None
