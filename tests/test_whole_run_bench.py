@@ -94,3 +94,14 @@ def test_a_command_is_timed_in_wall_and_cpu_seconds_its_own_children_included() 
     child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}]); print('done')"
     whole, cpu, stdout = whole_run.timed([sys.executable, "-c", spin + child])
     assert stdout == "done\n" and cpu >= 0.6 and whole >= cpu / 2
+
+
+def test_another_checkout_runs_in_its_own_folder(tmp_path: Path, monkeypatch) -> None:
+    """`python -m vitexp` imports the working folder's vitexp before PYTHONPATH's: the older checkout's arm runs in
+    its folder, so that its own code runs even when the bench starts in this checkout."""
+    for folder in ("this", "older"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "probe.py").write_text(f"print({folder!r})\n")
+    monkeypatch.chdir(tmp_path / "this")
+    assert whole_run.timed([sys.executable, "-m", "probe"], tmp_path / "older")[2] == "older\n"
+    assert whole_run.timed([sys.executable, "-m", "probe"])[2] == "this\n"

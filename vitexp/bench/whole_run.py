@@ -154,12 +154,13 @@ def ratios(plain: dict, vitexp: dict) -> dict:
 
 
 def timed(cmd: list[str], source: Path | None = None) -> tuple[float, float, str]:
-    """Run `cmd` (with the vitexp of the checkout `source` when given); its wall seconds, its CPU seconds (user and
-    system, its loader workers included: the work done, which other load on the machine moves less than the wall
-    time) and stdout (a failure ends the bench with its stderr)."""
+    """Run `cmd` (with the vitexp of the checkout `source` when given: run in that folder, since `python -m` puts the
+    working folder before PYTHONPATH); its wall seconds, its CPU seconds (user and system, its loader workers
+    included: the work done, which other load on the machine moves less than the wall time) and stdout (a failure
+    ends the bench with its stderr)."""
     env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
     cpu, started = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=source)
     whole, cpu = time.perf_counter() - started, _children_cpu() - cpu
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
