@@ -364,23 +364,24 @@ def evaluate(
     k, batch, timed = min(5, num_classes), 0, []
     try:
         bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not progress)
-        for b, (images, targets) in enumerate(bar):
-            batch = images.shape[0]
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            tick = time.perf_counter()
-            with _autocast(device, autocast_dtype):
+        # one autocast region for the pass: each weight is cast to the autocast dtype once a pass, not once a batch
+        with _autocast(device, autocast_dtype):
+            for b, (images, targets) in enumerate(bar):
+                batch = images.shape[0]
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                tick = time.perf_counter()
                 logits = model(images).float()
-            timed.append((batch, _settled(logits) - tick))
-            topk = logits.topk(k, dim=1).indices
-            # each image's loss summed in float64: exact for any grouping, so the mean does not depend on the batch
-            totals[0] += nn.functional.cross_entropy(logits, targets, reduction="none").double().sum()
-            totals[1] += (topk[:, 0] == targets).sum()
-            totals[2] += (topk == targets[:, None]).any(dim=1).sum()
-            totals[3] += targets.shape[0]
-            totals[4:] += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
-            if on_batch is not None:
-                on_batch(b, logits, targets)
+                timed.append((batch, _settled(logits) - tick))
+                topk = logits.topk(k, dim=1).indices
+                # each image's loss summed in float64: exact for any grouping, so the mean does not depend on the batch
+                totals[0] += nn.functional.cross_entropy(logits, targets, reduction="none").double().sum()
+                totals[1] += (topk[:, 0] == targets).sum()
+                totals[2] += (topk == targets[:, None]).any(dim=1).sum()
+                totals[3] += targets.shape[0]
+                totals[4:] += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
+                if on_batch is not None:
+                    on_batch(b, logits, targets)
     except (RuntimeError, MemoryError) as e:
         _reraise(e, device, batch, f"lower data.eval_batch_size (e.g. {max(batch // 2, 1)})")
     totals = reduce(totals) if reduce else totals
