@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from tests.conftest import CIFAR_TAR, TINY, compose_config, vitexp
-from vitexp import VitexpError, shards
+from vitexp import VitexpError, engine, shards
 from vitexp.checkpoint import load_model
 from vitexp.config import typed
 from vitexp.data import make_loader, split_indices
@@ -247,3 +248,30 @@ def test_a_distilled_students_teacher_sees_images_normalised_as_it_was_trained(c
     torch.testing.assert_close(seen, logits, rtol=0, atol=1e-4)
     labels = torch.tensor([label for _, label in images.values()])
     assert score_teacher(recipe, scorer) == (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def test_a_bf16_validation_pass_scores_as_a_plain_autocast_loop_on_cifar_statistics(cifar_folder):
+    """engine.evaluate under bf16 autocast (one region for the pass) against timm's validate loop written out (an
+    autocast region per batch), on the CIFAR-10 val split normalised with CIFAR's statistics, 3 channels: the same
+    logits, so the same loss, top-1 and top-5."""
+    cfg = compose_config(
+        *SHORT, "data=cifar10", "data.img_size=24", f"data.root={cifar_folder}", "data.on_device=false"
+    )
+    recipe = read_recipe(cfg)
+    assert recipe.settings.data.mean == CIFAR_MEAN and recipe.settings.data.in_chans == 3
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=24, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    loader = recipe.loaders[1]
+    figures, _ = engine.evaluate(model, loader, torch.device("cpu"), 10, autocast_dtype=torch.bfloat16)
+    logits, labels = [], []
+    with torch.no_grad():
+        for images, targets in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits.append(model(images).float())
+            labels.append(targets)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    top5 = logits.topk(5, dim=1).indices
+    assert figures["images"] == len(labels) == 30
+    assert figures["acc1"] == (top5[:, 0] == labels).sum().item() / 30
+    assert figures["acc5"] == (top5 == labels[:, None]).any(dim=1).sum().item() / 30
+    assert figures["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)

@@ -219,8 +219,8 @@ def report(rounds: list[dict[str, dict]], args: argparse.Namespace, overrides: l
     best_of = {arm: best([r[arm] for r in rounds]) for arm in rounds[0]}
     for arm, fig in best_of.items():
         print(
-            f"{arm}: whole {fig['whole_s']:.1f} s ({fig['cpu_s']:.0f} CPU s), train {fig['img_s']:.1f} img/s, validation {fig['val_s']:.2f} s, "
-            f"start/end {fig['start_end_s']:.1f} s, val top-1 {fig['acc1']:.3f}"
+            f"{arm}: whole {fig['whole_s']:.1f} s ({fig['cpu_s']:.0f} CPU s), train {fig['img_s']:.1f} img/s, "
+            f"validation {fig['val_s']:.2f} s, start/end {fig['start_end_s']:.1f} s, val top-1 {fig['acc1']:.3f}"
         )
     reference = "plain" if "plain" in best_of else "before" if "before" in best_of else None
     summary = {
